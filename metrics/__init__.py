@@ -1,0 +1,1 @@
+"""Metric plugins (installed as ``spobench.metrics``). See ``base.py`` for the interface."""

@@ -1,0 +1,1 @@
+"""Recipes: one data file (TOML) per table or ablation of the paper."""

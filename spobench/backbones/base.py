@@ -1,0 +1,328 @@
+"""The Backbone: everything the rollout engine and the trainers need from a text-to-image model.
+
+A backbone wraps a diffusers Stable-Diffusion-shaped pipeline (UNet2DConditionModel, text
+encoder(s), VAE, DDIM scheduler). The engine only talks to this interface:
+
+* ``encode_prompts`` / ``encode_unconditional`` -> :class:`Conditioning`
+* ``predict`` -> the model output (epsilon or v) for ``x_t`` with classifier-free guidance,
+  conditional and unconditional rows batched into ONE UNet call
+* ``timesteps`` -> the DDIM schedule (SD's "leading" spacing: 951 ... 1 for 20 steps)
+* ``decode`` / ``encode_images`` -> latents <-> images in [0, 1]
+* LoRA: ``add_lora``, ``lora_disabled()`` (the reference model is the same UNet with its adapter
+  off, never a deep copy), ``save_lora`` in diffusers' format, ``load_lora``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from spobench.counters import Counters
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning whose rows align with a latent batch."""
+
+    hidden: torch.Tensor  # (B, L, D) encoder_hidden_states
+    pooled: torch.Tensor | None = None  # SDXL: pooled text_embeds (B, 1280)
+    time_ids: torch.Tensor | None = None  # SDXL: micro-conditioning add_time_ids (B, 6)
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def _map(self, fn) -> "Conditioning":
+        return Conditioning(
+            fn(self.hidden),
+            None if self.pooled is None else fn(self.pooled),
+            None if self.time_ids is None else fn(self.time_ids),
+        )
+
+    def index(self, idx) -> "Conditioning":
+        return self._map(lambda x: x[idx])
+
+    def repeat_interleave(self, n: int) -> "Conditioning":
+        return self._map(lambda x: x.repeat_interleave(n, dim=0))
+
+    def expand(self, n: int) -> "Conditioning":
+        """A single-row conditioning broadcast to ``n`` rows."""
+        assert len(self) == 1, "expand() is for single-row conditionings"
+        return self._map(lambda x: x.expand(n, *x.shape[1:]))
+
+    def to(self, device=None, dtype=None) -> "Conditioning":
+        return self._map(lambda x: x.to(device=device, dtype=dtype if x.is_floating_point() else None))
+
+    def detach(self) -> "Conditioning":
+        return self._map(lambda x: x.detach())
+
+    @staticmethod
+    def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+        first = parts[0]
+        return Conditioning(
+            torch.cat([p.hidden for p in parts]),
+            None if first.pooled is None else torch.cat([p.pooled for p in parts]),
+            None if first.time_ids is None else torch.cat([p.time_ids for p in parts]),
+        )
+
+    def unet_kwargs(self) -> dict:
+        kwargs: dict = {"encoder_hidden_states": self.hidden}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+
+@dataclass
+class BackboneDefaults:
+    """Per-backbone training and sampling defaults (the paper's Sec. 5.1 values for real models)."""
+
+    lora_rank: int = 4
+    lr: float = 6e-5
+    spo_threshold: float = 0.3  # official SPO: 0.3 for SD-1.5, 0.4 for SDXL
+    resolution: int = 512
+    guidance_scale: float = 5.0
+    num_steps: int = 20
+
+
+class Backbone:
+    """Base class; subclasses implement prompt encoding and loading (see ``sd.py``, ``tiny.py``)."""
+
+    name: str = "base"
+    defaults: BackboneDefaults = BackboneDefaults()
+    pipeline_class: type | None = None  # the diffusers pipeline class for LoRA save/load
+
+    def __init__(self, *, unet, scheduler, vae=None, pixel_space: bool = False, source: str = ""):
+        self.unet = unet
+        self.vae = vae
+        self.scheduler = scheduler
+        self.pixel_space = pixel_space
+        self.source = source
+        self.counters = Counters()
+        self._uncond_cache: dict[tuple, Conditioning] = {}
+        self.lora_rank: int | None = None
+
+    # -- facts -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod
+
+    @property
+    def final_alpha_cumprod(self) -> torch.Tensor:
+        return self.scheduler.final_alpha_cumprod
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.pixel_space or self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+        res = resolution or self.defaults.resolution
+        s = res // self.vae_scale_factor
+        return (self.unet.config.in_channels, s, s)
+
+    def identity(self) -> dict:
+        """What a manifest records about this backbone."""
+        return {"backbone": self.name, "source": self.source, "prediction_type": self.prediction_type,
+                "lora_rank": self.lora_rank}
+
+    # -- prompts -----------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str], resolution: int | None = None) -> Conditioning:
+        raise NotImplementedError
+
+    def encode_unconditional(self, n: int, resolution: int | None = None) -> Conditioning:
+        """The empty-prompt conditioning, encoded once and broadcast (CFG's unconditional branch)."""
+        key = (resolution, self.device, self.dtype)
+        if key not in self._uncond_cache:
+            with torch.no_grad():
+                self._uncond_cache[key] = self.encode_prompts([""], resolution).detach()
+        return self._uncond_cache[key].expand(n)
+
+    # -- the UNet ----------------------------------------------------------------------------
+    def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """One UNet call; counted in ``counters`` by rows and whether grad is on."""
+        self.counters.add_unet(x.shape[0], torch.is_grad_enabled())
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        return self.unet(x, t.to(x.device), **cond.to(x.device, self.dtype).unet_kwargs(), return_dict=False)[0]
+
+    def predict(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor | int,
+        cond: Conditioning,
+        guidance_scale: float = 1.0,
+        uncond: Conditioning | None = None,
+    ) -> torch.Tensor:
+        """Model output (epsilon or v, see ``prediction_type``) for ``x_t`` at ``t``.
+
+        With ``guidance_scale != 1`` the unconditional and conditional rows go through the UNet in
+        one call and are combined as ``u + w (c - u)`` (classifier-free guidance).
+        """
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        x_in = x_t.to(self.dtype)
+        if guidance_scale == 1.0:
+            return self.unet_forward(x_in, t, cond).to(x_t.dtype)
+        if uncond is None:
+            uncond = self.encode_unconditional(x_t.shape[0])
+        out = self.unet_forward(torch.cat([x_in, x_in]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
+        u, c = out.to(x_t.dtype).chunk(2)
+        return u + guidance_scale * (c - u)
+
+    def timesteps(self, num_steps: int) -> torch.Tensor:
+        """DDIM timesteps as the scheduler spaces them (SD: "leading", steps_offset=1 -> 951..1)."""
+        sched = copy.deepcopy(self.scheduler)
+        sched.set_timesteps(num_steps)
+        return sched.timesteps.clone()
+
+    # -- latents <-> images ------------------------------------------------------------------
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1], (B, 3, H, W) float32."""
+        self.counters.vae_decodes += latents.shape[0]
+        if self.pixel_space:
+            x = latents
+        else:
+            z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+            if getattr(self.vae.config, "shift_factor", None):
+                z = z + self.vae.config.shift_factor
+            x = self.vae.decode(z, return_dict=False)[0]
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [0, 1] (B, 3, H, W) -> latents (a sample of the VAE posterior)."""
+        self.counters.vae_encodes += images.shape[0]
+        x = images * 2 - 1
+        if self.pixel_space:
+            return x.to(self.dtype)
+        dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
+        z = dist.sample(generator=generator)
+        if getattr(self.vae.config, "shift_factor", None):
+            z = z - self.vae.config.shift_factor
+        return z * self.vae.config.scaling_factor
+
+    # -- LoRA --------------------------------------------------------------------------------
+    def add_lora(self, rank: int | None = None, alpha: float | None = None,
+                 targets: Sequence[str] = DEFAULT_LORA_TARGETS, seed: int = 0) -> list[torch.nn.Parameter]:
+        """Attach a peft LoRA adapter to the UNet; only its parameters require grad. Returns them."""
+        from peft import LoraConfig
+
+        rank = rank or self.defaults.lora_rank
+        self.unet.requires_grad_(False)
+        cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                         target_modules=list(targets))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.unet.add_adapter(cfg)
+        self.lora_rank = rank
+        params = [p for n, p in self.unet.named_parameters() if "lora_" in n]
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        return params
+
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_rank is not None
+
+    @contextlib.contextmanager
+    def lora_disabled(self) -> Iterator[None]:
+        """The reference model: the same UNet with its adapter switched off."""
+        if not self.has_lora:
+            yield
+            return
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """LoRA weights in diffusers' key format (what ``load_lora_weights`` reads)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+
+    def save_lora(self, directory: str | Path) -> Path:
+        """Write ``pytorch_lora_weights.safetensors`` in diffusers' format (atomic: temp dir + rename)."""
+        from spobench.io import atomic_dir
+
+        with atomic_dir(directory) as tmp:
+            self.pipeline_class.save_lora_weights(
+                tmp, unet_lora_layers=self.lora_state_dict(), weight_name=LORA_WEIGHT_NAME, safe_serialization=True
+            )
+        return Path(directory) / LORA_WEIGHT_NAME
+
+    def load_lora(self, path: str | Path, rank: int | None = None) -> None:
+        """Load a LoRA saved by :meth:`save_lora` (or any diffusers-format UNet LoRA) into the UNet."""
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from spobench.errors import ModelLoadError
+
+        path = Path(path)
+        file = path / LORA_WEIGHT_NAME if path.is_dir() else path
+        if not file.exists():
+            raise ModelLoadError(f"no LoRA weights at {file}")
+        state = load_file(str(file))
+        state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+        if not state:
+            raise ModelLoadError(f"{file}: holds no UNet LoRA weights")
+        if rank is None:
+            rank = next(v.shape[0] for k, v in state.items() if "lora_A" in k or "lora.down" in k)
+        if not self.has_lora:
+            self.add_lora(rank)
+        from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+        state = convert_unet_state_dict_to_peft(state)
+        result = set_peft_model_state_dict(self.unet, state)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ModelLoadError(
+                f"{file}: LoRA does not fit the {self.name} UNet (e.g. unexpected key {unexpected[0]!r}); "
+                "was it trained on another backbone?"
+            )
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def to(self, device=None, dtype=None) -> "Backbone":
+        """Move the frozen parts to ``device``/``dtype``; LoRA parameters stay float32."""
+        for m in self.modules().values():
+            m.to(device=device, dtype=dtype)
+        for n, p in self.unet.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.float()
+        self._uncond_cache.clear()
+        return self
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"unet": self.unet}
+        if self.vae is not None:
+            mods["vae"] = self.vae
+        return mods

@@ -1,0 +1,51 @@
+"""Every built-in name, declared lazily as "module:object" so that `spobench ls` imports no torch.
+
+A target of None means the name is part of the product but not built yet: using it fails with
+"not implemented yet: <name>" (exit code 3) instead of faking output.
+"""
+
+from __future__ import annotations
+
+from spobench.registry import Registry
+
+TRAINERS: Registry = Registry("trainer")
+METRICS: Registry = Registry("metric")
+BACKBONES: Registry = Registry("backbone")
+PROMPT_SETS: Registry = Registry("prompt set")
+RECIPES: Registry = Registry("recipe")
+
+register_trainer = TRAINERS.register
+register_metric = METRICS.register
+register_backbone = BACKBONES.register
+register_prompt_set = PROMPT_SETS.register
+
+# -- backbones ------------------------------------------------------------------------------------
+BACKBONES.declare("sd15", "spobench.backbones.sd:SD15Backbone", "Stable Diffusion 1.5 (diffusers folder or hub id)")
+BACKBONES.declare("sdxl", "spobench.backbones.sd:SDXLBackbone", "Stable Diffusion XL base (diffusers folder or hub id)")
+BACKBONES.declare("tiny", "spobench.backbones.tiny:TinyBackbone", "the tiny-world model: 32x32 pixel space, CPU-sized")
+
+# -- trainers -------------------------------------------------------------------------------------
+TRAINERS.declare("spo", None, "Step-aware Preference Optimization (paper Sec. 4)")
+TRAINERS.declare("mspo", None, "Multi-step SPO for SDXL (paper Sec. 4.5)")
+TRAINERS.declare("diffusion-dpo", None, "Diffusion-DPO on Pick-a-Pic-format pairs (offline)")
+TRAINERS.declare("d3po", None, "D3PO: two trajectories from one x_T, reward-labelled (online)")
+TRAINERS.declare("ddpo", None, "DDPO: PPO on denoising trajectories (online)")
+
+# -- metrics --------------------------------------------------------------------------------------
+METRICS.declare("pickscore", None, "PickScore v1 (CLIP-H): logit_scale * cos")
+METRICS.declare("hpsv2", None, "HPSv2 / v2.1 (open_clip checkpoint on transformers CLIP)")
+METRICS.declare("imagereward", None, "ImageReward (BLIP + MLP head)")
+METRICS.declare("aesthetic", None, "LAION aesthetic predictor v2 (CLIP ViT-L/14 + linear MLP)")
+METRICS.declare("geneval", None, "GenEval object-focused alignment (Mask2Former + CLIP colour)")
+METRICS.declare("toy_alignment", None, "tiny world: rule-checked prompt alignment (GenEval-style tags)")
+METRICS.declare("toy_aesthetic", None, "tiny world: prompt-free image quality on a 0-10 scale")
+METRICS.declare("toy_pickscore", None, "tiny world: a tiny CLIP trained on the tiny world's pairs")
+
+# -- prompt sets ----------------------------------------------------------------------------------
+PROMPT_SETS.declare("file", "spobench.prompts:load_prompt_file", "a text file, one prompt a line (or JSON/JSONL)")
+PROMPT_SETS.declare("tiny-val", None, "tiny world: 500 validation prompts")
+PROMPT_SETS.declare("tiny-train", None, "tiny world: training prompts (official 4k list format)")
+PROMPT_SETS.declare("pickapic-validation-unique", None, "Pick-a-Pic v1 validation_unique (local parquet)")
+PROMPT_SETS.declare("hpsv2-benchmark", None, "HPSv2 benchmark prompts (local JSONs)")
+PROMPT_SETS.declare("partiprompts", None, "PartiPrompts (local TSV)")
+PROMPT_SETS.declare("geneval", None, "GenEval's 553 prompts with metadata")

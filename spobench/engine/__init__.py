@@ -1,0 +1,1 @@
+"""The rollout engine: the only place where sampling math lives."""
