@@ -1,0 +1,127 @@
+"""Rollout engine: plain trajectories and SPO's candidate pools (mechanics, counts, seeding)."""
+
+import pytest
+import torch
+
+from fakes import FakeBackbone
+from spobench.engine.ddim import step_distribution
+from spobench.engine.rollout import PoolConfig, RolloutEngine, SamplerConfig, make_generators
+
+PROMPTS = ["a red circle", "two blue squares", "a green triangle"]
+
+
+def _engine(**kw):
+    return RolloutEngine(FakeBackbone(), SamplerConfig(**kw))
+
+
+def _score_by_mean(x0, t, idx):
+    return x0.mean(dim=(1, 2, 3))
+
+
+def test_schedule_is_leading_951_to_1():
+    ts = _engine().timesteps()
+    assert ts.tolist() == list(range(951, 0, -50))
+
+
+def test_sample_is_seeded_and_batch_invariant():
+    eng = _engine()
+    a = eng.sample(PROMPTS, make_generators([1, 2, 3]))
+    b = eng.sample(PROMPTS, make_generators([1, 2, 3]))
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
+    single = eng.sample(PROMPTS[1:2], make_generators([2]))
+    assert torch.allclose(single.x0[0], a.x0[1], atol=1e-6)
+    assert a.latents.shape == (3, 21, 3, 8, 8) and a.log_probs.shape == (3, 20)
+
+
+def test_trajectory_log_probs_recompute_exactly():
+    eng = _engine()
+    traj = eng.sample(PROMPTS, make_generators([5, 6, 7]))
+    cond, uncond = eng.encode(PROMPTS)
+    for i in (0, 10, 19):
+        t = traj.timesteps[i]
+        lp = eng.log_prob(traj.latents[:, i], t, traj.latents[:, i + 1], cond, uncond)
+        assert torch.allclose(lp, traj.log_probs[:, i], atol=1e-6)
+
+
+def test_pool_counts_match_official_cost_structure():
+    """kappa=750: pools at t=751..1 (16 transitions); per prompt 5 + 15k UNet rows (x2 CFG)."""
+    eng, k = _engine(), 4
+    eng.backbone.counters.reset()
+    roll = eng.pool_rollout(PROMPTS, make_generators([0, 1, 2]), PoolConfig(k=k, kappa=750), _score_by_mean)
+    assert [s.t for s in roll.steps] == list(range(751, 0, -50))
+    B = len(PROMPTS)
+    assert eng.backbone.counters.unet_rows_nograd == 2 * B * (5 + 15 * k)
+
+
+def test_pool_candidates_share_one_mean():
+    eng = _engine()
+    seen = []
+    roll = eng.pool_rollout(PROMPTS[:1], make_generators([0]), PoolConfig(k=6, kappa=750),
+                            lambda x0, t, idx: (seen.append(t), x0.mean(dim=(1, 2, 3)))[1])
+    cond, uncond = eng.encode(PROMPTS[:1])
+    step = roll.steps[3]
+    out = eng.predict(step.x_t, step.t, cond, uncond)
+    dist = step_distribution(out, step.x_t, step.t, eng.sched)
+    z = (step.candidates - dist.mean[:, None]) / dist.std[:, None]
+    # every candidate is the one recomputed mean plus sigma_t times a standard-normal draw
+    assert z.mean().item() == pytest.approx(0.0, abs=0.1)
+    assert z.std().item() == pytest.approx(1.0, abs=0.1)
+    assert seen[-1] == 0 and seen[0] == 701  # the SPM judges x_{t-1} at t-1; the last pool is x_0
+
+
+def test_pair_is_best_and_worst_and_next_x_t_is_from_the_pool():
+    eng = _engine()
+    roll = eng.pool_rollout(PROMPTS, make_generators([3, 4, 5]), PoolConfig(k=4), _score_by_mean)
+    for prev, nxt in zip(roll.steps, roll.steps[1:]):
+        assert torch.equal(prev.win, prev.scores.argmax(1)) and torch.equal(prev.lose, prev.scores.argmin(1))
+        assert torch.equal(nxt.x_t, prev.candidates[torch.arange(3), prev.chosen])
+    last = roll.steps[-1]
+    assert torch.equal(roll.x0, last.candidates[torch.arange(3), last.chosen])
+
+
+@pytest.mark.parametrize("init", ["win", "lose"])
+def test_win_lose_initialisation(init):
+    eng = _engine()
+    roll = eng.pool_rollout(PROMPTS, make_generators([3, 4, 5]), PoolConfig(k=4, init=init), _score_by_mean)
+    for s in roll.steps:
+        assert torch.equal(s.chosen, s.win if init == "win" else s.lose)
+
+
+def test_resampler_is_uniform_and_seeded():
+    eng = _engine(num_steps=4)
+    counts = torch.zeros(4)
+    seeds = list(range(200))
+    roll = eng.pool_rollout(["a"] * 200, make_generators(seeds), PoolConfig(k=4, kappa=1000), _score_by_mean)
+    again = eng.pool_rollout(["a"] * 200, make_generators(seeds), PoolConfig(k=4, kappa=1000), _score_by_mean)
+    for s, s2 in zip(roll.steps, again.steps):
+        assert torch.equal(s.chosen, s2.chosen)
+        counts += torch.bincount(s.chosen, minlength=4)
+    # 800 uniform draws over 4: each bin 200 +- ~4.3 sigma
+    assert counts.min() > 150 and counts.max() < 250, counts
+
+
+def test_random_pair_choice_orders_by_score():
+    eng = _engine()
+    roll = eng.pool_rollout(PROMPTS, make_generators([0, 1, 2]), PoolConfig(k=4, pair="random"), _score_by_mean)
+    for s in roll.steps:
+        r = torch.arange(3)
+        assert (s.win != s.lose).all()
+        assert (s.scores[r, s.win] >= s.scores[r, s.lose]).all()
+
+
+def test_mspo_inner_steps_segments():
+    eng, k, j = _engine(), 3, 4
+    eng.backbone.counters.reset()
+    roll = eng.pool_rollout(PROMPTS[:1], make_generators([0]), PoolConfig(k=k, inner_steps=j), _score_by_mean)
+    # 16 pooled transitions in segments of 4
+    assert [s.t for s in roll.steps] == [751, 551, 351, 151]
+    assert all(s.segments.shape[:3] == (1, k, j) for s in roll.steps)
+    # 5 plain rows, then per segment k*j rows except the last segment ends at x_0 (k*(j-1))
+    assert eng.backbone.counters.unet_rows_nograd == 2 * (5 + 3 * k * j + k * (j - 1))
+
+
+def test_pool_config_validation():
+    with pytest.raises(ValueError, match="k must be"):
+        PoolConfig(k=1)
+    with pytest.raises(ValueError, match="init"):
+        PoolConfig(init="best")
