@@ -1,0 +1,215 @@
+"""The ``spobench`` command line. Heavy imports (torch, diffusers) happen inside commands, so
+``spobench ls`` and ``--help`` stay fast. Errors the user can act on print one line and exit
+non-zero; ``--debug`` shows the traceback instead."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from spobench.errors import InputError, SpobenchError
+
+app = typer.Typer(
+    name="spobench",
+    help="Post-train text-to-image diffusion models from preferences (SPO, MSPO, Diffusion-DPO, D3PO, DDPO) "
+    "and measure them with PickScore, HPSv2, ImageReward, Aesthetic and GenEval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+class Kind(str, Enum):
+    trainers = "trainers"
+    metrics = "metrics"
+    backbones = "backbones"
+    recipes = "recipes"
+    prompt_sets = "prompt-sets"
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
+    _state["debug"] = debug
+
+
+def _registry(kind: Kind):
+    from spobench import catalog
+
+    return {
+        Kind.trainers: catalog.TRAINERS,
+        Kind.metrics: catalog.METRICS,
+        Kind.backbones: catalog.BACKBONES,
+        Kind.recipes: catalog.recipes(),
+        Kind.prompt_sets: catalog.PROMPT_SETS,
+    }[kind]
+
+
+@app.command("ls")
+def ls(kind: Optional[Kind] = typer.Argument(None, help="What to list; all kinds when omitted.")):
+    """List registered trainers, metrics, backbones, recipes and prompt sets.
+
+    'planned' entries are part of the product but not built yet; using one fails with
+    'not implemented yet'.
+    """
+    for k in [kind] if kind else list(Kind):
+        table = Table(title=k.value, title_justify="left", show_edge=False)
+        table.add_column("name", style="bold")
+        table.add_column("status")
+        table.add_column("description")
+        for e in _registry(k):
+            table.add_row(e.name, e.status if e.status == "ready" else f"[yellow]{e.status}[/]", e.summary)
+        console.print(table)
+
+
+def _load_prompts(prompts: Optional[Path], prompt_set: Optional[str], limit: Optional[int]) -> list[str]:
+    from spobench import catalog
+
+    if prompts is None and prompt_set is None:
+        raise InputError("give --prompts FILE or --prompt-set NAME (see `spobench ls prompt-sets`)")
+    if prompts is not None and prompt_set is not None:
+        raise InputError("give only one of --prompts and --prompt-set")
+    items = catalog.PROMPT_SETS.get("file")(prompts) if prompts else catalog.PROMPT_SETS.get(prompt_set)()
+    if limit is not None:
+        if limit < 1:
+            raise InputError(f"--limit must be >= 1 (got {limit})")
+        items = items[:limit]
+    return list(items)
+
+
+def _backbone(name: str, model: Optional[str], device: str, dtype: str, lora: Optional[Path] = None):
+    import torch
+
+    from spobench.backbones import load_backbone
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype not in dtypes:
+        raise InputError(f"--dtype must be one of {', '.join(dtypes)} (got {dtype!r})")
+    bb = load_backbone(name, model, device=device, dtype=dtypes[dtype])
+    if lora is not None:
+        bb.load_lora(lora)
+    return bb
+
+
+@app.command()
+def generate(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder for PNGs and manifest.jsonl."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", "-p", help="Prompt file: .txt (one a line), .json, .jsonl."),
+    prompt_set: Optional[str] = typer.Option(None, "--prompt-set", help="A registered prompt set (see `spobench ls prompt-sets`)."),
+    backbone: str = typer.Option("tiny", "--backbone", "-b", help="tiny | sd15 | sdxl"),
+    model: Optional[str] = typer.Option(None, "--model", help="Model folder or hub id (default: the backbone's own)."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="A LoRA folder/file in diffusers' format."),
+    seed: int = typer.Option(0, "--seed", help="Base seed; image n uses seed + n."),
+    images_per_prompt: int = typer.Option(1, "--images-per-prompt", "-n", min=1),
+    steps: int = typer.Option(20, "--steps", min=1, help="DDIM steps."),
+    cfg: float = typer.Option(5.0, "--cfg", help="Classifier-free guidance scale."),
+    eta: float = typer.Option(0.0, "--eta", min=0.0, max=1.0, help="DDIM eta (0 = deterministic, as diffusers' default)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts."),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16 for the frozen model."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+):
+    """Generate images with fixed seeds (DDIM) and write PNGs plus a JSONL manifest."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    from spobench.engine.rollout import SamplerConfig
+    from spobench.generate import generate as run
+
+    items = _load_prompts(prompts, prompt_set, limit)
+    bb = _backbone(backbone, model, device, dtype, lora)
+    sampler = SamplerConfig(num_steps=steps, guidance_scale=cfg, eta=eta)
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False) as bar:
+        task = bar.add_task("generating", total=len(items) * images_per_prompt)
+        rows = run(bb, items, out, seed=seed, images_per_prompt=images_per_prompt, sampler=sampler,
+                   batch_size=batch_size, lora=str(lora) if lora else None, resume=resume, overwrite=overwrite,
+                   progress=lambda done, total: bar.update(task, completed=done, total=total))
+    console.print(f"wrote {len(rows)} images and manifest.jsonl to {out}")
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    trainer: str = typer.Argument(..., help="A registered trainer: spo, mspo, diffusion-dpo, d3po, ddpo."),
+    backbone: str = typer.Option("tiny", "--backbone", "-b", help="tiny | sd15 | sdxl"),
+    model: Optional[str] = typer.Option(None, "--model", help="Model folder or hub id."),
+    out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run folder (checkpoints, logs, final LoRA)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A TOML file of trainer settings."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a setting: --set k=4 --set kappa=600."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+):
+    """Post-train a backbone with a registered trainer (LoRA; checkpoints are resumable)."""
+    from spobench import catalog
+
+    cls = catalog.TRAINERS.get(trainer)
+    cls.cli(backbone=backbone, model=model, out=out, config=config, overrides=overrides, resume=resume,
+            overwrite=overwrite, console=console)
+
+
+@app.command("eval")
+def eval_(
+    metrics: str = typer.Option(..., "--metrics", "-m", help="Comma-separated metric names, e.g. pickscore,hpsv2."),
+    images: Optional[Path] = typer.Option(None, "--images", help="A folder written by `spobench generate`."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON (default: <images>/results.json)."),
+    weights: list[str] = typer.Option([], "--weights", help="metric=DIR: where a metric's weights are."),
+    device: str = typer.Option("cpu", "--device"),
+):
+    """Score images with metric plugins: per-image scores, means and bootstrap 95% CIs."""
+    from spobench import catalog
+
+    names = [m.strip() for m in metrics.split(",") if m.strip()]
+    if not names:
+        raise InputError("--metrics is empty")
+    classes = {n: catalog.METRICS.get(n) for n in names}  # unknown / planned names fail here, before work
+    from spobench.evaluate import evaluate_folder
+
+    if images is None:
+        raise InputError("give --images DIR (a folder written by `spobench generate`)")
+    where = dict(w.split("=", 1) for w in weights if "=" in w)
+    result = evaluate_folder(images, classes, out=out, weights=where, device=device)
+    table = Table(title="results", show_edge=False)
+    table.add_column("metric")
+    table.add_column("mean")
+    table.add_column("95% CI")
+    for name, agg in result["metrics"].items():
+        table.add_row(name, f"{agg['mean']:.4f}", f"[{agg['ci95'][0]:.4f}, {agg['ci95'][1]:.4f}]")
+    console.print(table)
+
+
+@app.command()
+def reproduce(
+    recipe: str = typer.Argument(..., help="A recipe name, e.g. table1 (see `spobench ls recipes`)."),
+    backbone: str = typer.Option("tiny", "--backbone", "-b", help="tiny | sd15 | sdxl"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default: runs/<recipe>-<backbone>)."),
+):
+    """Train, generate and evaluate every cell of a paper table, then write the report."""
+    from spobench import catalog
+
+    catalog.recipes().get(recipe)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        app(args=argv, standalone_mode=True)
+    except SpobenchError as e:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
