@@ -45,14 +45,14 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _load_cache(folder: Path) -> dict[tuple[str, str], float]:
+def _load_cache(folder: Path) -> dict[tuple[str, str], tuple[float, str | None]]:
     path = folder / CACHE
     out = {}
     if path.exists():
         for line in path.read_text().splitlines():
             try:
                 r = json.loads(line)
-                out[(r["image"], r["metric"])] = r["score"]
+                out[(r["image"], r["metric"])] = (r["score"], r.get("tag"))
             except (json.JSONDecodeError, KeyError):
                 continue  # a torn last line from a crash: those images are simply rescored
     return out
@@ -84,28 +84,26 @@ def evaluate_folder(folder: str | Path, metric_classes: Mapping[str, type], out:
         mid = metric.identity()
         key = mid.key()
         scores = np.full(len(rows), np.nan)
-        tags: list | None = None
-        todo = [i for i in range(len(rows)) if (hashes[i], key) not in cache]
+        tags: list = [None] * len(rows)
+        todo = []
         for i in range(len(rows)):
             if (hashes[i], key) in cache:
-                scores[i] = cache[(hashes[i], key)]
-        if todo or getattr(cls, "has_tags", False):
-            todo = list(range(len(rows))) if getattr(cls, "has_tags", False) else todo
-            for start in range(0, len(todo), metric.batch_size):
-                idx = todo[start:start + metric.batch_size]
-                imgs = [Image.open(files[i]).convert("RGB") for i in idx]
-                meta = [metadata[i] for i in idx] if metadata is not None else None
-                res = metric.score(imgs, [prompts[i] for i in idx], meta)
-                for j, i in enumerate(idx):
-                    scores[i] = float(res.scores[j])
-                    new_cache_lines.append(json.dumps({"image": hashes[i], "metric": key, "score": scores[i]}))
-                if res.tags is not None:
-                    tags = (tags or [None] * len(rows))
-                    for j, i in enumerate(idx):
-                        tags[i] = res.tags[j]
+                scores[i], tags[i] = cache[(hashes[i], key)]
+            else:
+                todo.append(i)
+        for start in range(0, len(todo), metric.batch_size):
+            idx = todo[start:start + metric.batch_size]
+            imgs = [Image.open(files[i]).convert("RGB") for i in idx]
+            meta = [metadata[i] for i in idx] if metadata is not None else None
+            res = metric.score(imgs, [prompts[i] for i in idx], meta)
+            for j, i in enumerate(idx):
+                scores[i] = float(res.scores[j])
+                tags[i] = None if res.tags is None else res.tags[j]
+                new_cache_lines.append(json.dumps({"image": hashes[i], "metric": key, "score": scores[i],
+                                                   "tag": tags[i]}))
         agg = {"mean": float(np.mean(scores)), "std": float(np.std(scores)),
                "ci95": list(bootstrap_ci(scores, groups)), "id": vars(mid)}
-        if tags is not None:
+        if any(t is not None for t in tags):
             by_tag = {t: float(np.mean([s for s, tt in zip(scores, tags) if tt == t])) for t in sorted(set(tags))}
             agg["per_tag"] = by_tag
             agg["overall"] = float(np.mean(list(by_tag.values())))  # GenEval: unweighted mean over tags
