@@ -34,9 +34,9 @@ TRAINERS.declare("ddpo", None, "DDPO: PPO on denoising trajectories (online)")
 # -- metrics --------------------------------------------------------------------------------------
 METRICS.declare("pickscore", None, "PickScore v1 (CLIP-H): logit_scale * cos")
 METRICS.declare("hpsv2", None, "HPSv2 / v2.1 (open_clip checkpoint on transformers CLIP)")
-METRICS.declare("imagereward", None, "ImageReward (BLIP + MLP head)")
+METRICS.declare("imagereward", "spobench.metrics.imagereward:ImageReward", "ImageReward (BLIP + MLP head)")
 METRICS.declare("aesthetic", None, "LAION aesthetic predictor v2 (CLIP ViT-L/14 + linear MLP)")
-METRICS.declare("geneval", None, "GenEval object-focused alignment (Mask2Former + CLIP colour)")
+METRICS.declare("geneval", "spobench.metrics.geneval:GenEval", "GenEval object-focused alignment (Mask2Former + CLIP colour)")
 METRICS.declare("toy_alignment", None, "tiny world: rule-checked prompt alignment (GenEval-style tags)")
 METRICS.declare("toy_aesthetic", None, "tiny world: prompt-free image quality on a 0-10 scale")
 METRICS.declare("toy_pickscore", None, "tiny world: a tiny CLIP trained on the tiny world's pairs")
@@ -48,7 +48,7 @@ PROMPT_SETS.declare("tiny-train", None, "tiny world: training prompts (official 
 PROMPT_SETS.declare("pickapic-validation-unique", None, "Pick-a-Pic v1 validation_unique (local parquet)")
 PROMPT_SETS.declare("hpsv2-benchmark", None, "HPSv2 benchmark prompts (local JSONs)")
 PROMPT_SETS.declare("partiprompts", None, "PartiPrompts (local TSV)")
-PROMPT_SETS.declare("geneval", None, "GenEval's 553 prompts with metadata")
+PROMPT_SETS.declare("geneval", "spobench.metrics.geneval_rules:geneval_prompts", "GenEval's 553 prompts with metadata")
 
 # -- recipes --------------------------------------------------------------------------------------
 _PAPER_TABLES = {
