@@ -198,6 +198,54 @@ def reproduce(
     catalog.recipes().get(recipe)
 
 
+@app.command("train-spm")
+def train_spm_cmd(
+    pairs: Path = typer.Option(..., "--pairs", help="Pick-a-Pic-format parquet (or a folder of them): caption, jpg_0, jpg_1, label_0, label_1."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: spm/, checkpoint/, log.jsonl, metrics.json."),
+    backbone: str = typer.Option("tiny", "--backbone", "-b", help="tiny | sd15 | sdxl (whose x0_hat the SPM learns to score)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Backbone model folder or hub id."),
+    init: Optional[Path] = typer.Option(None, "--init", help="CLIP/PickScore folder (or an SPM folder) to start from; default $SPOBENCH_WEIGHTS/pickscore (tiny: toy_pickscore)."),
+    processor: Optional[str] = typer.Option(None, "--processor", help="Tokenizer/preprocessor folder when --init lacks them (PickScore: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)."),
+    val_pairs: Optional[Path] = typer.Option(None, "--val-pairs", help="Held-out parquet (default: a caption-hash split of --pairs)."),
+    no_step: bool = typer.Option(False, "--no-step", help="Table 5 'SPM w/o step': no time conditioning (with --steps 0: plain PickScore)."),
+    steps: int = typer.Option(1000, "--steps", min=0, help="Optimizer steps (0: evaluate --init only)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 3e-6 sd15, 1e-6 sdxl, 1e-4 tiny)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Pairs per step."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16 for the frozen backbone."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+):
+    """Train the step-aware preference model (paper Sec. 4.2) on Pick-a-Pic-format pairs and report
+    held-out pair accuracy at t = 0, 250, 500, 750, 950."""
+    from spobench import spm_train
+    from spobench.errors import MissingWeightsError
+    from spobench.spm import HOW_TO_GET
+    from spobench.spm_train import METRICS, SPMTrainConfig, default_init, train_spm
+
+    config = SPMTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, no_step=no_step,
+                            val_pairs=str(val_pairs) if val_pairs else None, processor=processor)
+    bb = spm_train._load_backbone(backbone, model, device, dtype)
+    if init is None:
+        init = default_init(backbone)
+        if not init.exists():
+            raise MissingWeightsError(
+                f"no --init given and no CLIP folder at {init}. Pass --init DIR (a CLIP/PickScore folder). "
+                + HOW_TO_GET)
+
+    def show(rec: dict) -> None:
+        typer.echo(f"step {rec['step']}/{steps}  loss {rec['loss']:.4f}  ({rec['elapsed_s']:.0f}s)", err=True)
+
+    result = train_spm(bb, pairs, init, out, config, resume=resume, overwrite=overwrite, progress=show)
+    ev = result["eval"]
+    typer.echo(f"{result['variant']}: held-out pair accuracy ({ev['n_pairs']} non-tie pairs)")
+    for t, acc in ev["accuracy"].items():
+        typer.echo(f"  t={t:>4}  {acc:.4f}")
+    typer.echo(f"  mean    {ev['mean_accuracy']:.4f}")
+    typer.echo(f"model: {result['model']}  metrics: {Path(out) / METRICS}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     try:
         app(args=argv, standalone_mode=True)

@@ -1,0 +1,522 @@
+"""Training the step-aware preference model (paper Sec. 4.2) on Pick-a-Pic-format pairs.
+
+For every pair (caption, jpg_0, jpg_1, label_0, label_1):
+
+1. draw ONE timestep t ~ U[0, T) and ONE noise shared by both images;
+2. encode both images with the backbone's VAE (``encode_images``, at the backbone resolution) and
+   noise them with the scheduler (``add_noise``): x_t^0, x_t^1 from the same noise;
+3. predict with the frozen backbone (CFG 5, no grad), estimate x0_hat (DDIM, ``predict_x0``) and
+   decode it to images - the "estimate x0 from the noisy sample" of Sec. 4.2;
+4. score both with the SPM at timestep t and minimise PickScore's cross-entropy between
+   softmax(s_0, s_1) and the label probabilities (label_0, label_1); ties are 0.5 / 0.5.
+
+Evaluation: pair accuracy on a held-out split (ties excluded) at t in {0, 250, 500, 750, 950},
+each pair noised with a fixed per-evaluation noise so that every variant sees the same x0_hat.
+Table 5's variants: ``no_step=True`` trains the same model without time input; ``steps=0`` with
+``no_step=True`` evaluates the plain CLIP/PickScore with no step training.
+
+Runs are resumable: the data order, t, the noise and the VAE sample of step ``s`` depend only on
+``(seed, s)``, and checkpoints (model, optimizer, step) are written atomically (temp + rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from spobench.errors import InputError
+
+PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+EVAL_TIMESTEPS = (0, 250, 500, 750, 950)
+SPM_LR = {"sd15": 3e-6, "sdxl": 1e-6}  # paper Sec. 5.1
+DEFAULT_LR = 1e-4  # tiny / test backbones (a randomly initialised tiny CLIP)
+CHECKPOINT = "checkpoint"
+FINAL = "spm"
+METRICS = "metrics.json"
+LOG = "log.jsonl"
+
+
+@dataclass
+class SPMTrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # pairs per step
+    lr: Optional[float] = None  # None: 3e-6 (sd15), 1e-6 (sdxl), 1e-4 otherwise
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    no_step: bool = False  # Table 5 "SPM w/o step": same training, no time conditioning
+    guidance_scale: float = 5.0
+    resolution: Optional[int] = None  # images are resized to this before encode_images (backbone default)
+    eval_timesteps: tuple = EVAL_TIMESTEPS
+    val_pairs: Optional[str] = None  # a separate held-out parquet; else a caption-hash split of the pairs
+    val_fraction: float = 0.05
+    val_max: int = 500
+    eval_batch_size: int = 8
+    eval_seed: int = 1234
+    eval_init: bool = False  # also evaluate the model before training
+    backbone_chunk: int = 8  # rows per UNet/VAE call when estimating x0_hat
+    train_text_encoder: bool = True
+    gradient_checkpointing: bool = False
+    amp: bool = True  # bf16 autocast for the SPM on CUDA
+    save_every: int = 500
+    log_every: int = 10
+    processor: Optional[str] = None  # tokenizer/preprocessor folder when --init lacks them (PickScore: laion ViT-H)
+
+    def lr_for(self, backbone_name: str) -> float:
+        return self.lr if self.lr is not None else SPM_LR.get(backbone_name, DEFAULT_LR)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SPMTrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise InputError(f"unknown SPM training setting(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+# -- pairs ----------------------------------------------------------------------------------------
+class PairTable:
+    """Pick-a-Pic-format pairs from one parquet file or a folder of them.
+
+    Captions and labels are read up front (and checked); images are decoded lazily, one row group
+    at a time, so a folder of Pick-a-Pic shards is not loaded into memory.
+    """
+
+    def __init__(self, path: str | Path):
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        if path.is_dir():
+            files = sorted(path.glob("*.parquet"))
+            if not files:
+                raise InputError(f"{path}: no *.parquet files in this folder")
+        elif path.exists():
+            files = [path]
+        else:
+            raise InputError(f"{path}: pairs parquet not found")
+        self.path = path
+        self.files = files
+        captions: list[str] = []
+        l0: list[np.ndarray] = []
+        l1: list[np.ndarray] = []
+        loc: list[tuple[int, int, int, int]] = []  # (file, row group, row in group, row in file)
+        for fi, f in enumerate(files):
+            try:
+                pf = pq.ParquetFile(f)
+            except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
+                raise InputError(f"{f}: not a readable parquet file ({e})") from None
+            names = set(pf.schema_arrow.names)
+            missing = [c for c in PAIR_COLUMNS if c not in names]
+            if missing:
+                raise InputError(f"{f}: missing column(s) {', '.join(missing)} (a Pick-a-Pic pairs file needs "
+                                 f"{', '.join(PAIR_COLUMNS)})")
+            table = pf.read(columns=["caption", "label_0", "label_1"])
+            caps = table.column("caption").to_pylist()
+            try:
+                a = np.asarray(table.column("label_0").to_numpy(zero_copy_only=False), dtype=np.float64)
+                b = np.asarray(table.column("label_1").to_numpy(zero_copy_only=False), dtype=np.float64)
+            except (TypeError, ValueError) as e:
+                raise InputError(f"{f}: label_0/label_1 must be numbers ({e})") from None
+            for col, arr in (("label_0", a), ("label_1", b)):
+                bad = np.flatnonzero(~np.isfinite(arr) | (arr < 0) | (arr > 1))
+                if bad.size:
+                    raise InputError(f"{f}: column {col} row {int(bad[0])}: label {arr[bad[0]]} is not in [0, 1]")
+            bad = np.flatnonzero(np.abs(a + b - 1) > 1e-3)
+            if bad.size:
+                r = int(bad[0])
+                raise InputError(f"{f}: row {r}: label_0 + label_1 = {a[r] + b[r]} (must be 1; ties are 0.5/0.5)")
+            for r, c in enumerate(caps):
+                if not isinstance(c, str):
+                    raise InputError(f"{f}: column caption row {r}: not a string ({c!r})")
+            captions += caps
+            l0.append(a)
+            l1.append(b)
+            row = 0
+            for g in range(pf.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                loc += [(fi, g, i, row + i) for i in range(n)]
+                row += n
+        self.captions = captions
+        self.labels = np.stack([np.concatenate(l0), np.concatenate(l1)], axis=1) if captions else np.zeros((0, 2))
+        self.loc = np.asarray(loc, dtype=np.int64).reshape(-1, 4)
+        self._groups: dict[tuple[int, int], dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def is_tie(self, i: int) -> bool:
+        return bool(abs(self.labels[i, 0] - self.labels[i, 1]) < 1e-6)
+
+    def group_of(self, i: int) -> tuple[int, int]:
+        return int(self.loc[i, 0]), int(self.loc[i, 1])
+
+    def _group(self, key: tuple[int, int]) -> dict:
+        import pyarrow.parquet as pq
+
+        if key not in self._groups:
+            if len(self._groups) >= 2:
+                self._groups.pop(next(iter(self._groups)))
+            f = self.files[key[0]]
+            t = pq.ParquetFile(f).read_row_group(key[1], columns=["jpg_0", "jpg_1"])
+            self._groups[key] = {c: t.column(c).to_pylist() for c in ("jpg_0", "jpg_1")}
+        return self._groups[key]
+
+    def image(self, i: int, column: str, resolution: int) -> torch.Tensor:
+        """Decode one image -> (3, res, res) float in [0, 1] (short side resized, centre crop)."""
+        from PIL import Image
+
+        fi, g, r, row = (int(v) for v in self.loc[i])
+        data = self._group((fi, g))[column][r]
+        if isinstance(data, dict):  # HF datasets' Image feature: {"bytes": ..., "path": ...}
+            data = data.get("bytes")
+        if not isinstance(data, (bytes, bytearray)):
+            raise InputError(f"{self.files[fi]}: column {column} row {row}: not encoded image bytes "
+                             f"({type(data).__name__})")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                s = resolution / min(w, h)
+                nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+                im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+                left, top = (nw - resolution) // 2, (nh - resolution) // 2
+                im = im.crop((left, top, left + resolution, top + resolution))
+                arr = np.asarray(im, dtype=np.uint8).copy()
+        except InputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for broken images
+            raise InputError(f"{self.files[fi]}: column {column} row {row}: cannot decode image ({e})") from None
+        return torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+
+    def images(self, rows: Sequence[int], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.stack([self.image(i, "jpg_0", resolution) for i in rows])
+        b = torch.stack([self.image(i, "jpg_1", resolution) for i in rows])
+        return a, b
+
+
+def _caption_hash(caption: str) -> float:
+    return int.from_bytes(hashlib.blake2b(caption.encode(), digest_size=8).digest(), "big") / 2**64
+
+
+def split_rows(pairs: PairTable, val_fraction: float) -> tuple[list[int], list[int]]:
+    """(train, val) rows: a pair is held out when its caption hashes below ``val_fraction``, so a
+    caption is never on both sides and the split does not depend on the seed."""
+    if not 0 <= val_fraction < 1:
+        raise InputError(f"val_fraction must be in [0, 1) (got {val_fraction})")
+    h = np.array([_caption_hash(c) for c in pairs.captions])
+    val_mask = h < val_fraction
+    if val_fraction > 0 and not val_mask.any() and len(set(pairs.captions)) > 1:
+        val_mask = h == h.min()  # at least one held-out caption
+    train = np.flatnonzero(~val_mask).tolist()
+    val = [int(i) for i in np.flatnonzero(val_mask)[np.argsort(h[val_mask], kind="stable")]]
+    return train, val
+
+
+class BatchOrder:
+    """Step ``s`` -> rows. Each epoch shuffles the row groups, then the rows inside each group
+    (locality for lazily decoded shards); epoch ``e`` uses ``default_rng([seed, e])``."""
+
+    def __init__(self, pairs: PairTable, rows: Sequence[int], batch_size: int, seed: int):
+        if not rows:
+            raise InputError(f"{pairs.path}: no training pairs left after the held-out split")
+        self.pairs, self.rows, self.batch_size, self.seed = pairs, list(rows), batch_size, seed
+        self._epoch: tuple[int, list[int]] | None = None
+
+    def _order(self, epoch: int) -> list[int]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            groups: dict[tuple[int, int], list[int]] = {}
+            for r in self.rows:
+                groups.setdefault(self.pairs.group_of(r), []).append(r)
+            keys = list(groups)
+            order: list[int] = []
+            for k in rng.permutation(len(keys)):
+                members = groups[keys[k]]
+                order += [members[j] for j in rng.permutation(len(members))]
+            self._epoch = (epoch, order)
+        return self._epoch[1]
+
+    def batch(self, step: int) -> list[int]:
+        n = len(self.rows)
+        out = []
+        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
+            out.append(self._order(pos // n)[pos % n])
+        return out
+
+
+# -- x0_hat of a noised pair -----------------------------------------------------------------------
+@torch.no_grad()
+def estimate_x0_images(backbone, images: torch.Tensor, captions: Sequence[str], t: torch.Tensor,
+                       noise_gen: torch.Generator, *, guidance_scale: float = 5.0, chunk: int = 8,
+                       noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Images (2B, 3, H, W) ordered [first images; second images] with B captions and timesteps
+    t (B,) -> decoded x0_hat images in [0, 1]. Pair i's two images share t[i] and one noise."""
+    from spobench.backbones.base import Conditioning
+    from spobench.engine.ddim import NoiseSchedule, predict_x0
+
+    b = len(captions)
+    device = backbone.device
+    latents = backbone.encode_images(images.to(device), generator=noise_gen).float()
+    if noise is None:
+        noise = torch.randn((b, *latents.shape[1:]), generator=noise_gen, dtype=torch.float32).to(device)
+    noise2 = torch.cat([noise, noise])
+    t2 = torch.cat([t, t]).to(device).long()
+    x_t = backbone.scheduler.add_noise(latents, noise2, t2)
+    sched = NoiseSchedule.from_backbone(backbone, backbone.defaults.num_steps)
+    cond = backbone.encode_prompts(list(captions))
+    cond = Conditioning.cat([cond, cond])
+    outs = []
+    for s in range(0, 2 * b, chunk):
+        sl = slice(s, s + chunk)
+        n = x_t[sl].shape[0]
+        pred = backbone.predict(x_t[sl], t2[sl], cond.index(sl), guidance_scale=guidance_scale,
+                                uncond=backbone.encode_unconditional(n) if guidance_scale != 1.0 else None)
+        x0 = predict_x0(pred.float(), x_t[sl], t2[sl], sched)
+        outs.append(backbone.decode(x0).float())
+    return torch.cat(outs)
+
+
+def pair_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """PickScore's loss: cross-entropy of softmax over the pair's two scores against the label
+    probabilities. ``scores`` (B, 2), ``labels`` (B, 2) summing to 1 per row."""
+    return -(labels * F.log_softmax(scores.float(), dim=-1)).sum(-1).mean()
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+def evaluate_spm(backbone, model, pairs: PairTable, rows: Sequence[int], config: SPMTrainConfig,
+                 resolution: int) -> dict:
+    """Pair accuracy (ties excluded) per timestep bucket on ``rows``; every pair gets noise from
+    ``eval_seed`` and its position, identical for every model evaluated with the same config."""
+    rows = [r for r in rows if not pairs.is_tie(r)][: config.val_max]
+    buckets = [int(t) for t in config.eval_timesteps]
+    correct = {t: 0.0 for t in buckets}
+    losses = {t: 0.0 for t in buckets}
+    was_training = model.training
+    model.eval()
+    bs = config.eval_batch_size
+    try:
+        for start in range(0, len(rows), bs):
+            batch = rows[start:start + bs]
+            a, b = pairs.images(batch, resolution)
+            images = torch.cat([a, b])
+            caps = [pairs.captions[r] for r in batch]
+            labels = torch.as_tensor(pairs.labels[batch], dtype=torch.float32)
+            winner_first = labels[:, 0] > labels[:, 1]
+            for t in buckets:
+                g = torch.Generator().manual_seed(config.eval_seed * 1_000_003 + start)  # same noise at every t
+                tt = torch.full((len(batch),), t, dtype=torch.long)
+                x0 = estimate_x0_images(backbone, images, caps, tt, g, guidance_scale=config.guidance_scale,
+                                        chunk=config.backbone_chunk)
+                with torch.no_grad():
+                    s = model(x0, torch.cat([tt, tt]), caps + caps).float().cpu()
+                scores = torch.stack([s[: len(batch)], s[len(batch):]], dim=1)
+                pred_first = scores[:, 0] > scores[:, 1]
+                equal = scores[:, 0] == scores[:, 1]
+                correct[t] += float(((pred_first == winner_first) & ~equal).sum() + 0.5 * equal.sum())
+                losses[t] += float(pair_loss(scores, labels)) * len(batch)
+    finally:
+        model.train(was_training)
+    n = len(rows)
+    acc = {str(t): (correct[t] / n if n else float("nan")) for t in buckets}
+    return {
+        "n_pairs": n,
+        "accuracy": acc,
+        "mean_accuracy": float(np.mean(list(acc.values()))) if n else float("nan"),
+        "loss": {str(t): (losses[t] / n if n else float("nan")) for t in buckets},
+    }
+
+
+# -- training ---------------------------------------------------------------------------------------
+def _variant(config: SPMTrainConfig) -> str:
+    if config.no_step:
+        return "pickscore" if config.steps == 0 else "spm-no-step"
+    return "spm"
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+def load_init(init, config: SPMTrainConfig, device, default_folder: Path | None = None):
+    """The model to start from: an SPM instance, an SPM folder (``spm_config.json``) or a CLIP
+    folder / cached hub id (PickScore; a tiny CLIP in the tiny world)."""
+    from spobench.spm import CONFIG_NAME, StepAwarePreferenceModel
+
+    time_conditioned = not config.no_step
+    if isinstance(init, StepAwarePreferenceModel):
+        model = init
+    else:
+        if init is None:
+            if default_folder is None:
+                raise InputError("give --init PATH: a CLIP/PickScore folder or an SPM folder")
+            init = default_folder
+        p = Path(init)
+        if p.is_dir() and (p / CONFIG_NAME).exists():
+            model = StepAwarePreferenceModel.load(p)
+        else:
+            model = StepAwarePreferenceModel.from_clip(init, processor=config.processor,
+                                                       time_conditioned=time_conditioned)
+    if model.time_conditioned != time_conditioned:
+        raise InputError(f"--init {init}: the SPM there is {'' if model.time_conditioned else 'not '}time-conditioned "
+                         f"but {'--no-step was' if config.no_step else 'time conditioning was'} asked for")
+    return model.to(device)
+
+
+def train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | None = None, *,
+              resume: bool = False, overwrite: bool = False,
+              progress: Callable[[dict], None] | None = None) -> dict:
+    """Train (or, with ``steps=0``, only evaluate) an SPM; returns and writes ``metrics.json``.
+
+    ``out`` receives ``spm/`` (the final model, loadable with ``StepAwarePreferenceModel.load``),
+    ``checkpoint/`` (model + optimizer + step, for ``resume``), ``log.jsonl`` and ``metrics.json``.
+    """
+    from spobench.generate import prepare_out_dir
+    from spobench.io import atomic_dir, atomic_write_json, provenance
+    from spobench.spm import StepAwarePreferenceModel
+
+    if config is None:
+        config = SPMTrainConfig()
+    elif isinstance(config, dict):
+        config = SPMTrainConfig.from_dict(config)
+    if config.steps < 0 or config.batch_size < 1:
+        raise InputError(f"steps must be >= 0 and batch_size >= 1 (got {config.steps}, {config.batch_size})")
+    out = Path(out)
+    prepare_out_dir(out, resume, overwrite)
+    t_start = time.perf_counter()
+    pairs = PairTable(pairs_path)
+    if config.val_pairs:
+        val_pairs = PairTable(config.val_pairs)
+        train_rows, val_rows = list(range(len(pairs))), list(range(len(val_pairs)))
+    else:
+        val_pairs = pairs
+        train_rows, val_rows = split_rows(pairs, config.val_fraction)
+    resolution = config.resolution or backbone.defaults.resolution
+    device = backbone.device
+    lr = config.lr_for(backbone.name)
+
+    ckpt = out / CHECKPOINT
+    start_step, losses = 0, []
+    if resume and (ckpt / "state.json").exists():
+        state = json.loads((ckpt / "state.json").read_text())
+        model = StepAwarePreferenceModel.load(ckpt / FINAL).to(device)
+        if model.time_conditioned == config.no_step:
+            raise InputError(f"{ckpt}: checkpoint time conditioning does not match --no-step={config.no_step}")
+        start_step, losses = int(state["step"]), list(state["losses"])
+        if start_step > config.steps:
+            raise InputError(f"{ckpt}: checkpoint is at step {start_step}, past --steps {config.steps}")
+    else:
+        model = load_init(init, config, device)
+    counters_before = model.counters
+    model.counters = backbone.counters  # SPM image/text passes count as the run's reward passes
+    for p in model.clip.text_model.parameters():
+        p.requires_grad_(config.train_text_encoder)
+    model.clip.text_projection.requires_grad_(config.train_text_encoder)
+    if config.gradient_checkpointing:
+        model.enable_checkpointing()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    if start_step and (ckpt / "optimizer.pt").exists():
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+    use_amp = config.amp and device.type == "cuda"
+
+    result: dict = {"variant": _variant(config), "backbone": backbone.name, "lr": lr,
+                    "n_train_pairs": len(train_rows), "n_val_pairs": len(val_rows),
+                    "config": asdict(config) | {"eval_timesteps": list(config.eval_timesteps)}}
+    if config.eval_init and start_step == 0 and config.steps > 0:
+        result["eval_init"] = evaluate_spm(backbone, model, val_pairs, val_rows, config, resolution)
+
+    def save_checkpoint(step: int) -> None:
+        with atomic_dir(ckpt) as tmp:
+            model.save(tmp / FINAL)
+            torch.save(opt.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, "lr": lr,
+                                                        "config": result["config"]}, default=str))
+
+    order = BatchOrder(pairs, train_rows, config.batch_size, config.seed) if config.steps > start_step else None
+    model.train()
+    log_path = out / LOG
+    if log_path.exists():  # drop records past the checkpoint we resume from (a killed run's tail)
+        kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
+    log_f = open(log_path, "a") if config.steps > start_step else None
+    try:
+        for step in range(start_step, config.steps):
+            rows = order.batch(step)
+            g = _step_generator(config.seed, step)
+            t = torch.randint(0, backbone.num_train_timesteps, (len(rows),), generator=g)
+            a, b = pairs.images(rows, resolution)
+            caps = [pairs.captions[r] for r in rows]
+            x0 = estimate_x0_images(backbone, torch.cat([a, b]), caps, t, g,
+                                    guidance_scale=config.guidance_scale, chunk=config.backbone_chunk)
+            labels = torch.as_tensor(pairs.labels[rows], dtype=torch.float32, device=device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                s = model(x0, torch.cat([t, t]).to(device), caps + caps)
+            loss = pair_loss(torch.stack([s[: len(rows)], s[len(rows):]], dim=1), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm else None
+            opt.step()
+            losses.append(float(loss.detach()))
+            done = step + 1
+            if config.log_every and (done % config.log_every == 0 or done == config.steps):
+                rec = {"step": done, "loss": float(np.mean(losses[-config.log_every:])),
+                       "grad_norm": None if gnorm is None else float(gnorm), "t_mean": float(t.float().mean()),
+                       "elapsed_s": round(time.perf_counter() - t_start, 2)}
+                log_f.write(json.dumps(rec) + "\n")
+                log_f.flush()
+                if progress:
+                    progress(rec)
+            if config.save_every and done % config.save_every == 0 and done < config.steps:
+                save_checkpoint(done)
+    finally:
+        if log_f:
+            log_f.close()
+
+    if config.steps > 0:
+        save_checkpoint(config.steps)
+    model.save(out / FINAL)
+    result["eval"] = evaluate_spm(backbone, model, val_pairs, val_rows, config, resolution)
+    model.counters = counters_before
+    k = max(1, min(10, len(losses) // 4)) if losses else 0
+    result.update({
+        "steps": config.steps,
+        "train_loss_first": float(np.mean(losses[:k])) if losses else None,
+        "train_loss_last": float(np.mean(losses[-k:])) if losses else None,
+        "losses": losses,
+        "model": str(out / FINAL),
+        "wall_s": round(time.perf_counter() - t_start, 2),
+        "counters": backbone.counters.as_dict(),
+        "provenance": provenance(),
+    })
+    atomic_write_json(out / METRICS, result)
+    return result
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+def _load_backbone(name: str, model: Optional[str], device: str, dtype: str):
+    from spobench.backbones import load_backbone
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype not in dtypes:
+        raise InputError(f"--dtype must be one of {', '.join(dtypes)} (got {dtype!r})")
+    return load_backbone(name, model, device=device, dtype=dtypes[dtype])
+
+
+def default_init(backbone_name: str) -> Path:
+    """Where ``--init`` points when omitted: the metric weights folder of PickScore (or, for the
+    tiny backbone, the tiny world's toy PickScore)."""
+    try:
+        from spobench.metrics.base import weights_root  # installed layout
+    except ImportError:
+        from metrics.base import weights_root  # repo checkout
+
+    return weights_root() / ("toy_pickscore" if backbone_name == "tiny" else "pickscore")

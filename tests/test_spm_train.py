@@ -1,0 +1,202 @@
+"""SPM training on Pick-a-Pic-format pairs with a fake backbone and a tiny CLIP."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from fakes import FakeBackbone
+
+from spobench import spm_train
+from spobench.errors import InputError
+from spobench.spm import StepAwarePreferenceModel, make_tiny_clip_folder
+from spobench.spm_train import PairTable, SPMTrainConfig, split_rows, train_spm
+
+BUCKETS = ["0", "250", "500", "750", "950"]
+
+
+def _png(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_pairs(path, n=16, seed=0, ties=2, row_group_size=None, **override):
+    """Synthetic pairs whose winner is the brighter image (the last ``ties`` pairs are ties)."""
+    rng = np.random.default_rng(seed)
+    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
+    for i in range(n):
+        base = rng.integers(0, 256, size=(12, 12, 3))
+        dark = np.clip(base * 0.35, 0, 255).astype(np.uint8)
+        bright = np.clip(base * 0.35 + 150, 0, 255).astype(np.uint8)
+        first_wins = bool(rng.integers(0, 2))
+        a, b = (bright, dark) if first_wins else (dark, bright)
+        tie = i >= n - ties
+        rows["caption"].append(f"a {['red', 'blue', 'green', 'white'][i % 4]} circle number {i}")
+        rows["jpg_0"].append(_png(a))
+        rows["jpg_1"].append(_png(b))
+        rows["label_0"].append(0.5 if tie else float(first_wins))
+        rows["label_1"].append(0.5 if tie else float(not first_wins))
+    rows.update(override)
+    pq.write_table(pa.table(rows), path, row_group_size=row_group_size)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spm-train")
+    clip = make_tiny_clip_folder(root / "tiny-clip", seed=5, image_size=16, patch_size=4)
+    pairs = write_pairs(root / "pairs.parquet", row_group_size=6)
+    return {"clip": clip, "pairs": pairs, "root": root}
+
+
+def _cfg(**kw):
+    base = dict(steps=24, batch_size=8, lr=1e-3, seed=0, val_fraction=0.0, eval_batch_size=16, log_every=4,
+                save_every=0)
+    base.update(kw)
+    return base
+
+
+def test_training_lowers_loss_and_reports_buckets(world, tmp_path):
+    bb = FakeBackbone()
+    out = tmp_path / "run"
+    cfg = _cfg(val_pairs=str(world["pairs"]), eval_init=True)  # evaluate on the training pairs themselves
+    res = train_spm(bb, world["pairs"], world["clip"], out, cfg)
+    assert res["variant"] == "spm"
+    ev0, ev = res["eval_init"], res["eval"]
+    assert ev["n_pairs"] == 14  # ties excluded
+    assert list(ev["accuracy"]) == BUCKETS
+    assert all(0 <= a <= 1 for a in ev["accuracy"].values())
+    assert res["train_loss_last"] < res["train_loss_first"]
+    # the evaluation loss goes down (averaged over buckets and at the near-clean one), and the
+    # brighter image wins wherever x0_hat still shows it
+    assert np.mean(list(ev["loss"].values())) < 0.7 * np.mean(list(ev0["loss"].values()))
+    assert ev["loss"]["0"] < ev0["loss"]["0"]
+    assert ev["accuracy"]["0"] >= 0.8 and ev["accuracy"]["250"] >= ev0["accuracy"]["250"]
+    # outputs
+    assert json.loads((out / "metrics.json").read_text())["eval"] == json.loads(json.dumps(ev))
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [4, 8, 12, 16, 20, 24]
+    model = StepAwarePreferenceModel.load(out / "spm")
+    assert model.time_conditioned
+    assert res["counters"]["unet_rows_nograd"] > 0 and res["counters"]["reward_image_passes"] > 0
+
+
+def test_no_step_and_plain_pickscore_variants(world, tmp_path):
+    bb = FakeBackbone()
+    res = train_spm(bb, world["pairs"], world["clip"], tmp_path / "nostep", _cfg(steps=4, no_step=True))
+    assert res["variant"] == "spm-no-step"
+    assert not StepAwarePreferenceModel.load(tmp_path / "nostep" / "spm").time_conditioned
+    # Table 5's third row: the plain CLIP (PickScore) with no step training, evaluated only
+    val = str(world["pairs"])
+    res0 = train_spm(bb, world["pairs"], world["clip"], tmp_path / "plain", _cfg(steps=0, no_step=True, val_pairs=val))
+    assert res0["variant"] == "pickscore" and res0["losses"] == [] and res0["steps"] == 0
+    assert list(res0["eval"]["accuracy"]) == BUCKETS and res0["eval"]["n_pairs"] == 14
+    # a time-conditioned SPM at init scores exactly like the plain CLIP, on the same x0_hat
+    res1 = train_spm(bb, world["pairs"], world["clip"], tmp_path / "init", _cfg(steps=0, val_pairs=val))
+    assert res1["eval"] == res0["eval"]
+
+
+def test_resume_continues_exactly(world, tmp_path):
+    full = train_spm(FakeBackbone(), world["pairs"], world["clip"], tmp_path / "a", _cfg(steps=6, log_every=1))
+    part = train_spm(FakeBackbone(), world["pairs"], world["clip"], tmp_path / "b", _cfg(steps=3, log_every=1))
+    assert (tmp_path / "b" / "checkpoint" / "state.json").exists()
+    with pytest.raises(InputError, match="--resume or --overwrite"):
+        train_spm(FakeBackbone(), world["pairs"], world["clip"], tmp_path / "b", _cfg(steps=6))
+    resumed = train_spm(FakeBackbone(), world["pairs"], world["clip"], tmp_path / "b", _cfg(steps=6, log_every=1),
+                        resume=True)
+    np.testing.assert_allclose(resumed["losses"], full["losses"], rtol=1e-4, atol=1e-5)
+    assert resumed["losses"][:3] == part["losses"]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_bad_parquet_errors(world, tmp_path):
+    bb = FakeBackbone()
+    missing = tmp_path / "missing.parquet"
+    pq.write_table(pa.table({"caption": ["x"], "jpg_0": [b"1"], "label_0": [1.0], "label_1": [0.0]}), missing)
+    with pytest.raises(InputError) as e:
+        PairTable(missing)
+    assert str(missing) in str(e.value) and "jpg_1" in str(e.value)
+
+    good = write_pairs(tmp_path / "ok.parquet", n=4, ties=0)
+    t = pq.read_table(good).to_pydict()
+    t["jpg_1"][2] = b"definitely not an image"
+    broken = tmp_path / "broken.parquet"
+    pq.write_table(pa.table(t), broken)
+    with pytest.raises(InputError) as e:
+        train_spm(bb, broken, world["clip"], tmp_path / "run", _cfg(steps=2, batch_size=4))
+    assert str(broken) in str(e.value) and "jpg_1" in str(e.value) and "row 2" in str(e.value)
+
+    t = pq.read_table(good).to_pydict()
+    t["label_0"][1] = 0.7
+    bad_labels = tmp_path / "labels.parquet"
+    pq.write_table(pa.table(t), bad_labels)
+    with pytest.raises(InputError, match="row 1"):
+        PairTable(bad_labels)
+    with pytest.raises(InputError, match="not found"):
+        PairTable(tmp_path / "nope.parquet")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(InputError, match="junk.parquet"):
+        PairTable(tmp_path / "junk.parquet")
+
+
+def test_split_and_order_are_deterministic(world):
+    pairs = PairTable(world["pairs"])
+    assert len(pairs) == 16 and pairs.is_tie(15) and not pairs.is_tie(0)
+    train, val = split_rows(pairs, 0.25)
+    assert val and train and not set(train) & set(val)
+    assert not {pairs.captions[i] for i in train} & {pairs.captions[i] for i in val}
+    assert split_rows(pairs, 0.25) == (train, val)
+    o1 = spm_train.BatchOrder(pairs, train, 4, seed=0)
+    o2 = spm_train.BatchOrder(pairs, train, 4, seed=0)
+    assert [o1.batch(s) for s in range(5)] == [o2.batch(s) for s in range(5)]
+    epoch = [r for s in range(len(train) // 4) for r in o1.batch(s)] if len(train) % 4 == 0 else None
+    if epoch is not None:
+        assert sorted(epoch) == sorted(train)
+    img = pairs.image(0, "jpg_0", 8)
+    assert img.shape == (3, 8, 8) and 0 <= img.min() and img.max() <= 1
+
+
+def test_x0_estimate_shares_noise_within_a_pair(world):
+    """Both images of a pair get the same t and noise: identical images give identical x0_hat."""
+    bb = FakeBackbone()
+    img = torch.rand(2, 3, 8, 8)
+    images = torch.cat([img, img])
+    t = torch.tensor([10, 700])
+    x0 = spm_train.estimate_x0_images(bb, images, ["a", "b"], t, torch.Generator().manual_seed(0))
+    assert x0.shape == (4, 3, 8, 8)
+    torch.testing.assert_close(x0[:2], x0[2:])
+    # near t = 0 the estimate is close to the clean image
+    assert (x0[0] - img[0]).abs().mean() < 0.05
+
+
+def test_cli_command(world, tmp_path, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    monkeypatch.setattr(spm_train, "_load_backbone", lambda *a, **k: FakeBackbone())
+    app = typer.Typer()
+    app.command("train-spm")(spm_train.train_spm_command)
+    app.command("other")(lambda: None)  # force sub-command mode, as in the real CLI
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(app, ["train-spm", "--pairs", str(world["pairs"]), "--init", str(world["clip"]),
+                                 "--out", str(out), "--steps", "2", "--batch-size", "4", "--no-step"])
+    assert r.exit_code == 0, r.output
+    assert "t= 950" in r.output and (out / "spm" / "spm_config.json").exists()
+    res = json.loads((out / "metrics.json").read_text())
+    assert res["variant"] == "spm-no-step" and res["config"]["batch_size"] == 4
+
+
+def test_config_rejects_unknown_settings():
+    with pytest.raises(InputError, match="bogus"):
+        SPMTrainConfig.from_dict({"bogus": 1})
+    assert SPMTrainConfig().lr_for("sd15") == 3e-6 and SPMTrainConfig().lr_for("sdxl") == 1e-6
+    assert SPMTrainConfig(lr=0.5).lr_for("sdxl") == 0.5
