@@ -179,13 +179,11 @@ def test_x0_estimate_shares_noise_within_a_pair(world):
 
 
 def test_cli_command(world, tmp_path, monkeypatch):
-    import typer
     from typer.testing import CliRunner
 
+    from spobench.cli import app
+
     monkeypatch.setattr(spm_train, "_load_backbone", lambda *a, **k: FakeBackbone())
-    app = typer.Typer()
-    app.command("train-spm")(spm_train.train_spm_command)
-    app.command("other")(lambda: None)  # force sub-command mode, as in the real CLI
     out = tmp_path / "cli"
     r = CliRunner().invoke(app, ["train-spm", "--pairs", str(world["pairs"]), "--init", str(world["clip"]),
                                  "--out", str(out), "--steps", "2", "--batch-size", "4", "--no-step"])
