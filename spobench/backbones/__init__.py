@@ -1,1 +1,24 @@
 """Backbones: SD-1.5, SDXL (diffusers) and the tiny backbone built from configs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # importing torch/diffusers here would make `import spobench.backbones` heavy
+    import torch
+
+    from spobench.backbones.base import Backbone
+
+
+def load_backbone(name: str, source: str | None = None, device="cpu", dtype: torch.dtype | None = None) -> Backbone:
+    """Load the backbone registered as ``name`` from ``source`` (a diffusers folder or hub id;
+    None = the backbone's default). Errors are :class:`spobench.errors.ModelLoadError` (bad
+    source) or the registry's unknown-name error, each one line for the CLI."""
+    import torch
+
+    from spobench.catalog import BACKBONES
+
+    return BACKBONES.get(name).load(source, device=device, dtype=dtype or torch.float32)
+
+
+__all__ = ["load_backbone"]

@@ -268,19 +268,37 @@ class Backbone:
 
         return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
 
+    def lora_config(self) -> dict:
+        """The adapter's peft ``LoraConfig`` as a dict (rank, alpha, targets): saved beside the
+        weights so that ``load_lora_weights`` and :meth:`load_lora` rebuild the same scaling
+        (without it diffusers assumes ``lora_alpha == r``)."""
+        return self.unet.peft_config["default"].to_dict()
+
     def save_lora(self, directory: str | Path) -> Path:
         """Write ``pytorch_lora_weights.safetensors`` in diffusers' format (atomic: temp dir + rename)."""
         from spobench.io import atomic_dir
 
         with atomic_dir(directory) as tmp:
             self.pipeline_class.save_lora_weights(
-                tmp, unet_lora_layers=self.lora_state_dict(), weight_name=LORA_WEIGHT_NAME, safe_serialization=True
+                tmp, unet_lora_layers=self.lora_state_dict(), weight_name=LORA_WEIGHT_NAME, safe_serialization=True,
+                unet_lora_adapter_metadata=self.lora_config(),
             )
         return Path(directory) / LORA_WEIGHT_NAME
 
     def load_lora(self, path: str | Path, rank: int | None = None) -> None:
-        """Load a LoRA saved by :meth:`save_lora` (or any diffusers-format UNet LoRA) into the UNet."""
-        from peft.utils import set_peft_model_state_dict
+        """Load a LoRA saved by :meth:`save_lora` (or any diffusers-format UNet LoRA) into the UNet.
+
+        Rank, alpha and target modules come from the file's adapter metadata when it has some (else
+        rank from the weights, alpha = rank, default targets). Keys and shapes are checked against
+        the adapter BEFORE anything is copied, so a LoRA for another backbone raises
+        :class:`ModelLoadError` and leaves the UNet as it was (an adapter added by this call is
+        removed again).
+        """
+        import json
+
+        from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         from spobench.errors import ModelLoadError
@@ -289,24 +307,47 @@ class Backbone:
         file = path / LORA_WEIGHT_NAME if path.is_dir() else path
         if not file.exists():
             raise ModelLoadError(f"no LoRA weights at {file}")
-        state = load_file(str(file))
+        try:
+            state = load_file(str(file))
+            with safe_open(str(file), "pt") as f:
+                metadata = f.metadata() or {}
+        except (OSError, SafetensorError) as err:
+            raise ModelLoadError(f"{file}: not a readable safetensors LoRA file ({type(err).__name__}: {err})") from None
         state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
         if not state:
             raise ModelLoadError(f"{file}: holds no UNet LoRA weights")
-        if rank is None:
-            rank = next(v.shape[0] for k, v in state.items() if "lora_A" in k or "lora.down" in k)
-        if not self.has_lora:
-            self.add_lora(rank)
-        from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-
+        try:
+            packed = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+        except ValueError:
+            packed = {}
+        config = {k.removeprefix("unet."): v for k, v in packed.items() if k.startswith("unet.")}
         state = convert_unet_state_dict_to_peft(state)
-        result = set_peft_model_state_dict(self.unet, state)
-        unexpected = getattr(result, "unexpected_keys", None)
+        if rank is None:
+            rank = config.get("r") or next((v.shape[0] for k, v in state.items() if "lora_A" in k), None)
+        added = not self.has_lora
+        if added:
+            self.add_lora(rank, alpha=config.get("lora_alpha"),
+                          targets=tuple(config.get("target_modules") or DEFAULT_LORA_TARGETS))
+        expected = {k: v.shape for k, v in get_peft_model_state_dict(self.unet).items()}
+        problem = None
+        unexpected = sorted(set(state) - set(expected))
+        missing = sorted(set(expected) - set(state))
+        mismatched = sorted(k for k in state if k in expected and state[k].shape != expected[k])
         if unexpected:
-            raise ModelLoadError(
-                f"{file}: LoRA does not fit the {self.name} UNet (e.g. unexpected key {unexpected[0]!r}); "
-                "was it trained on another backbone?"
-            )
+            problem = f"unexpected key {unexpected[0]!r}"
+        elif mismatched:
+            k = mismatched[0]
+            problem = f"shape {tuple(state[k].shape)} != {tuple(expected[k])} for {k!r}"
+        elif missing:
+            problem = f"no weights for {missing[0]!r}"
+        if problem:
+            if added:
+                self.unet.delete_adapters("default")
+                self.lora_rank = None
+            raise ModelLoadError(f"{file}: LoRA does not fit the {self.name} UNet ({problem}, "
+                                 f"{len(unexpected)} unexpected / {len(mismatched)} mismatched / {len(missing)} "
+                                 "missing keys); was it trained on another backbone or with another rank?")
+        set_peft_model_state_dict(self.unet, state)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
@@ -314,7 +355,13 @@ class Backbone:
     def to(self, device=None, dtype=None) -> "Backbone":
         """Move the frozen parts to ``device``/``dtype``; LoRA parameters stay float32."""
         for m in self.modules().values():
-            m.to(device=device, dtype=dtype)
+            kwargs = {}
+            if device is not None:
+                kwargs["device"] = device
+            if dtype is not None and getattr(m, "dtype", None) != dtype:
+                kwargs["dtype"] = dtype  # (diffusers warns on any to(dtype=...), even a no-op one)
+            if kwargs:
+                m.to(**kwargs)
         for n, p in self.unet.named_parameters():
             if "lora_" in n:
                 p.data = p.data.float()
