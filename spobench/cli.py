@@ -125,7 +125,10 @@ def generate(
     from spobench.engine.rollout import SamplerConfig
     from spobench.generate import generate as run
 
+    from spobench.generate import check_out_dir
+
     items = _load_prompts(prompts, prompt_set, limit)
+    check_out_dir(out, resume, overwrite)  # before minutes of model loading
     bb = _backbone(backbone, model, device, dtype, lora)
     sampler = SamplerConfig(num_steps=steps, guidance_scale=cfg, eta=eta)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),

@@ -43,15 +43,23 @@ def plan(prompts: Sequence[str], seed: int, images_per_prompt: int = 1) -> list[
     return jobs
 
 
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to write into a non-empty folder unless asked to resume or overwrite it."""
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a non-empty output folder unless asked to resume or overwrite it (changes nothing)."""
+    out = Path(out)
+    if resume and overwrite:
+        raise InputError("give only one of --resume and --overwrite")
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()):
-        if overwrite:
-            shutil.rmtree(out)
-        elif not resume:
-            raise InputError(f"{out}: output folder exists and is not empty; pass --resume or --overwrite")
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise InputError(f"{out}: output folder exists and is not empty; pass --resume or --overwrite")
+
+
+def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """``check_out_dir``, then empty the folder for ``overwrite`` and create it."""
+    out = Path(out)
+    check_out_dir(out, resume, overwrite)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
 

@@ -1,20 +1,11 @@
 """Every command run the way a user runs it: the installed `spobench` executable in a subprocess."""
 
-import json
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-EXE = shutil.which("spobench", path=str(Path(sys.executable).parent)) or "spobench"
-
-
-def run(*args, cwd=None, env=None):
-    e = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200", **(env or {})}
-    return subprocess.run([EXE, *args], capture_output=True, text=True, cwd=cwd, env=e, timeout=600)
+from clitools import run
 
 
 def test_ls_lists_every_kind_without_importing_torch():
