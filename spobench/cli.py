@@ -161,24 +161,35 @@ def train(
 
 @app.command("eval")
 def eval_(
-    metrics: str = typer.Option(..., "--metrics", "-m", help="Comma-separated metric names, e.g. pickscore,hpsv2."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", "-m", help="Comma-separated metric names, e.g. pickscore,hpsv2."),
     images: Optional[Path] = typer.Option(None, "--images", help="A folder written by `spobench generate`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON (default: <images>/results.json)."),
     weights: list[str] = typer.Option([], "--weights", help="metric=DIR: where a metric's weights are."),
+    compare: Optional[tuple[Path, Path]] = typer.Option(
+        None, "--compare", help="Compare two results (results.json or their folders): per-prompt win rates of A over B."),
     device: str = typer.Option("cpu", "--device"),
 ):
-    """Score images with metric plugins: per-image scores, means and bootstrap 95% CIs."""
+    """Score images with metric plugins (per-image scores, means, bootstrap 95% CIs), or with
+    --compare A B, pair two evaluated runs by prompt and seed and report win rates with CIs."""
     from spobench import catalog
 
-    names = [m.strip() for m in metrics.split(",") if m.strip()]
-    if not names:
-        raise InputError("--metrics is empty")
-    classes = {n: catalog.METRICS.get(n) for n in names}  # unknown / planned names fail here, before work
-    from spobench.evaluate import evaluate_folder
+    names = [m.strip() for m in (metrics or "").split(",") if m.strip()]
+    if compare is not None:
+        from spobench.compare import compare_results
 
+        console.print(compare_results(compare[0], compare[1], metrics=names or None, out=out))
+        return
+    if not names:
+        raise InputError("give --metrics a,b,... (see `spobench ls metrics`) or --compare A B")
+    classes = {n: catalog.METRICS.get(n) for n in names}  # unknown / planned names fail here, before work
     if images is None:
         raise InputError("give --images DIR (a folder written by `spobench generate`)")
-    where = dict(w.split("=", 1) for w in weights if "=" in w)
+    bad = [w for w in weights if "=" not in w]
+    if bad:
+        raise InputError(f"--weights {bad[0]!r}: expected metric=DIR")
+    from spobench.evaluate import evaluate_folder
+
+    where = dict(w.split("=", 1) for w in weights)
     result = evaluate_folder(images, classes, out=out, weights=where, device=device)
     table = Table(title="results", show_edge=False)
     table.add_column("metric")
@@ -186,6 +197,8 @@ def eval_(
     table.add_column("95% CI")
     for name, agg in result["metrics"].items():
         table.add_row(name, f"{agg['mean']:.4f}", f"[{agg['ci95'][0]:.4f}, {agg['ci95'][1]:.4f}]")
+        for tag, v in (agg.get("per_tag") or {}).items():
+            table.add_row(f"  {tag}", f"{v:.4f}", "")
     console.print(table)
 
 
