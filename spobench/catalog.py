@@ -25,29 +25,30 @@ BACKBONES.declare("sdxl", "spobench.backbones.sd:SDXLBackbone", "Stable Diffusio
 BACKBONES.declare("tiny", "spobench.backbones.tiny:TinyBackbone", "the tiny-world model: 32x32 pixel space, CPU-sized")
 
 # -- trainers -------------------------------------------------------------------------------------
-TRAINERS.declare("spo", None, "Step-aware Preference Optimization (paper Sec. 4)")
-TRAINERS.declare("mspo", None, "Multi-step SPO for SDXL (paper Sec. 4.5)")
+TRAINERS.declare("spo", "spobench.trainers.spo:SPOTrainer", "Step-aware Preference Optimization (paper Sec. 4)")
+TRAINERS.declare("mspo", "spobench.trainers.mspo:MSPOTrainer", "Multi-step SPO for SDXL (paper Sec. 4.5)")
 TRAINERS.declare("diffusion-dpo", None, "Diffusion-DPO on Pick-a-Pic-format pairs (offline)")
 TRAINERS.declare("d3po", None, "D3PO: two trajectories from one x_T, reward-labelled (online)")
 TRAINERS.declare("ddpo", None, "DDPO: PPO on denoising trajectories (online)")
 
 # -- metrics --------------------------------------------------------------------------------------
-METRICS.declare("pickscore", None, "PickScore v1 (CLIP-H): logit_scale * cos")
-METRICS.declare("hpsv2", None, "HPSv2 / v2.1 (open_clip checkpoint on transformers CLIP)")
+METRICS.declare("pickscore", "spobench.metrics.pickscore:PickScore", "PickScore v1 (CLIP-H): logit_scale * cos")
+METRICS.declare("hpsv2", "spobench.metrics.hpsv2:HPSv2", "HPSv2 / v2.1 (open_clip checkpoint on transformers CLIP)")
 METRICS.declare("imagereward", "spobench.metrics.imagereward:ImageReward", "ImageReward (BLIP + MLP head)")
-METRICS.declare("aesthetic", None, "LAION aesthetic predictor v2 (CLIP ViT-L/14 + linear MLP)")
+METRICS.declare("aesthetic", "spobench.metrics.aesthetic:Aesthetic", "LAION aesthetic predictor v2 (CLIP ViT-L/14 + linear MLP)")
 METRICS.declare("geneval", "spobench.metrics.geneval:GenEval", "GenEval object-focused alignment (Mask2Former + CLIP colour)")
-METRICS.declare("toy_alignment", None, "tiny world: rule-checked prompt alignment (GenEval-style tags)")
-METRICS.declare("toy_aesthetic", None, "tiny world: prompt-free image quality on a 0-10 scale")
+METRICS.declare("toy_alignment", "spobench.metrics.toy:ToyAlignment", "tiny world: rule-checked prompt alignment (GenEval-style tags)")
+METRICS.declare("toy_aesthetic", "spobench.metrics.toy:ToyAesthetic", "tiny world: prompt-free image quality on a 0-10 scale")
 METRICS.declare("toy_pickscore", None, "tiny world: a tiny CLIP trained on the tiny world's pairs")
 
 # -- prompt sets ----------------------------------------------------------------------------------
 PROMPT_SETS.declare("file", "spobench.prompts:load_prompt_file", "a text file, one prompt a line (or JSON/JSONL)")
-PROMPT_SETS.declare("tiny-val", None, "tiny world: 500 validation prompts")
-PROMPT_SETS.declare("tiny-train", None, "tiny world: training prompts (official 4k list format)")
-PROMPT_SETS.declare("pickapic-validation-unique", None, "Pick-a-Pic v1 validation_unique (local parquet)")
-PROMPT_SETS.declare("hpsv2-benchmark", None, "HPSv2 benchmark prompts (local JSONs)")
-PROMPT_SETS.declare("partiprompts", None, "PartiPrompts (local TSV)")
+PROMPT_SETS.declare("tiny-val", "spobench.toyworld.pairs:tiny_val_prompts", "tiny world: 500 validation prompts")
+PROMPT_SETS.declare("tiny-train", "spobench.toyworld.pairs:tiny_train_prompts", "tiny world: training prompts (official 4k list format)")
+PROMPT_SETS.declare("pickapic-validation-unique", "spobench.prompt_sets:pickapic_validation_unique", "Pick-a-Pic v1 validation_unique (local parquet)")
+PROMPT_SETS.declare("hpsv2-benchmark", "spobench.prompt_sets:hpsv2_benchmark", "HPSv2 benchmark prompts (local JSONs)")
+PROMPT_SETS.declare("partiprompts", "spobench.prompt_sets:partiprompts", "PartiPrompts (local TSV)")
+PROMPT_SETS.declare("spo-4k", "spobench.prompt_sets:spo_training_prompts", "official SPO 4k training prompts (local JSON)")
 PROMPT_SETS.declare("geneval", "spobench.metrics.geneval_rules:geneval_prompts", "GenEval's 553 prompts with metadata")
 
 # -- recipes --------------------------------------------------------------------------------------
