@@ -299,6 +299,37 @@ def toy_pretrain(
     console.print(f"wrote {folder} (EMA weights, step {trainer.step})")
 
 
+@toy_app.command("data")
+def toy_data(
+    out: Path = typer.Option(Path("runs/tiny-data"), "--out", "-o", help="Folder for pairs.parquet, prompt lists, stats.json."),
+    pairs: int = typer.Option(5000, "--pairs", min=2, help="Number of preference pairs."),
+    seed: int = typer.Option(0, "--seed"),
+    base_samples: float = typer.Option(
+        0.5, "--base-samples", min=0.0, max=1.0,
+        help="Share of image slots filled with samples of the tiny base model (0: simulated generators only)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Tiny model folder for --base-samples (default: shipped)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+):
+    """Write the tiny world's generic preference data in Pick-a-Pic's format (pairs.parquet), the
+    training prompt list in the official 4k file's format and the 500 validation prompts."""
+    from spobench.generate import prepare_out_dir
+    from spobench.toyworld.pairs import backbone_generator, make_dataset
+
+    prepare_out_dir(out, False, overwrite)
+    extra = None
+    if base_samples > 0:
+        extra = backbone_generator(_backbone("tiny", model, "cpu", "fp32"))
+    with console.status(f"drawing {pairs} pairs"):
+        stats = make_dataset(out, n_pairs=pairs, seed=seed, extra_generator=extra, p_extra=base_samples)
+    table = Table(title=f"tiny-world pairs in {out}", show_edge=False)
+    table.add_column("statistic")
+    table.add_column("value")
+    for k, v in stats.items():
+        if isinstance(v, (int, float, str)):
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     import os
 

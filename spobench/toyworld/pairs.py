@@ -276,3 +276,26 @@ def make_dataset(out_dir: str | Path, n_pairs: int = 5000, seed: int = 0, **kw) 
     stats["files"] = {"pairs": "pairs.parquet", "train_prompts": paths["train"].name, "val_prompts": paths["val"].name}
     atomic_write_json(out / "stats.json", stats)
     return stats
+
+
+def backbone_generator(backbone, num_steps: int = 20, guidance_scale: float = 5.0, batch_size: int = 32):
+    """An ``extra_generator`` that samples the given backbone (DDIM, eta=0, one seed per image), so
+    that pairs mix base-model samples with simulated generators, as Pick-a-Pic mixes models."""
+    import torch
+
+    from spobench.engine.rollout import RolloutEngine, SamplerConfig, make_generators
+    from spobench.generate import to_uint8
+
+    engine = RolloutEngine(backbone, SamplerConfig(num_steps=num_steps, guidance_scale=guidance_scale, eta=0.0))
+
+    def generate(prompts, seed):
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start:start + batch_size])
+            gens = make_generators([seed * 1_000_003 + start + i for i in range(len(chunk))])
+            with torch.no_grad():
+                x0 = engine.sample(chunk, gens, keep_latents=False).x0
+                out.extend(to_uint8(backbone.decode(x0)))
+        return out
+
+    return generate
