@@ -97,9 +97,12 @@ class Pretrainer:
         torch.nn.utils.clip_grad_norm_(list(self.modules.parameters()), self.cfg.grad_clip)
         self.opt.step()
         self.sched.step()
+        # EMA with warm-up: a constant 0.999 from step 0 would keep half of the random init after
+        # 700 steps (seen: pure-noise samples from the EMA while the live weights drew shapes)
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), self.modules.parameters()):
-                e.lerp_(p, 1 - self.cfg.ema_decay)
+                e.lerp_(p, 1 - decay)
         self.step += 1
         self.losses.append(loss.item())
         return self.losses[-1]
