@@ -330,6 +330,27 @@ def toy_data(
     console.print(table)
 
 
+@toy_app.command("clip")
+def toy_clip(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the CLIPModel (+ tokenizer, preprocessor)."),
+    seed: int = typer.Option(0, "--seed"),
+    hidden: int = typer.Option(64, "--hidden", min=8),
+    layers: int = typer.Option(3, "--layers", min=1),
+    patch: int = typer.Option(4, "--patch", min=1, help="Patch size on the 32x32 images."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+):
+    """Write a randomly initialised tiny CLIP (the tiny backbone's tokenizer) as the starting point of
+    the tiny world's preference models: `spobench train-spm --backbone tiny --init <out>`."""
+    from spobench.backbones.tiny import tiny_tokenizer
+    from spobench.generate import prepare_out_dir
+    from spobench.spm import make_tiny_clip_folder
+
+    prepare_out_dir(out, False, overwrite)
+    make_tiny_clip_folder(out, seed=seed, image_size=32, patch_size=patch, hidden=hidden, layers=layers,
+                          heads=4, projection_dim=32, tokenizer=tiny_tokenizer(model_max_length=77))
+    console.print(f"wrote a random tiny CLIP to {out}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     import os
 

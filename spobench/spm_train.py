@@ -514,9 +514,6 @@ def _load_backbone(name: str, model: Optional[str], device: str, dtype: str):
 def default_init(backbone_name: str) -> Path:
     """Where ``--init`` points when omitted: the metric weights folder of PickScore (or, for the
     tiny backbone, the tiny world's toy PickScore)."""
-    try:
-        from spobench.metrics.base import weights_root  # installed layout
-    except ImportError:
-        from metrics.base import weights_root  # repo checkout
+    from spobench.metrics.base import weights_root
 
     return weights_root() / ("toy_pickscore" if backbone_name == "tiny" else "pickscore")
