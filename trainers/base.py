@@ -619,9 +619,9 @@ class Trainer:
         if self.is_main:
             from spobench.io import atomic_write_json, provenance
 
-            if complete:
-                self.bb.save_lora(self.out / "lora")
-                summary["lora"] = str(self.out / "lora")
+            # also when stopped by max_rounds (a budgeted run): summary["complete"] says which
+            self.bb.save_lora(self.out / "lora")
+            summary["lora"] = str(self.out / "lora")
             atomic_write_json(self.out / "summary.json", summary | provenance())
             if self._writer is not None:
                 self._writer.close()
