@@ -27,9 +27,9 @@ BACKBONES.declare("tiny", "spobench.backbones.tiny:TinyBackbone", "the tiny-worl
 # -- trainers -------------------------------------------------------------------------------------
 TRAINERS.declare("spo", "spobench.trainers.spo:SPOTrainer", "Step-aware Preference Optimization (paper Sec. 4)")
 TRAINERS.declare("mspo", "spobench.trainers.mspo:MSPOTrainer", "Multi-step SPO for SDXL (paper Sec. 4.5)")
-TRAINERS.declare("diffusion-dpo", None, "Diffusion-DPO on Pick-a-Pic-format pairs (offline)")
-TRAINERS.declare("d3po", None, "D3PO: two trajectories from one x_T, reward-labelled (online)")
-TRAINERS.declare("ddpo", None, "DDPO: PPO on denoising trajectories (online)")
+TRAINERS.declare("diffusion-dpo", "spobench.trainers.diffusion_dpo:DiffusionDPOTrainer", "Diffusion-DPO on Pick-a-Pic-format pairs (offline)")
+TRAINERS.declare("d3po", "spobench.trainers.d3po:D3POTrainer", "D3PO: two trajectories from one x_T, reward-labelled (online)")
+TRAINERS.declare("ddpo", "spobench.trainers.ddpo:DDPOTrainer", "DDPO: PPO on denoising trajectories (online)")
 
 # -- metrics --------------------------------------------------------------------------------------
 METRICS.declare("pickscore", "spobench.metrics.pickscore:PickScore", "PickScore v1 (CLIP-H): logit_scale * cos")

@@ -346,6 +346,15 @@ class Trainer:
         over its ``total`` items; stats are sums over the micro-batch's items."""
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """Algorithm state a resume needs beyond weights, optimizer and progress (e.g. DDPO's
+        per-prompt reward buffers): JSON-serialisable, the same on every process; saved with the
+        checkpoint's progress and given back to :meth:`load_state_dict` on ``--resume``."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (``{}`` for checkpoints without any)."""
+
     def item_key(self, item) -> tuple:
         """Sort key making the gathered item order independent of the number of processes."""
         return item.key
@@ -396,12 +405,17 @@ class Trainer:
         P = self.acc.num_processes
         if P > 1:
             items = gather_object(items)
-        items = sorted(items, key=self.item_key)
+        items = self.round_items(sorted(items, key=self.item_key), epoch, rnd)
         g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, epoch, rnd, 0x5A1))
         perm = torch.randperm(len(items), generator=g).tolist()
         per = len(items) // P
         mine = perm[self.acc.process_index * per:(self.acc.process_index + 1) * per]
         return [items[i] for i in mine], len(items)
+
+    def round_items(self, items: list, epoch: int, rnd: int) -> list:
+        """All processes' items of a round, sorted (the same list on every process), before they are
+        dealt: the place for statistics over the whole round (DDPO's reward normalisation)."""
+        return items
 
     def clip_gradients(self):
         """Clip the LoRA gradient norm (accelerate-aware); returns the norm before clipping."""
@@ -457,14 +471,23 @@ class Trainer:
             bad = self.acc.reduce(bad, reduction="sum")
         return bool(bad.item() == 0)
 
-    def reduce_stats(self, sums: dict[str, float]) -> dict[str, float]:
-        """Sum per-process stats over processes (same key order everywhere)."""
+    def reduce_stats(self, sums: dict[str, float], any_keys: bool = False) -> dict[str, float]:
+        """Sum per-process stats over processes. Every process must pass the same keys, unless
+        ``any_keys`` (one more collective): then a key missing on a process counts 0 there (a
+        process whose share of a round's prompts is empty has no round stats at all)."""
         import torch
 
-        if self.acc.num_processes == 1 or not sums:
+        if self.acc.num_processes == 1:
             return dict(sums)
-        keys = sorted(sums)
-        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.acc.device)
+        if any_keys:
+            from accelerate.utils import gather_object
+
+            keys = sorted({k for ks in gather_object([sorted(sums)]) for k in ks})
+        else:
+            keys = sorted(sums)
+        if not keys:
+            return {}
+        t = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64, device=self.acc.device)
         t = self.acc.reduce(t, reduction="sum")
         return dict(zip(keys, t.tolist()))
 
@@ -506,7 +529,8 @@ class Trainer:
 
         from spobench.engine.checkpoint import capture_rng, save_checkpoint
 
-        progress = dataclasses.asdict(self.progress) | {"counters": self.counters()}
+        progress = dataclasses.asdict(self.progress) | {"counters": self.counters(),
+                                                        "trainer_state": self.state_dict()}
         rngs = [capture_rng()]
         if self.acc.num_processes > 1:
             rngs = gather_object(rngs)
@@ -546,6 +570,7 @@ class Trainer:
         p = ckpt.progress
         self.progress = Progress(epoch=p["epoch"], round=p["round"], rounds_done=p["rounds_done"], step=p["step"],
                                  counters={k: v for k, v in p.get("counters", {}).items()})
+        self.load_state_dict(p.get("trainer_state", {}))
         self.bb.counters.reset()
         if self.is_main:  # drop log lines written after the checkpoint
             log = self.out / "log.jsonl"
@@ -577,7 +602,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 idx = self.round_prompts(epoch, rnd)
                 local, rstats = self.collect(epoch, rnd, idx) if idx else ([], {})
-                rstats = self.reduce_stats(self.expand_stats(rstats))
+                rstats = self.reduce_stats(self.expand_stats(rstats), any_keys=True)
                 mine, n_items = self.share(local, epoch, rnd)
                 steps = self.train_items(mine)
                 for s in steps:
