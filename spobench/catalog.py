@@ -66,9 +66,17 @@ _PAPER_TABLES = {
 
 
 def recipes() -> Registry:
-    """The paper's tables as recipe names. The recipe runner (``spobench reproduce``) is not built yet,
-    so every table is declared planned; recipe files will fill these entries."""
+    """The paper's tables (and extra recipes) as recipe names: every ``recipes/*.toml`` shipped as
+    package data ``spobench.recipes`` is 'ready' (its entry holds the file's path); a paper table
+    without a file stays 'planned'. Only the files' headers are read (no validation, no torch)."""
     if not RECIPES.names():
+        from spobench.recipe import header, recipe_files
+
+        files = recipe_files()
         for name, summary in _PAPER_TABLES.items():
-            RECIPES.declare(name, None, summary)
+            if name not in files:
+                RECIPES.declare(name, None, summary)
+        for name, path in files.items():
+            RECIPES.declare(name, None, header(path).get("title") or _PAPER_TABLES.get(name, ""))
+            RECIPES.entry(name).obj = path
     return RECIPES

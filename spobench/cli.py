@@ -204,14 +204,34 @@ def eval_(
 
 @app.command()
 def reproduce(
-    recipe: str = typer.Argument(..., help="A recipe name, e.g. table1 (see `spobench ls recipes`)."),
+    recipe: str = typer.Argument(..., help="A recipe name, e.g. table1 (see `spobench ls recipes`), or a recipe .toml file."),
     backbone: str = typer.Option("tiny", "--backbone", "-b", help="tiny | sd15 | sdxl"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default: runs/<recipe>-<backbone>)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<recipe>-<backbone>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a run in --out: finished cells are reused, "
+                                "unfinished ones continue from their last checkpoint."),
+    cells: Optional[str] = typer.Option(None, "--cells", help="Comma-separated cell ids: run only these."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (generation and metrics; trainers "
+                               "use the GPU when there is one)."),
 ):
-    """Train, generate and evaluate every cell of a paper table, then write the report."""
-    from spobench import catalog
+    """Train, generate and evaluate every cell of a paper table, then write the report
+    (report.md, report.json, report.html, grid.png, metrics.png, training.png).
 
-    catalog.recipes().get(recipe)
+    Everything a run needs (trainers, backbone and metric weights, inputs, prompt sets) is checked
+    before any work starts."""
+    from spobench.reproduce import reproduce as run
+
+    only = [c.strip() for c in cells.split(",") if c.strip()] if cells else None
+    data = run(recipe, backbone=backbone, out=out, resume=resume, device=device, cells=only, console=err_console)
+    table = Table(title=f"{data['recipe']['name']} on {backbone}", title_justify="left", show_edge=False)
+    table.add_column("cell")
+    for m in data["metrics"]:
+        table.add_column(m)
+    for c in data["cells"]:
+        table.add_row(c["label"], *[f"{c['metrics'][m]['mean']:.4f}" if m in c["metrics"] else "-"
+                                    for m in data["metrics"]])
+    console.print(table)
+    where = out if out is not None else Path("runs") / f"{data['recipe']['name']}-{backbone}"
+    console.print(f"report: {where / 'report.md'} and {where / 'report.html'}")
 
 
 @app.command("train-spm")

@@ -42,13 +42,17 @@ def test_unknown_trainer_suggests_and_exits_2_without_traceback():
     assert "Traceback" not in r.stderr
 
 
-def test_planned_recipe_says_not_implemented():
-    r = run("reproduce", "table8")
-    assert r.returncode == 3 and "not implemented yet: recipe 'table8'" in r.stderr
+def test_reproduce_without_weights_names_them_and_writes_nothing(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "SPOBENCH_WEIGHTS": str(tmp_path / "weights")}
+    r = run("reproduce", "table8", "--backbone", "sd15", "--out", str(tmp_path / "run"), env=env)
+    assert r.returncode == 2 and "stable-diffusion-v1-5" in r.stderr and "hf download" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
 
 
-def test_debug_shows_traceback():
-    r = run("--debug", "reproduce", "table8")
+def test_debug_shows_traceback(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1"}
+    r = run("--debug", "reproduce", "table8", "--backbone", "sd15", "--out", str(tmp_path / "run"), env=env)
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
