@@ -26,3 +26,7 @@ class ModelLoadError(SpobenchError):
 
 class InputError(SpobenchError):
     """A bad input file or field (prompt file, recipe, parquet...)."""
+
+
+class OutputError(SpobenchError):
+    """An output that cannot be written (no space left on the device, quota exceeded...)."""

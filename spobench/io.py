@@ -4,6 +4,7 @@ JSONL manifests, and the provenance every output records (package versions, git 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -26,9 +27,10 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[Any]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _raise_if_disk_full(e, path)
         raise
 
 
@@ -57,8 +59,46 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_disk_full(e, path)
+        raise
+
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _raise_if_disk_full(err: BaseException, path: Path) -> None:
+    """A full disk is the user's to fix: one line naming the file or folder being written (whose
+    temp file is already gone; a file inside an ``atomic_dir`` is reported as the folder)."""
+    from spobench.errors import OutputError
+
+    cause = err.__cause__ if isinstance(err, OutputError) else err
+    if isinstance(cause, OSError) and cause.errno in DISK_FULL:
+        raise OutputError(f"{path}: cannot write it: {os.strerror(cause.errno)}; nothing partial was left "
+                          "behind; free some space and run again (--resume continues a run)") from cause
+
+
+@contextlib.contextmanager
+def removed_on_error(path: str | Path, *, fresh: bool | None = None, keep=None, enabled: bool = True) -> Iterator[None]:
+    """Around the part of a command that writes the run folder ``path``: when the block raises a
+    ``SpobenchError`` (bad input found late, non-finite loss, full disk...) and the run is fresh
+    (``fresh``; None: ``path`` is absent or empty when the block begins, and is then left so), what
+    the block wrote is removed, so a failed fresh run leaves no partial output behind. ``keep()``
+    true (e.g. a checkpoint was written) keeps it for ``--resume``."""
+    from spobench.errors import SpobenchError
+
+    path = Path(path)
+    was_empty_dir = path.is_dir() and not any(path.iterdir())
+    if fresh is None:
+        fresh = not path.exists() or was_empty_dir
+    try:
+        yield
+    except SpobenchError:
+        if enabled and fresh and path.is_dir() and not (keep is not None and keep()):
+            shutil.rmtree(path, ignore_errors=True)
+            if was_empty_dir:
+                path.mkdir(exist_ok=True)
         raise
 
 

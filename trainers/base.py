@@ -40,7 +40,8 @@ else:  # pragma: no cover
 
 
 class TrainingError(SpobenchError):
-    """Training cannot go on (non-finite loss or gradients); the last good checkpoint is kept."""
+    """Training cannot go on (non-finite loss, gradients or rollout statistics); the last good
+    checkpoint is kept."""
 
 
 # =====================================================================================================
@@ -176,7 +177,10 @@ class TrainerConfig:
                 values = tomllib.loads(path.read_text())
             except tomllib.TOMLDecodeError as e:
                 raise InputError(f"{path}: invalid TOML ({e})") from None
-            cfg = cls.from_dict(values, str(path), cfg)
+            try:
+                cfg = cls.from_dict(values, str(path), cfg)
+            except InputError as e:  # name the file in every error about its values
+                raise (e if str(e).startswith(str(path)) else InputError(f"{path}: {e}")) from None
         sets = {}
         for item in overrides:
             key, eq, text = item.partition("=")
@@ -576,7 +580,7 @@ class Trainer:
             log = self.out / "log.jsonl"
             if log.exists():
                 keep = [line for line in log.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("rounds_done_before", -1) < p["rounds_done"]]
+                        if (row := _log_row(line)) and row.get("rounds_done_before", -1) < p["rounds_done"]]
                 from spobench.io import atomic_write_text
 
                 atomic_write_text(log, "".join(line + "\n" for line in keep))
@@ -603,6 +607,9 @@ class Trainer:
                 idx = self.round_prompts(epoch, rnd)
                 local, rstats = self.collect(epoch, rnd, idx) if idx else ([], {})
                 rstats = self.reduce_stats(self.expand_stats(rstats), any_keys=True)
+                bad = [k for k, v in rstats.items() if not math.isfinite(v)]
+                if bad:  # the same on every process (reduced): all stop together
+                    self._diverged(f"rollout statistic {bad[0]!r}", rstats[bad[0]])
                 mine, n_items = self.share(local, epoch, rnd)
                 steps = self.train_items(mine)
                 for s in steps:
@@ -676,6 +683,17 @@ class Trainer:
         cfg = cls.prepare_config(cfg, backbone, bb_cls.defaults)
 
         acc = Accelerator(cpu=not torch.cuda.is_available())
+        from spobench.backbones import load_backbone
+        from spobench.io import removed_on_error
+
+        # --out is touched only once the backbone, the prompts/pairs and the checkpoint have loaded, so
+        # bad input leaves it as it was; a fresh run that fails later (undecodable image, non-finite
+        # loss, full disk) before its first checkpoint is removed again.
+        bb = load_backbone(backbone, model)
+        trainer = cls(cfg, bb, out, accelerator=acc, console=console)
+        if ckpt is not None:
+            trainer.restore(ckpt)
+        fresh = ckpt is None and (overwrite or not out.exists() or not any(out.iterdir()))
         acc.wait_for_everyone()  # every process has checked --out before the main one touches it
         if acc.is_main_process:
             if overwrite and out.exists():
@@ -689,17 +707,12 @@ class Trainer:
 
             atomic_write_json(out / "config.json", cfg.to_dict())
         acc.wait_for_everyone()
-
-        from spobench.backbones import load_backbone
-
-        bb = load_backbone(backbone, model)
-        trainer = cls(cfg, bb, out, accelerator=acc, console=console)
-        if ckpt is not None:
-            trainer.restore(ckpt)
-            if console is not None and acc.is_main_process:
-                console.print(f"resuming from {ckpt} (round {trainer.progress.rounds_done}, "
-                              f"step {trainer.progress.step})")
-        summary = trainer.train()
+        if ckpt is not None and console is not None and acc.is_main_process:
+            console.print(f"resuming from {ckpt} (round {trainer.progress.rounds_done}, "
+                          f"step {trainer.progress.step})")
+        with removed_on_error(out, fresh=fresh, enabled=acc.is_main_process,
+                              keep=lambda: latest_checkpoint(out) is not None):
+            summary = trainer.train()
         if console is not None and acc.is_main_process:
             c = summary["counters"]
             done = "finished" if summary["complete"] else "stopped"
@@ -719,6 +732,15 @@ class Trainer:
                 raise InputError("setting 'prompts' is required: a prompt file or a prompt set name "
                                  "(e.g. --set prompts=pickapic_4k.json)")
         return cfg.resolve(defaults)
+
+
+def _log_row(line: str) -> dict:
+    """A log.jsonl row; {} for a blank line or the truncated last line of a killed run."""
+    try:
+        row = json.loads(line) if line.strip() else {}
+    except json.JSONDecodeError:
+        return {}
+    return row if isinstance(row, dict) else {}
 
 
 def torch_float(value) -> float:

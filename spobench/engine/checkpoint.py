@@ -19,9 +19,11 @@ A checkpoint from another backbone (name, source or LoRA rank) is refused with a
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +107,29 @@ def prune_checkpoints(run_dir: str | Path, keep: int | None) -> list[Path]:
 
 
 # -- saving -------------------------------------------------------------------------------------------
+KILL_ENV = "SPOBENCH_TEST_KILL_AT"
+
+
+def _test_kill_point(where: str) -> None:
+    """Test hook (tests/robustness/test_kill_resume.py): ``SPOBENCH_TEST_KILL_AT=checkpoint-000003:files``
+    SIGKILLs this process after checkpoint 3's files are written into its temp folder but before its
+    manifest (``...:manifest``: after the manifest, before the rename), i.e. in the middle of an
+    atomic checkpoint write. Unset (always, outside tests) it does nothing."""
+    if os.environ.get(KILL_ENV) == where:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_stale_temps(run_dir: str | Path) -> list[Path]:
+    """Delete the temp folders of checkpoint writes that a killed process left behind
+    (``.checkpoint-NNNNNN.*.tmp``, ``.checkpoint-NNNNNN.old``); never a complete checkpoint."""
+    root = Path(run_dir) / CHECKPOINTS
+    stale = [p for p in root.glob(f".{PREFIX}*") if p.is_dir() and p.name.endswith((".tmp", ".old"))] \
+        if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -123,6 +148,7 @@ def save_checkpoint(run_dir: str | Path, index: int, *, backbone, optimizer, sch
     """
     path = checkpoint_dir(run_dir, index)
     rng_states = rng_states if rng_states is not None else [capture_rng()]
+    remove_stale_temps(run_dir)
     with atomic_dir(path) as tmp:
         backbone.save_lora(tmp / "lora")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -137,7 +163,9 @@ def save_checkpoint(run_dir: str | Path, index: int, *, backbone, optimizer, sch
             "backbone": backbone.identity(), "lora_rank": backbone.lora_rank,
             "progress": progress, "num_processes": len(rng_states), "files": files, **provenance(),
         }
+        _test_kill_point(f"{path.name}:files")
         atomic_write_json(tmp / "manifest.json", manifest)  # last: its presence marks a full checkpoint
+        _test_kill_point(f"{path.name}:manifest")
     prune_checkpoints(run_dir, keep)
     return path
 
