@@ -39,7 +39,7 @@ METRICS.declare("aesthetic", "spobench.metrics.aesthetic:Aesthetic", "LAION aest
 METRICS.declare("geneval", "spobench.metrics.geneval:GenEval", "GenEval object-focused alignment (Mask2Former + CLIP colour)")
 METRICS.declare("toy_alignment", "spobench.metrics.toy:ToyAlignment", "tiny world: rule-checked prompt alignment (GenEval-style tags)")
 METRICS.declare("toy_aesthetic", "spobench.metrics.toy:ToyAesthetic", "tiny world: prompt-free image quality on a 0-10 scale")
-METRICS.declare("toy_pickscore", None, "tiny world: a tiny CLIP trained on the tiny world's pairs")
+METRICS.declare("toy_pickscore", "spobench.metrics.toy_pickscore:ToyPickScore", "tiny world: a tiny CLIP trained on the tiny world's pairs (PickScore's loss)")
 
 # -- prompt sets ----------------------------------------------------------------------------------
 PROMPT_SETS.declare("file", "spobench.prompts:load_prompt_file", "a text file, one prompt a line (or JSON/JSONL)")

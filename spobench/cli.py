@@ -273,7 +273,11 @@ def train_spm_cmd(
     def show(rec: dict) -> None:
         typer.echo(f"step {rec['step']}/{steps}  loss {rec['loss']:.4f}  ({rec['elapsed_s']:.0f}s)", err=True)
 
-    result = train_spm(bb, pairs, init, out, config, resume=resume, overwrite=overwrite, progress=show)
+    from spobench.io import removed_on_error
+
+    # a fresh run that fails (missing columns, undecodable image...) before its checkpoint leaves nothing
+    with removed_on_error(out, keep=lambda: (Path(out) / spm_train.CHECKPOINT / "state.json").exists()):
+        result = train_spm(bb, pairs, init, out, config, resume=resume, overwrite=overwrite, progress=show)
     ev = result["eval"]
     typer.echo(f"{result['variant']}: held-out pair accuracy ({ev['n_pairs']} non-tie pairs)")
     for t, acc in ev["accuracy"].items():
@@ -371,6 +375,36 @@ def toy_clip(
     console.print(f"wrote a random tiny CLIP to {out}")
 
 
+@toy_app.command("pickscore")
+def toy_pickscore(
+    pairs: Path = typer.Option(..., "--pairs", help="Pick-a-Pic-format parquet (or a folder of them), e.g. `spobench toy data`'s pairs.parquet."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: model/ (a CLIPModel folder), log.jsonl, metrics.json."),
+    steps: int = typer.Option(3000, "--steps", min=0, help="Optimizer steps (0: evaluate --init only)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Pairs per step."),
+    lr: float = typer.Option(1e-3, "--lr", help="AdamW peak learning rate (warm-up, then cosine decay)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random initial CLIP and of the data order."),
+    init: Optional[Path] = typer.Option(None, "--init", help="A CLIP folder to start from (default: a random tiny CLIP as `spobench toy clip` writes)."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", min=0.0, max=0.99, help="Share of captions held out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+):
+    """Train the tiny world's PickScore (the `toy_pickscore` metric): a tiny CLIP trained with PickScore's
+    loss on clean preference pairs; reports held-out pair accuracy (generic label and oracle labels)."""
+    import shlex
+
+    from spobench.toyworld.pickscore_train import METRICS, ToyPickScoreConfig, summary_lines, train_toy_pickscore
+
+    config = ToyPickScoreConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, val_fraction=val_fraction)
+
+    def show(rec: dict) -> None:
+        typer.echo(f"step {rec['step']}/{steps}  loss {rec['loss']:.4f}  ({rec['elapsed_s']:.0f}s)", err=True)
+
+    command = shlex.join(["spobench", *sys.argv[1:]])  # recorded in metrics.json and beside the weights
+    result = train_toy_pickscore(pairs, out, config, init=init, overwrite=overwrite, command=command, progress=show)
+    for line in summary_lines(result):
+        typer.echo(line)
+    typer.echo(f"model: {result['model']}  metrics: {Path(out) / METRICS}  ({result['train_s']:.0f}s training)")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     import os
 
@@ -386,6 +420,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+    except OSError as e:  # a full disk outside the atomic writers (which raise OutputError themselves)
+        import errno
+
+        if _state["debug"] or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        err_console.print(f"[bold red]error:[/] {e.filename or 'output'}: {e.strerror}", markup=True,
+                          highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

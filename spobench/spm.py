@@ -174,6 +174,18 @@ def preprocess_images(images: torch.Tensor, size: int, crop: int, mean: Sequence
     return (x - m) / s
 
 
+def write_preprocessor_config(folder: str | Path, preprocess: dict) -> Path:
+    """Write ``preprocessor_config.json`` (CLIPImageProcessor keys) for the settings of
+    :func:`read_preprocess` (``size``, ``crop``, ``mean``, ``std``), so the folder reloads the same."""
+    file = Path(folder) / "preprocessor_config.json"
+    file.write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": preprocess["size"]},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": preprocess["crop"], "width": preprocess["crop"]},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(preprocess["mean"]), "image_std": list(preprocess["std"]), "do_convert_rgb": True}, indent=2))
+    return file
+
+
 # -- loading helpers ----------------------------------------------------------------------------
 def _has_tokenizer(folder: Path) -> bool:
     return any(all((folder / f).exists() for f in group) for group in _TOKENIZER_FILES)
@@ -319,12 +331,7 @@ class StepAwarePreferenceModel(nn.Module):
         with atomic_dir(directory) as tmp:
             self.clip.save_pretrained(str(tmp / CLIP_SUBDIR), safe_serialization=True)
             self.tokenizer.save_pretrained(str(tmp / CLIP_SUBDIR))
-            pp = self.preprocess_cfg
-            (tmp / CLIP_SUBDIR / "preprocessor_config.json").write_text(json.dumps({
-                "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": pp["size"]},
-                "resample": 3, "do_center_crop": True, "crop_size": {"height": pp["crop"], "width": pp["crop"]},
-                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                "image_mean": pp["mean"], "image_std": pp["std"], "do_convert_rgb": True}, indent=2))
+            write_preprocessor_config(tmp / CLIP_SUBDIR, self.preprocess_cfg)
             if self.time_conditioned:
                 state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                          if not k.startswith("clip.")}
