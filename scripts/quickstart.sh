@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The main job on the tiny default, from a fresh clone: set up, generate the tiny world's 500 validation
-# images with fixed seeds from the shipped base model, and score them with the oracle metrics
-# (PNGs, manifest.jsonl and results.json in runs/quickstart). About 3 minutes on 2 cores.
+# The main job on the tiny default, from a fresh clone: set up, then the tiny world's headline comparison
+# (recipes/headline.toml): base vs SPO vs Diffusion-DPO from the shipped tiny base model, trained,
+# generated with fixed seeds and scored with four metric columns; the report (report.md, report.html,
+# grid.png, plots) lands in runs/headline. Rerunning reuses finished cells (--resume).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/spobench generate --backbone tiny --prompt-set tiny-val --seed 0 --batch-size 25 \
-  --out runs/quickstart --overwrite
-.venv/bin/spobench eval --metrics toy_alignment,toy_aesthetic --images runs/quickstart
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+.venv/bin/spobench reproduce headline --backbone tiny --out runs/headline --resume

@@ -10,7 +10,7 @@ MODEL=${MODEL:-}                   # tiny base model folder (default: the shippe
 PAIRS=${PAIRS:-5000}
 SPM_STEPS=${SPM_STEPS:-600}
 SPO_ROUNDS=${SPO_ROUNDS:-40}
-SPO_SETTINGS=${SPO_SETTINGS:-}     # extra --set k=v for SPO, e.g. "reduction=sum clamp_eps=none"
+SPO_SETTINGS=${SPO_SETTINGS:-}     # extra --set k=v for SPO, e.g. "reduction=sum clamp_eps=none" (tiny default threshold: 0.1)
 GEN_LIMIT=${GEN_LIMIT:-500}        # validation prompts to generate and score
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 S=.venv/bin/spobench

@@ -34,7 +34,8 @@ entry is replaced whole, since its kind decides its keys).
 
 References and paths. A trainer setting ``"input:<name>"`` is the prepared input of that name (an
 SPM folder, a pairs parquet, ``metric:<x>`` ...). Paths may start with ``{weights}`` (metric
-weights root, ``$SPOBENCH_WEIGHTS``) or ``{data}`` (``$SPOBENCH_DATA``); any other path is relative
+weights root, ``$SPOBENCH_WEIGHTS``), ``{data}`` (``$SPOBENCH_DATA``) or ``{assets}`` (models shipped
+in the package, e.g. ``{assets}/tiny-spm``); any other path is relative
 to the run directory and may not leave it (no absolute paths, no ``..``, no ``~``). Cell ids and
 input names are plain names (they become folder names under the run directory).
 """
@@ -60,7 +61,7 @@ else:  # pragma: no cover
 
 BACKBONE_NAMES = ("tiny", "sd15", "sdxl")
 BUILTIN_METHODS = ("base", "external")
-ROOTS = ("{weights}", "{data}", "{run}")
+ROOTS = ("{weights}", "{data}", "{run}", "{assets}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PATHLIKE_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".toml", ".safetensors")
 
@@ -253,7 +254,8 @@ def resolve_path(value: str, run_dir: Path) -> Path:
     from spobench.metrics.base import weights_root
     from spobench.prompt_sets import data_root
 
-    roots = {"{weights}": weights_root(), "{data}": data_root(), "{run}": Path(run_dir)}
+    roots = {"{weights}": weights_root(), "{data}": data_root(), "{run}": Path(run_dir),
+             "{assets}": Path(__file__).resolve().parent / "assets"}  # models shipped in the package
     for root, base in roots.items():
         if value.startswith(root):
             rest = value[len(root):].lstrip("/")

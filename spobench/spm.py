@@ -42,6 +42,8 @@ SPM_FORMAT_VERSION = 1
 CONFIG_NAME = "spm_config.json"
 CLIP_SUBDIR = "clip"
 TIME_WEIGHTS = "time_conditioning.safetensors"
+# the tiny world's SPM, trained on generic tiny-world pairs (how: assets/tiny-spm/train.json)
+TINY_SPM = Path(__file__).resolve().parent / "assets" / "tiny-spm"
 
 PICKSCORE_ID = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

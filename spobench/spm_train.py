@@ -513,7 +513,11 @@ def _load_backbone(name: str, model: Optional[str], device: str, dtype: str):
 
 def default_init(backbone_name: str) -> Path:
     """Where ``--init`` points when omitted: the metric weights folder of PickScore (or, for the
-    tiny backbone, the tiny world's toy PickScore)."""
+    tiny backbone, the tiny world's toy PickScore: ``$SPOBENCH_WEIGHTS/toy_pickscore`` if present,
+    else the one shipped in the package)."""
     from spobench.metrics.base import weights_root
 
-    return weights_root() / ("toy_pickscore" if backbone_name == "tiny" else "pickscore")
+    if backbone_name == "tiny":
+        local = weights_root() / "toy_pickscore"
+        return local if local.exists() else Path(__file__).resolve().parent / "assets" / "toy-pickscore"
+    return weights_root() / "pickscore"

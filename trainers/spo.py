@@ -73,7 +73,7 @@ class SPOConfig(TrainerConfig):
     reduction: Literal["mean", "sum"] = setting("mean", "log-prob over C,H,W: mean (official) or sum (true)")
     clamp_eps: float | None = setting(0.1, "clamp ratios to [1-eps, 1+eps] as the official code (None: off)",
                                       gt=0, lt=1)
-    scorer: str | None = setting(None, "an SPM folder, or metric:<name> (tiny default: metric:toy_aesthetic)")
+    scorer: str | None = setting(None, "an SPM folder, or metric:<name> (tiny default: the shipped SPM, spobench/assets/tiny-spm)")
     scorer_batch: int | None = setting(None, "decode/score this many x0_hat at a time (None: a whole pool)", min=1)
 
     def validate(self) -> None:
@@ -160,8 +160,10 @@ class SPOTrainer(Trainer):
     @classmethod
     def prepare_config(cls, cfg, backbone, defaults):
         if cfg.scorer is None:
-            if backbone == "tiny":
-                cfg.scorer = "metric:toy_aesthetic"
+            if backbone == "tiny":  # the SPM trained on generic tiny-world pairs, as the paper's SPO uses
+                from spobench.spm import TINY_SPM
+
+                cfg.scorer = str(TINY_SPM)
             else:
                 raise InputError("setting 'scorer' is required: an SPM folder or metric:<name> "
                                  "(e.g. --set scorer=runs/spm-sd15)")
