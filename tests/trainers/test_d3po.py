@@ -178,3 +178,31 @@ def test_train_then_resume_is_bit_identical(world):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sb = json.loads((part / "summary.json").read_text())
     assert sb["counters"]["unet_rows_grad"] == c["unet_rows_grad"]
+
+
+def test_two_processes_train_the_pairs_of_both(world, tmp_path):
+    """2 gloo processes on a CPU: each rolls out its own prompts' pairs, the pairs of the round are gathered
+    and shared out, and both processes end with the same LoRA (checked at every checkpoint)."""
+    import os
+    import subprocess
+    import sys
+
+    from clitools import EXE
+
+    root, model = world
+    out = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    sets = [f"prompts={root / 'prompts.txt'}", "reward=metric:toy_aesthetic", "num_steps=4", "rollout_batch=1",
+            "train_batch_size=4", "grad_accum=1", "epochs=1", "checkpoint_every=1", "timestep_fraction=0.5"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    r = subprocess.run([*launcher, EXE, "train", "d3po", "--backbone", "tiny", "--model", str(model), "--out",
+                        str(out), *[a for s in sets for a in ("--set", s)]],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["complete"] and summary["progress"]["rounds_done"] == 2
+    assert summary["counters"]["reward_image_passes"] == 4 * 2  # 4 prompts, 2 trajectories each, once
+    rounds = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["pairs"] for r in rounds if r["kind"] == "round"] == [2.0, 2.0]
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
