@@ -398,8 +398,12 @@ def toy_pickscore(
     def show(rec: dict) -> None:
         typer.echo(f"step {rec['step']}/{steps}  loss {rec['loss']:.4f}  ({rec['elapsed_s']:.0f}s)", err=True)
 
+    from spobench.io import removed_on_error
+
     command = shlex.join(["spobench", *sys.argv[1:]])  # recorded in metrics.json and beside the weights
-    result = train_toy_pickscore(pairs, out, config, init=init, overwrite=overwrite, command=command, progress=show)
+    with removed_on_error(out):  # a fresh run that fails (bad parquet, NaN loss...) leaves no partial folder
+        result = train_toy_pickscore(pairs, out, config, init=init, overwrite=overwrite, command=command,
+                                     progress=show)
     for line in summary_lines(result):
         typer.echo(line)
     typer.echo(f"model: {result['model']}  metrics: {Path(out) / METRICS}  ({result['train_s']:.0f}s training)")

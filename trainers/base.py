@@ -726,9 +726,8 @@ class Trainer:
     def prepare_config(cls, cfg: TrainerConfig, backbone: str, defaults) -> TrainerConfig:
         """Per-backbone defaults; subclasses fill algorithm-specific ones (e.g. the scorer)."""
         if cfg.prompts is None:
-            if backbone == "tiny":
-                cfg.prompts = "tiny-train"
-            else:
+            cfg.prompts = defaults.prompts
+            if cfg.prompts is None:
                 raise InputError("setting 'prompts' is required: a prompt file or a prompt set name "
                                  "(e.g. --set prompts=pickapic_4k.json)")
         return cfg.resolve(defaults)

@@ -94,9 +94,8 @@ class OnlineTrainer(Trainer):
     @classmethod
     def prepare_config(cls, cfg, backbone, defaults):
         if cfg.reward is None:
-            if backbone == "tiny":
-                cfg.reward = "metric:toy_aesthetic"
-            else:
+            cfg.reward = defaults.reward
+            if cfg.reward is None:
                 raise InputError("setting 'reward' is required: metric:<name> or an SPM folder "
                                  "(e.g. --set reward=metric:pickscore)")
         if cfg.lr is None and backbone in cls.default_lr:

@@ -160,11 +160,8 @@ class SPOTrainer(Trainer):
     @classmethod
     def prepare_config(cls, cfg, backbone, defaults):
         if cfg.scorer is None:
-            if backbone == "tiny":  # the SPM trained on generic tiny-world pairs, as the paper's SPO uses
-                from spobench.spm import TINY_SPM
-
-                cfg.scorer = str(TINY_SPM)
-            else:
+            cfg.scorer = defaults.scorer
+            if cfg.scorer is None:
                 raise InputError("setting 'scorer' is required: an SPM folder or metric:<name> "
                                  "(e.g. --set scorer=runs/spm-sd15)")
         return super().prepare_config(cfg, backbone, defaults)

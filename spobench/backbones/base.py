@@ -89,6 +89,11 @@ class BackboneDefaults:
     resolution: int = 512
     guidance_scale: float = 5.0
     num_steps: int = 20
+    # What a trainer uses when the user names none; None: the setting is required (real backbones:
+    # no prompt list, preference model or reward can be assumed).
+    prompts: str | None = None  # training prompt set
+    scorer: str | None = None  # SPO/MSPO step scorer (an SPM folder or metric:<name>)
+    reward: str | None = None  # DDPO/D3PO reward on x_0 (metric:<name> or an SPM folder)
 
 
 class Backbone:
@@ -107,6 +112,7 @@ class Backbone:
         self.counters = Counters()
         self._uncond_cache: dict[tuple, Conditioning] = {}
         self.lora_rank: int | None = None
+        self._tuner_layers: list | None = None  # peft's LoRA layers, found once per adapter
 
     # -- facts -------------------------------------------------------------------------------
     @property
@@ -115,7 +121,10 @@ class Backbone:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        # The first parameter (conv_in) is a frozen one, so this is the dtype of the frozen parts even
+        # when the LoRA parameters are kept in float32. diffusers' ``ModelMixin.dtype`` gives the same
+        # answer but walks every module (3.4 ms a call on the tiny UNet, ~1% of an SPO round).
+        return next(self.unet.parameters()).dtype
 
     @property
     def prediction_type(self) -> str:
@@ -239,6 +248,7 @@ class Backbone:
             torch.manual_seed(seed)
             self.unet.add_adapter(cfg)
         self.lora_rank = rank
+        self._tuner_layers = None
         params = [p for n, p in self.unet.named_parameters() if "lora_" in n]
         for p in params:
             p.data = p.data.float()
@@ -255,11 +265,24 @@ class Backbone:
         if not self.has_lora:
             yield
             return
-        self.unet.disable_adapters()
+        # Exactly what diffusers' ``disable_adapters``/``enable_adapters`` do (each layer's own
+        # ``enable_adapters``, which also toggles requires_grad), without walking every module of the
+        # UNet on each switch: that walk was 40 ms per reference forward on the tiny UNet.
+        layers = self._lora_layers()
+        for layer in layers:
+            layer.enable_adapters(False)
         try:
             yield
         finally:
-            self.unet.enable_adapters()
+            for layer in layers:
+                layer.enable_adapters(True)
+
+    def _lora_layers(self) -> list:
+        if self._tuner_layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._tuner_layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
+        return self._tuner_layers
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """LoRA weights in diffusers' key format (what ``load_lora_weights`` reads)."""
@@ -344,6 +367,7 @@ class Backbone:
             if added:
                 self.unet.delete_adapters("default")
                 self.lora_rank = None
+                self._tuner_layers = None
             raise ModelLoadError(f"{file}: LoRA does not fit the {self.name} UNet ({problem}, "
                                  f"{len(unexpected)} unexpected / {len(mismatched)} mismatched / {len(missing)} "
                                  "missing keys); was it trained on another backbone or with another rank?")

@@ -91,7 +91,10 @@ class TinyBackbone(SD15Backbone):
     name = "tiny"
     # spo_threshold 0.1: the shipped tiny SPM's pool score gaps are ~0.07 logits (0.3 would keep no pair);
     # at 0.1 SPO keeps ~7% of pools and raised toy_aesthetic (results/tiny-experiment)
-    defaults = BackboneDefaults(lora_rank=4, lr=1e-4, spo_threshold=0.1, resolution=RESOLUTION)
+    # scorer: the shipped SPM trained on generic tiny-world pairs, as the paper's SPO uses an SPM (not the
+    # toy_aesthetic oracle, which would let SPO see the truth); reward: the oracle, as DDPO optimises a metric
+    defaults = BackboneDefaults(lora_rank=4, lr=1e-4, spo_threshold=0.1, resolution=RESOLUTION,
+                                prompts="tiny-train", scorer=str(ASSETS / "tiny-spm"), reward="metric:toy_aesthetic")
     default_source = None  # the shipped folder, or random weights (see load)
     pixel_space_model = True
     requires_marker = True

@@ -43,6 +43,45 @@ def test_lora_disabled_is_exactly_the_base_model():
     assert not torch.allclose(_out(bb, x, t, cond), before)
 
 
+
+def test_lora_switch_matches_diffusers_and_restores_training_state():
+    """The cached per-layer switch must do what diffusers' module-walking one does: same outputs
+    off and on, LoRA parameters trainable again afterwards, also when the adapter is re-added."""
+    bb = TinyBackbone.build(0)
+    x, t, cond = _inputs(bb, 32)
+    bb.add_lora(rank=4)
+    _perturb(bb)
+    with bb.lora_disabled():
+        ours_off = _out(bb, x, t, cond)
+    bb.unet.disable_adapters()
+    theirs_off = _out(bb, x, t, cond)
+    bb.unet.enable_adapters()
+    assert torch.equal(ours_off, theirs_off)
+    on = _out(bb, x, t, cond)
+    assert not torch.equal(on, ours_off)
+    assert all(p.requires_grad for n, p in bb.unet.named_parameters() if "lora_" in n)
+    assert not any(p.requires_grad for n, p in bb.unet.named_parameters() if "lora_" not in n)
+    with pytest.raises(RuntimeError), bb.lora_disabled():
+        raise RuntimeError("boom")  # an error inside must still switch the adapter back on
+    assert torch.equal(_out(bb, x, t, cond), on)
+    bb.unet.delete_adapters("default")  # a new adapter: the switch must find its layers, not the old ones
+    bb.add_lora(rank=2, seed=3)
+    _perturb(bb, seed=4)
+    with bb.lora_disabled():
+        off2 = _out(bb, x, t, cond)
+    assert torch.equal(off2, theirs_off)  # the base model is unchanged by any adapter
+    assert not torch.equal(_out(bb, x, t, cond), off2)
+
+
+def test_dtype_is_the_frozen_parts_dtype():
+    bb = TinyBackbone.build(0)
+    bb.add_lora(rank=4)
+    assert bb.dtype == bb.unet.dtype == torch.float32
+    bb.to(dtype=torch.bfloat16)
+    assert bb.dtype == torch.bfloat16  # LoRA parameters stay float32 (see Backbone.to)
+    assert all(p.dtype == torch.float32 for n, p in bb.unet.named_parameters() if "lora_" in n)
+
+
 @pytest.mark.parametrize("which", ["tiny", "sdxl"])
 def test_saved_lora_loads_in_diffusers(which, tiny_dir, sdxl_dir, tmp_path):
     folder, cls, pipe_cls, res = {

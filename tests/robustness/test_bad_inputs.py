@@ -206,6 +206,13 @@ def _items():
                                                                  _clip(t), "--steps", "2", "--batch-size", "2", "--out", t / "o"],
                                                                 [f / "undecodable.parquet", "jpg_1", "cannot decode image"],
                                                                 t / "o")),
+        "parquet-missing-column/toy-pickscore": ("slow", lambda f, t: (
+            ["toy", "pickscore", "--pairs", f / "nocolumn.parquet", "--init", _clip(t), "--out", t / "o"],
+            [f / "nocolumn.parquet", "jpg_1"], t / "o")),
+        "parquet-undecodable-image/toy-pickscore": ("slow", lambda f, t: (
+            ["toy", "pickscore", "--pairs", f / "undecodable.parquet", "--init", _clip(t), "--steps", "2",
+             "--batch-size", "2", "--out", t / "o"],
+            [f / "undecodable.parquet", "jpg_1", "cannot decode image"], t / "o")),
         # models, LoRAs, checkpoints
         "model-folder-missing-unet": ("sd15", lambda s, t: (["generate", "--backbone", "sd15", "--model", s / "sd15-no-unet",
                                                              "--prompt-set", "tiny-val", "--out", t / "o"],
