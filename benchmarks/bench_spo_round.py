@@ -88,6 +88,7 @@ class Setup:
 
 
 def build(n_prompts: int, b: int, k: int, *, num_steps: int = 20, kappa: int = 750, train_batch: int = 10,
+          compile: bool = False,
           random_base: bool = False, lora_perturb: float = 0.1, seed: int = 0) -> Setup:
     from spobench.backbones.tiny import PRETRAINED_DIR, TinyBackbone, tiny_tokenizer
     from spobench.spm import StepAwarePreferenceModel, make_tiny_clip_folder
@@ -113,6 +114,7 @@ def build(n_prompts: int, b: int, k: int, *, num_steps: int = 20, kappa: int = 7
     cfg = SPOTrainer.Config.load(None, [
         "prompts=unused", f"k={k}", f"kappa={kappa}", f"num_steps={num_steps}", "eta=1.0", "guidance_scale=5.0",
         f"rollout_batch={b}", f"train_batch_size={train_batch}", "epochs=1", "threshold=0.0", f"seed={seed}",
+        f"compile={str(compile).lower()}",
     ]).resolve(bb.defaults)
     cfg.threshold = -1.0  # keep every pair (the config's range check stops at 0; p_w - p_l >= 0 anyway)
     tr = SPOTrainer(cfg, bb, Path(tmp.name) / "run", prompts=prompts, step_scorer=spm)
@@ -194,7 +196,9 @@ class CountedUNet(torch.nn.Module):
         self.unet, self.counters = unet, counters
 
     def forward(self, x, t, encoder_hidden_states):
-        out = self.unet(x, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        # _call_impl: the module's eager call, also when spobench's --compile compiled the shared UNet in
+        # place (the official loop does not compile)
+        out = self.unet._call_impl(x, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
         self.counters.add_unet(x.shape[0], out.requires_grad)
         return out
 
@@ -422,7 +426,7 @@ def expected_counts(b: int, k: int, pairs: int, n_pooled: int, n_plain: int) -> 
 # =================================================================================================
 def run(args) -> dict:
     S = build(args.prompts, args.b, args.k, num_steps=args.steps, train_batch=args.train_batch,
-              random_base=args.random_base)
+              random_base=args.random_base, compile=args.compile)
     tr = S.tr
     official = Official(S, args.official_split)
     pool = tr.pool_config()
@@ -432,7 +436,9 @@ def run(args) -> dict:
     R = tr.rounds_per_epoch()
     start = snapshot(tr)
 
-    # warm-up (untimed): one prompt through both rollouts and both losses
+    # warm-up (timed apart from the rounds; with --compile it holds the compilation): one prompt through
+    # both rollouts and both losses, then round 0's rollout shapes and loss path once more
+    t_warm = time.perf_counter()
     w_items, _ = tr.collect(99, 0, [0])
     official.rollout([0], tr.generators(99, 0, [0]))
     check = loss_check(S, official, w_items[:args.train_batch])
@@ -443,6 +449,8 @@ def run(args) -> dict:
     mine0, _ = tr.share(items0, 0, 0)
     check = loss_check(S, official, mine0[:tr.cfg.train_batch_size])
     restore(tr, start)
+    warmup_s = round(time.perf_counter() - t_warm, 2)
+    print(f"warm-up (untimed in the rounds{'; includes torch.compile' if args.compile else ''}): {warmup_s:.1f} s")
     print(f"same pairs, both loss paths: loss {check['loss_spobench']:.9f} (spobench) vs "
           f"{check['loss_official']:.9f} (official), |diff| {check['loss_abs_diff']:.2e}; "
           f"LoRA grad max |diff| {check['grad_max_abs_diff']:.2e} (relative L2 {check['grad_rel_l2_diff']:.2e})")
@@ -502,6 +510,7 @@ def run(args) -> dict:
                   "kappa": tr.cfg.kappa, "guidance_scale": tr.cfg.guidance_scale, "eta": tr.cfg.eta,
                   "threshold": tr.cfg.threshold, "train_batch_size": tr.cfg.train_batch_size,
                   "pooled_steps": n_pooled, "plain_steps": n_plain, "repeats": args.repeats, "official_split": args.official_split,
+                  "compile": args.compile, "warmup_s": warmup_s,
                   **S.info},
         "loss_check_same_pairs": check, "rounds": rounds, "total": total,
     }
@@ -587,6 +596,8 @@ def main(argv=None) -> None:
                    help="official: one UNet/decode/SPM call per step over B*k rows (as the official code); "
                         "per-candidate: k calls of B rows")
     p.add_argument("--random-base", action="store_true", help="TinyBackbone.build(0) instead of tiny-base")
+    p.add_argument("--compile", action="store_true", help="spobench side with compile=true (torch.compile of the "
+                   "UNet; the official side stays eager); compilation happens in the warm-up, reported apart")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--profile", type=Path, default=None, help="after the rounds, profile one more spobench round (cProfile) into this file")
     args = p.parse_args(argv)

@@ -23,14 +23,12 @@ sha256 of "<head sha256>\\n<CLIP weights sha256>"; each is also recorded in the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
-from spobench.metrics.base import Metric, MetricOutput, sha256_of, weights_root
+from spobench.metrics.base import Metric, sha256_of, weights_root
 from spobench.metrics.clip_common import (
-    batches,
     combined_sha256,
     has_model_weights,
     image_embeds,
@@ -137,16 +135,8 @@ class Aesthetic(Metric):
             self._clip, self._head = clip, head.to(self.device)
         return self._clip
 
-    @torch.no_grad()
-    def score(self, images: Sequence, prompts: Sequence[str] | None = None,
-              metadata: Sequence[dict] | None = None) -> MetricOutput:
-        if not len(images):
-            return MetricOutput(scores=np.zeros(0))
+    def score_batch(self, images: list, prompts: list[str] | None = None) -> torch.Tensor:
         clip = self.load()
         size = int(clip.config.vision_config.image_size)
-        out = []
-        for sl in batches(len(images), self.batch_size):
-            pixels = torch.stack([to_normalized_tensor(resize_center_crop(im, size)) for im in images[sl]])
-            emb = l2_normalize(image_embeds(clip, pixels.to(self.device)))
-            out.append(self._head(emb).double().cpu())
-        return MetricOutput(scores=torch.cat(out).numpy())
+        pixels = torch.stack([to_normalized_tensor(resize_center_crop(im, size)) for im in images])
+        return self._head(l2_normalize(image_embeds(clip, pixels.to(self.device))))

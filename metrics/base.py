@@ -12,7 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import numpy as np
 
@@ -53,11 +53,44 @@ class Metric:
         self.options = options
         self.checkpoint_sha256: str | None = None
 
-    def score(self, images: Sequence, prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> MetricOutput:
+    def score(self, images: Sequence, prompts: Sequence[str] | None = None,
+              metadata: Sequence[dict] | None = None) -> MetricOutput:
+        """Scores of ``images`` (PIL) against ``prompts`` (optional when ``needs_prompt`` is false): by default ``batch_size`` images at a time through
+        :meth:`score_batch` after :meth:`load`; metrics that score differently (rule-based ones) override."""
+        import torch
+
+        check_pairs(images, prompts, self.needs_prompt)
+        if not len(images):
+            return MetricOutput(scores=np.zeros(0))
+        self.load()
+        out = []
+        with torch.no_grad():
+            for sl in batches(len(images), self.batch_size):
+                batch_prompts = None if prompts is None else list(prompts[sl])
+                out.append(self.score_batch(list(images[sl]), batch_prompts).double().cpu())
+        return MetricOutput(scores=torch.cat(out).numpy())
+
+    def load(self):
+        """Build the networks on first use (lazily, so that listing metrics costs nothing)."""
+
+    def score_batch(self, images: list, prompts: list[str] | None):
+        """One batch's scores as a 1-D tensor (called by :meth:`score`, under no_grad, after load)."""
         raise NotImplementedError
 
     def identity(self) -> MetricId:
         return MetricId(self.name, self.version, self.checkpoint_sha256, dict(self.options))
+
+
+def check_pairs(images: Sequence, prompts: Sequence[str] | None, need_prompts: bool = True) -> None:
+    if need_prompts and (prompts is None or len(images) != len(prompts)):
+        n = "no" if prompts is None else len(prompts)
+        raise ValueError(f"{len(images)} images but {n} prompts")
+
+
+def batches(n: int, size: int) -> Iterator[slice]:
+    size = max(1, int(size))
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
 
 
 def weights_root() -> Path:

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -254,13 +254,4 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (l2_normalize(a) * l2_normalize(b)).sum(-1)
 
 
-def check_pairs(images: Sequence, prompts: Sequence[str] | None, need_prompts: bool = True) -> None:
-    if need_prompts and (prompts is None or len(images) != len(prompts)):
-        n = "no" if prompts is None else len(prompts)
-        raise ValueError(f"{len(images)} images but {n} prompts")
 
-
-def batches(n: int, size: int) -> Iterator[slice]:
-    size = max(1, int(size))
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))

@@ -32,15 +32,11 @@ Weights are read with ``torch.load(weights_only=True)``; nothing is downloaded a
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from spobench.metrics.base import Metric, MetricOutput, sha256_of, weights_root
+from spobench.metrics.base import Metric, sha256_of, weights_root
 from spobench.metrics.clip_common import (
-    batches,
-    check_pairs,
     cosine,
     has_tokenizer,
     hub_cache_file,
@@ -157,17 +153,10 @@ class HPSv2(Metric):
             self._model, self._tokenizer = model.to(self.device), tok
         return self._model
 
-    @torch.no_grad()
-    def score(self, images: Sequence, prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> MetricOutput:
-        check_pairs(images, prompts)
-        if not len(images):
-            return MetricOutput(scores=np.zeros(0))
+    def score_batch(self, images: list, prompts: list[str]) -> torch.Tensor:
         model = self.load()
         size = int(model.config.vision_config.image_size)
         context = int(model.config.text_config.max_position_embeddings)
-        out = []
-        for sl in batches(len(images), self.batch_size):
-            pixels = torch.stack([resize_longest_pad(im, size, self.antialias) for im in images[sl]]).to(self.device)
-            ids = open_clip_ids(self._tokenizer, [clean_prompt(p) for p in prompts[sl]], context).to(self.device)
-            out.append(cosine(image_embeds(model, pixels), text_embeds(model, ids)).double().cpu())
-        return MetricOutput(scores=torch.cat(out).numpy())
+        pixels = torch.stack([resize_longest_pad(im, size, self.antialias) for im in images]).to(self.device)
+        ids = open_clip_ids(self._tokenizer, [clean_prompt(p) for p in prompts], context).to(self.device)
+        return cosine(image_embeds(model, pixels), text_embeds(model, ids))

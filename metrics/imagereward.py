@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from spobench.errors import ModelLoadError
-from spobench.metrics.base import Metric, MetricOutput, find_weights, sha256_of
+from spobench.metrics.base import Metric, find_weights, sha256_of
 
 CHECKPOINT = "ImageReward.pt"
 MED_CONFIG = "med_config.json"
@@ -269,16 +269,9 @@ class ImageReward(Metric):
         return self._model
 
     @torch.no_grad()
-    def score(self, images: Sequence, prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> MetricOutput:
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    def score_batch(self, images: list, prompts: list[str]) -> torch.Tensor:
         model = self.load()
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            imgs = images[start:start + self.batch_size]
-            text = self._tokenizer(list(prompts[start:start + self.batch_size]), padding="max_length", truncation=True,
-                                   max_length=MAX_LENGTH, return_tensors="pt")
-            pixels = torch.stack([clip_preprocess(im, model.image_size) for im in imgs]).to(self.device)
-            out.append(model(pixels, text.input_ids.to(self.device), text.attention_mask.to(self.device)).cpu())
-        scores = torch.cat(out).double().numpy() if out else np.zeros(0)
-        return MetricOutput(scores=scores)
+        text = self._tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_LENGTH,
+                               return_tensors="pt")
+        pixels = torch.stack([clip_preprocess(im, model.image_size) for im in images]).to(self.device)
+        return model(pixels, text.input_ids.to(self.device), text.attention_mask.to(self.device))

@@ -30,12 +30,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from spobench.metrics.base import Metric, MetricOutput, sha256_of, weights_root
+from spobench.metrics.base import Metric, sha256_of, weights_root
 from spobench.metrics.clip_common import (
-    batches,
-    check_pairs,
     combined_sha256,
     has_model_weights,
     has_tokenizer,
@@ -120,18 +117,10 @@ class PickScore(Metric):
         self.load()
         return self._image_processor(images=list(images), return_tensors="pt")["pixel_values"].float()
 
-    @torch.no_grad()
-    def score(self, images: Sequence, prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> MetricOutput:
-        check_pairs(images, prompts)
-        if not len(images):
-            return MetricOutput(scores=np.zeros(0))
+    def score_batch(self, images: list, prompts: list[str]) -> torch.Tensor:
         model = self.load()
-        out = []
-        for sl in batches(len(images), self.batch_size):
-            pixels = self.pixel_values(images[sl]).to(self.device)
-            text = self._tokenizer(list(prompts[sl]), padding=True, truncation=True, max_length=MAX_LENGTH,
-                                   return_tensors="pt")
-            img = l2_normalize(image_embeds(model, pixels))
-            txt = l2_normalize(text_embeds(model, text.input_ids.to(self.device), text.attention_mask.to(self.device)))
-            out.append((model.logit_scale.exp() * (img * txt).sum(-1)).double().cpu())
-        return MetricOutput(scores=torch.cat(out).numpy())
+        pixels = self.pixel_values(images).to(self.device)
+        text = self._tokenizer(prompts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+        img = l2_normalize(image_embeds(model, pixels))
+        txt = l2_normalize(text_embeds(model, text.input_ids.to(self.device), text.attention_mask.to(self.device)))
+        return model.logit_scale.exp() * (img * txt).sum(-1)

@@ -19,7 +19,6 @@ held-out accuracy are in ``toy_pickscore.json`` there). ``checkpoint_sha256`` is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,8 @@ import torch
 
 import spobench
 from spobench.errors import MissingWeightsError
-from spobench.metrics.base import Metric, MetricOutput, sha256_of
-from spobench.metrics.clip_common import batches, check_pairs, has_tokenizer
+from spobench.metrics.base import Metric, sha256_of
+from spobench.metrics.clip_common import has_tokenizer
 
 SHIPPED = Path(spobench.__file__).resolve().parent / "assets" / "toy-pickscore"
 MODEL_FILES = ("config.json", "model.safetensors")
@@ -96,15 +95,8 @@ class ToyPickScore(Metric):
             self._model = model.to(self.device).eval().requires_grad_(False)
         return self._model
 
-    @torch.no_grad()
-    def score(self, images: Sequence, prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> MetricOutput:
-        check_pairs(images, prompts)
-        if not len(images):
-            return MetricOutput(scores=np.zeros(0))
+    def score_batch(self, images: list, prompts: list[str]) -> torch.Tensor:
         model = self.load()
         pp = model.preprocess_cfg
-        out = []
-        for sl in batches(len(images), self.batch_size):
-            x = torch.stack([_to_tensor(im, pp["size"], pp["crop"]) for im in images[sl]])
-            out.append(model(x, None, list(prompts[sl])).double().cpu())
-        return MetricOutput(scores=torch.cat(out).numpy())
+        x = torch.stack([_to_tensor(im, pp["size"], pp["crop"]) for im in images])
+        return model(x, None, prompts)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metrics.base import Metric, MetricOutput
+from spobench.metrics.base import Metric, MetricOutput
 from spobench.evaluate import bootstrap_ci, evaluate_folder
 
 

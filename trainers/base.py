@@ -136,6 +136,9 @@ class TrainerConfig:
     lr_warmup_steps: int = setting(0, "linear LR warm-up (optimizer steps); constant after", min=0)
     max_grad_norm: float | None = setting(1.0, "clip the LoRA gradient norm to this (None: no clipping)", gt=0)
     dtype: Literal["fp32", "bf16", "fp16"] = setting("fp32", "dtype of the frozen weights (LoRA stays fp32)")
+    compile: bool = setting(False, "torch.compile the UNet: the same math up to float rounding, 1.6-2x faster "
+                                   "UNet calls on the tiny CPU model; the first calls of each kind compile "
+                                   "(minutes on CPU, then cached on disk)", resumable=True)
     resolution: int | None = setting(None, "image resolution (backbone default)", min=8, backbone="resolution")
     checkpoint_every: int = setting(10, "rounds between checkpoints (and one at each epoch end)", min=1,
                                     resumable=True)
@@ -328,6 +331,10 @@ class Trainer:
         # a LIST, not a generator: clip_grad_norm_ on an exhausted iterator silently clips nothing
         self.params: list = self.bb.trainable_parameters()
         self.bb.unet.eval()  # no dropout; the same forward in rollout and training
+        if config.compile:
+            # in place (nn.Module.compile), so state-dict keys, peft's adapter switch and accelerate's
+            # wrapping see the same module; rollout, reference and grad forwards each get their graphs
+            self.bb.unet.compile()
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                       eps=config.adam_eps, weight_decay=config.weight_decay)
         warm = config.lr_warmup_steps
