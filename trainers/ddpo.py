@@ -110,7 +110,7 @@ class OnlineTrainer(Trainer):
         self.engine = RolloutEngine(self.bb, SamplerConfig(num_steps=c.num_steps, guidance_scale=c.guidance_scale,
                                                            eta=c.eta, reduction=c.reduction, resolution=c.resolution))
         if self.reward_fn is None:
-            self.reward_fn = load_step_scorer(c.reward, self.acc.device, self.bb.counters)
+            self.reward_fn = load_step_scorer(c.reward, self.acc.device, self.bb.counters, self.bb.dtype)
 
     def rewards(self, x0: torch.Tensor, prompts: Sequence[str], rows: Sequence[int]) -> torch.Tensor:
         """Reward of each final sample (N,), float32 on CPU; row n belongs to ``prompts[rows[n]]``.

@@ -174,7 +174,7 @@ class SPOTrainer(Trainer):
         self.engine = RolloutEngine(self.bb, SamplerConfig(num_steps=c.num_steps, guidance_scale=c.guidance_scale,
                                                            eta=c.eta, reduction=c.reduction, resolution=c.resolution))
         if self.step_scorer is None:
-            self.step_scorer = load_step_scorer(c.scorer, self.acc.device, self.bb.counters)
+            self.step_scorer = load_step_scorer(c.scorer, self.acc.device, self.bb.counters, self.bb.dtype)
 
     def pool_config(self):
         from spobench.engine.rollout import PoolConfig

@@ -87,10 +87,11 @@ def make_pool_scorer(backbone, step_scorer: StepScorer, prompts: Sequence[str],
     return score
 
 
-def load_step_scorer(spec: str, device="cpu", counters=None) -> StepScorer:
+def load_step_scorer(spec: str, device="cpu", counters=None, dtype=None) -> StepScorer:
     """A step scorer from a config string: ``metric:<name>`` (any registered metric, t ignored) or
     the path of an SPM folder (``StepAwarePreferenceModel.save``). ``counters`` (the backbone's)
-    lets an SPM count its own image and text passes."""
+    lets an SPM count its own image and text passes. ``dtype``: the SPM's weights (a frozen part,
+    like the backbone's: a trainer passes its ``dtype`` setting); metrics keep their own."""
     from spobench.errors import InputError
 
     if spec.startswith("metric:"):
@@ -105,7 +106,7 @@ def load_step_scorer(spec: str, device="cpu", counters=None) -> StepScorer:
         raise InputError(f"setting 'scorer': {spec!r} is neither 'metric:<name>' nor an existing SPM folder")
     from spobench.spm import StepAwarePreferenceModel
 
-    spm = StepAwarePreferenceModel.load(spec).to(device).eval().requires_grad_(False)
+    spm = StepAwarePreferenceModel.load(spec).to(device=device, dtype=dtype).eval().requires_grad_(False)
     if counters is not None:
         spm.counters = counters
     return spm

@@ -78,3 +78,20 @@ def test_an_spm_folder_is_a_step_scorer_that_counts_its_passes(tmp_path):
     out = score(x0, 500, torch.tensor([0, 0, 1, 1]))
     assert out.shape == (4,) and torch.isfinite(out).all()
     assert bb.counters.reward_image_passes == 4 and bb.counters.reward_text_passes == 2
+
+
+def test_an_spm_follows_the_frozen_dtype_and_pools_get_float32_scores(tmp_path):
+    from spobench.spm import StepAwarePreferenceModel, make_tiny_clip_folder
+
+    clip = make_tiny_clip_folder(tmp_path / "clip")
+    StepAwarePreferenceModel.from_clip(clip).save(tmp_path / "spm")
+    x0 = torch.rand(4, 3, 32, 32) * 2 - 1
+    idx = torch.tensor([0, 0, 1, 1])
+    out = {}
+    for dtype in (None, torch.bfloat16):
+        spm = load_step_scorer(str(tmp_path / "spm"), dtype=dtype)
+        assert next(spm.parameters()).dtype == (dtype or torch.float32)
+        out[dtype] = make_pool_scorer(FakeBackbone(), spm, ["a red circle", "a blue square"])(x0, 500, idx)
+    assert out[torch.bfloat16].dtype == torch.float32
+    assert torch.allclose(out[torch.bfloat16], out[None], rtol=0.05, atol=0.05)
+    assert not torch.equal(out[torch.bfloat16], out[None])  # it really ran in bf16
