@@ -10,6 +10,7 @@ import pytest
 
 from spobench import catalog
 from spobench.errors import InputError
+from recipe_fixtures import minimal_recipe
 from spobench.recipe import load_recipe, recipe_files, resolve_path, validate_settings
 
 PAPER = Path("/work/shared/paper/spo-paper.md")
@@ -84,28 +85,7 @@ def test_ablation_grids_cover_the_papers_values():
 
 
 # -- malformed recipes ------------------------------------------------------------------------------------
-GOOD = """
-name = "bad"
-title = "t"
-backbones = ["tiny", "sd15"]
-model = "random:0"
-budget = "tiny"
-[sd15]
-model = "default"
-[train]
-prompts = "tiny-train"
-max_rounds = 1
-[generate]
-prompt_set = "tiny-val"
-limit = 2
-[evaluate]
-metrics = ["toy_aesthetic"]
-[cells.base]
-method = "base"
-[cells.spo]
-method = "spo"
-train = { k = 4, kappa = 750, beta = 10.0, scorer = "metric:toy_aesthetic" }
-"""
+GOOD = minimal_recipe()
 
 
 def _write(tmp_path, text, name="bad"):
@@ -153,7 +133,7 @@ BAD = [
     ('model = "random:0"', 'model = "random:x"', "model: 'random:x': expected random:<seed>"),
     ('[sd15]\nmodel = "default"', '[sd15]\nmodel = "random:1"', "[sd15]: model: random:<seed> weights exist only for the tiny backbone"),
     ('[sd15]\nmodel = "default"', '[sd15]\nmodle = "default"', "sd15.modle: unknown key"),
-    ('budget = "tiny"', 'budget = ""', "tiny.budget: a tiny run must say how it is scaled"),
+    ('budget = "tiny: 1 round"', 'budget = ""', "tiny.budget: a tiny run must say how it is scaled"),
     ('name = "bad"', 'name = "other"', "name: 'other' must equal the file's name 'bad'"),
     ('name = "bad"', 'name = "bad"\npaper = { backbone = "SD-1.5", columns = ["A", "B"], digits = [2] }',
      "paper.digits: has 1 entries for 2 columns"),

@@ -23,12 +23,12 @@ import hashlib
 import os
 import re
 import shutil
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from clitools import run
+from recipe_fixtures import write_recipe
 
 slow = pytest.mark.slow
 TRAIN = ["k=2", "num_steps=4", "kappa=800", "threshold=0.0", "rollout_batch=1", "train_batch_size=2",
@@ -86,34 +86,8 @@ def files(tmp_path_factory):
     return root
 
 
-RECIPE = """
-name = "{name}"
-title = "bad-input catalogue"
-backbones = ["tiny"]
-model = "random:0"
-budget = "tiny: 1 round"
-[train]
-prompts = "tiny-train"
-max_rounds = 1
-[generate]
-prompt_set = "tiny-val"
-limit = 2
-[evaluate]
-metrics = ["toy_aesthetic"]
-[cells.base]
-method = "base"
-[cells.spo]
-method = "spo"
-train = {{ k = 4, kappa = 750, beta = 10.0, scorer = "metric:toy_aesthetic" }}
-"""
-
-
 def recipe(root: Path, name: str, old: str = "", new: str = "") -> Path:
-    text = RECIPE.format(name=name)
-    assert old in text
-    path = root / f"{name}.toml"
-    path.write_text(textwrap.dedent(text.replace(old, new, 1)))
-    return path
+    return write_recipe(root, name, old, new, title="bad-input catalogue")
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ points out of it) are in tests/recipes/test_recipes.py; here the guard is checke
 from __future__ import annotations
 
 import ast
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from clitools import run
+from recipe_fixtures import write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted(p for d in ("spobench", "trainers", "metrics") for p in (ROOT / d).rglob("*.py"))
@@ -84,28 +84,6 @@ def test_no_pickle_and_no_remote_code():
     assert not bad, bad
 
 
-RECIPE = """
-name = "{name}"
-title = "escape"
-backbones = ["tiny"]
-model = "random:0"
-budget = "tiny: 1 round"
-[train]
-prompts = "tiny-train"
-max_rounds = 1
-[generate]
-prompt_set = "tiny-val"
-limit = 2
-[evaluate]
-metrics = ["toy_aesthetic"]
-[cells.base]
-method = "base"
-[cells.spo]
-method = "spo"
-train = {{ k = 2, scorer = "metric:toy_aesthetic" }}
-"""
-
-
 @pytest.mark.parametrize("old, new, field, why", [
     ('prompt_set = "tiny-val"', 'prompt_set = "../../../etc/hostname"', "generate.prompt_set", "cannot escape"),
     ('prompt_set = "tiny-val"', 'prompt_set = "/etc/hostname"', "generate.prompt_set", "absolute paths"),
@@ -115,10 +93,7 @@ train = {{ k = 2, scorer = "metric:toy_aesthetic" }}
      "../../evil", "not a plain name"),
 ])
 def test_recipe_paths_cannot_escape_the_run_directory(tmp_path, old, new, field, why):
-    text = RECIPE.format(name="escape")
-    assert old in text
-    path = tmp_path / "escape.toml"
-    path.write_text(textwrap.dedent(text.replace(old, new, 1)))
+    path = write_recipe(tmp_path, "escape", old, new, title="escape", spo_train='k = 2, scorer = "metric:toy_aesthetic"')
     out = tmp_path / "run"
     r = run("reproduce", path, "--out", out)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
