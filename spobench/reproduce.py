@@ -119,6 +119,7 @@ class Plan:
     inputs: dict[str, Any]  # name -> spec, in preparation order
     input_values: dict[str, str]  # name -> what "input:<name>" resolves to
     random_model: int | None = None
+    compile: bool = False  # trainers' compile=true: how cells run, not what they are (kept out of identity)
 
     def identity(self) -> dict:
         g = asdict(self.recipe.generate)
@@ -501,6 +502,8 @@ class Runner:
             return done | {"reused": True}
         t0 = time.perf_counter()
         overrides = [f"{k}={_toml_literal(v)}" for k, v in cell.settings.items()]
+        if self.plan.compile:  # the same math up to rounding: not part of the cell's settings or done-marker
+            overrides.append("compile=true")
         resume = cell.train_dir.exists() and any(cell.train_dir.iterdir())
         summary = cell.trainer.cli(backbone=self.plan.recipe.backbone, model=self.plan.model_source,
                                    out=cell.train_dir, config=None, overrides=overrides, resume=resume,
@@ -584,7 +587,7 @@ def check_out(out: Path, resume: bool) -> None:
 
 
 def reproduce(recipe_ref: str | Path, backbone: str = "tiny", out: str | Path | None = None, resume: bool = False,
-              device: str = "auto", cells: list[str] | None = None, console=None) -> dict:
+              device: str = "auto", cells: list[str] | None = None, console=None, compile: bool = False) -> dict:
     """Run a recipe end to end; returns the report data (also ``<out>/report.json``)."""
     from rich.console import Console
     from rich.table import Table
@@ -604,6 +607,7 @@ def reproduce(recipe_ref: str | Path, backbone: str = "tiny", out: str | Path | 
     check_out(out, resume)
     device = _default_device() if device == "auto" else device
     plan = preflight(recipe, chosen, out, device)
+    plan.compile = compile
     stored = _read_json(out / PLAN) if resume else None
     if stored is not None:
         check_resume(plan, stored)

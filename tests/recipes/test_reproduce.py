@@ -165,7 +165,8 @@ def test_second_run_reuses_finished_cells(e2e):
     refused = run("reproduce", str(recipe), "--out", str(out))
     assert refused.returncode == 2 and "pass --resume" in refused.stderr
 
-    r = run("reproduce", str(recipe), "--out", str(out), "--resume", timeout=300)
+    # --compile changes how cells train, not what they are: finished cells are still reused
+    r = run("reproduce", str(recipe), "--out", str(out), "--resume", "--compile", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "reusing the finished cell 'k-2'" in r.stderr and "reusing the finished cell 'k-3'" in r.stderr
     for c, t in stamps.items():
@@ -177,6 +178,33 @@ def test_second_run_reuses_finished_cells(e2e):
         assert b["generate"]["reused"] and b["evaluate"]["reused"]
         if b["train"]:
             assert b["train"]["reused"] and b["train"]["wall_s"] == a["train"]["wall_s"]
+
+
+def test_compile_reaches_the_trainer_but_not_the_cell_identity(tmp_path):
+    from types import SimpleNamespace
+
+    from spobench.reproduce import DONE, Runner
+
+    seen = {}
+
+    class FakeTrainer:
+        @staticmethod
+        def cli(**kw):
+            seen.update(kw)
+            (kw["out"] / "lora").mkdir(parents=True)
+            return {"complete": True, "progress": {}, "counters": {}, "config": {}}
+
+    for compile_ in (True, False):
+        seen.clear()
+        runner = Runner.__new__(Runner)
+        runner.console = None
+        runner.plan = SimpleNamespace(compile=compile_, recipe=SimpleNamespace(backbone="tiny"), model_source=None)
+        cell = SimpleNamespace(id="k-2", train_dir=tmp_path / str(compile_) / "train", dir=tmp_path / str(compile_),
+                               settings={"k": 2, "epochs": 1}, trainer=FakeTrainer)
+        info = runner.train(cell)
+        assert ("compile=true" in seen["overrides"]) is compile_ and "k=2" in seen["overrides"]
+        assert info["settings"] == {"k": 2, "epochs": 1}
+        assert json.loads((cell.train_dir / DONE).read_text())["settings"] == {"k": 2, "epochs": 1}
 
 
 def test_resume_refuses_a_changed_cell(e2e, tmp_path):
