@@ -61,7 +61,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from spobench.counters import Counters
 from spobench.engine.ddim import predict_x0, step_distribution
