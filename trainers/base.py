@@ -236,6 +236,19 @@ class TrainerConfig:
 # =====================================================================================================
 # Run folder, seeds, prompts
 # =====================================================================================================
+def check_compile_toolchain(device) -> None:
+    """torch.compile's CPU backend (inductor) builds C++ kernels: without a compiler it fails deep inside the
+    first UNet call; say so up front instead."""
+    import os
+    import shutil
+
+    if str(device).startswith("cpu"):
+        candidates = [os.environ.get("CXX") or "", "g++", "c++", "clang++"]
+        if not any(c and shutil.which(c) for c in candidates):
+            raise InputError("setting 'compile': torch.compile on a CPU needs a C++ compiler on PATH (g++, c++ or "
+                             "clang++; e.g. `apt-get install g++`); install one or leave compile=false")
+
+
 def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse an existing non-empty --out unless resuming or overwriting (reads only)."""
     if resume and overwrite:
@@ -332,6 +345,7 @@ class Trainer:
         self.params: list = self.bb.trainable_parameters()
         self.bb.unet.eval()  # no dropout; the same forward in rollout and training
         if config.compile:
+            check_compile_toolchain(self.acc.device)
             # in place (nn.Module.compile), so state-dict keys, peft's adapter switch and accelerate's
             # wrapping see the same module; rollout, reference and grad forwards each get their graphs
             self.bb.unet.compile()

@@ -347,7 +347,17 @@ def test_seeds_depend_on_every_part():
     assert all(0 <= s < 2**63 for s in seeds)
 
 
+def test_compile_without_a_cpu_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    with pytest.raises(InputError, match="setting 'compile'.*C\\+\\+ compiler"):
+        make_trainer(tmp_path, sets=["compile=true"])
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not any(__import__("shutil").which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_unet_gives_the_same_round(tmp_path):
     """``compile=true`` (torch.compile of the UNet, in place) is the same math: the same pools and pairs,
     the same loss and gradients at the optimizer step, up to float rounding; the LoRA's keys are unchanged."""
