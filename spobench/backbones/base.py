@@ -96,6 +96,18 @@ class BackboneDefaults:
     reward: str | None = None  # DDPO/D3PO reward on x_0 (metric:<name> or an SPM folder)
 
 
+@contextlib.contextmanager
+def _diffusers_quiet() -> Iterator[None]:
+    from diffusers.utils import logging as dlog
+
+    before = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(before)
+
+
 class Backbone:
     """Base class; subclasses implement prompt encoding and loading (see ``sd.py``, ``tiny.py``)."""
 
@@ -385,7 +397,8 @@ class Backbone:
             if dtype is not None and getattr(m, "dtype", None) != dtype:
                 kwargs["dtype"] = dtype  # (diffusers warns on any to(dtype=...), even a no-op one)
             if kwargs:
-                m.to(**kwargs)
+                with _diffusers_quiet():  # diffusers 0.42 warns about "modules kept in float32: []" on any cast
+                    m.to(**kwargs)
         for n, p in self.unet.named_parameters():
             if "lora_" in n:
                 p.data = p.data.float()

@@ -387,3 +387,21 @@ def test_compiled_unet_gives_the_same_round(tmp_path):
     # the LoRA itself is not compared after the step: Adam's first update is ~lr * sign(g), so a gradient
     # entry near 0 may flip sign under float rounding (see test_gradient_accumulation_equals_one_big_batch)
     assert we.keys() == wc.keys() and all(we[k].shape == wc[k].shape for k in we)
+
+
+def test_bf16_frozen_weights_train_an_fp32_lora(tmp_path):
+    """dtype=bf16 (meant for GPUs; CPUs run it too): frozen UNet in bf16, LoRA and optimizer in fp32, and
+    the same round's loss and gradient norm as fp32 to bf16 precision."""
+    got = {}
+    for dt in ("fp32", "bf16"):
+        tr = make_trainer(tmp_path / dt, sets=[f"dtype={dt}", "max_grad_norm=none"])
+        items, _ = tr.collect(0, 0, [0, 1])
+        logs = tr.train_items(items)
+        frozen = {p.dtype for n, p in tr.bb.unet.named_parameters() if "lora_" not in n}
+        assert frozen == {torch.bfloat16 if dt == "bf16" else torch.float32}
+        assert {p.dtype for p in tr.params} == {torch.float32} and all(p.grad is None or p.grad.dtype == torch.float32
+                                                                       for p in tr.params)
+        got[dt] = (len(items), logs[0]["loss"], logs[0]["grad_norm"])
+    assert got["bf16"][0] == got["fp32"][0] > 0
+    assert got["bf16"][1] == pytest.approx(got["fp32"][1], rel=0.01)
+    assert got["bf16"][2] == pytest.approx(got["fp32"][2], rel=0.05) and got["bf16"][2] > 0
