@@ -147,14 +147,22 @@ def train(
     model: Optional[str] = typer.Option(None, "--model", help="Model folder or hub id."),
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run folder (checkpoints, logs, final LoRA)."),
     config: Optional[Path] = typer.Option(None, "--config", help="A TOML file of trainer settings."),
-    overrides: list[str] = typer.Option([], "--set", help="Override a setting: --set k=4 --set kappa=600."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a setting: --set k=4 --set kappa=600 "
+                                        "(--settings lists them)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    settings: bool = typer.Option(False, "--settings", help="List the trainer's settings (type, default, "
+                                  "meaning) and exit."),
 ):
     """Post-train a backbone with a registered trainer (LoRA; checkpoints are resumable)."""
     from spobench import catalog
 
     cls = catalog.TRAINERS.get(trainer)
+    if settings:
+        typer.echo(f"settings of `spobench train {trainer}` (--set name=value, or a --config TOML file):")
+        for line in cls.Config.describe().splitlines():
+            typer.echo(f"  {line}")
+        return
     cls.cli(backbone=backbone, model=model, out=out, config=config, overrides=overrides, resume=resume,
             overwrite=overwrite, console=console)
 

@@ -72,3 +72,14 @@ def test_generate_unknown_backbone(tmp_path):
     (tmp_path / "p.txt").write_text("a red circle\n")
     r = run("generate", "--backbone", "sd2", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "unknown backbone 'sd2'" in r.stderr
+
+
+@pytest.mark.parametrize("trainer, own", [("spo", ["kappa", "beta", "threshold"]), ("mspo", ["inner_steps"]),
+                                          ("ddpo", ["reward"]), ("diffusion-dpo", ["pairs"])])
+def test_train_settings_lists_every_setting_and_trains_nothing(trainer, own, tmp_path):
+    r = run("train", trainer, "--settings", "--out", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    names = {line.split()[0] for line in r.stdout.splitlines()[1:] if line.strip()}
+    assert {"seed", "epochs", "lr", "compile", "dtype", *own} <= names
+    assert "compile (bool, default False)" in r.stdout
+    assert not (tmp_path / "o").exists()
