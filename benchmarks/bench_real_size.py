@@ -470,13 +470,9 @@ def format_results(res: dict) -> str:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    from spobench.io import cpu_name
+
+    return cpu_name()
 
 
 def _versions() -> dict:

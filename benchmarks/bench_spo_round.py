@@ -553,13 +553,9 @@ def _summarise(figs: list[dict]) -> dict:
 
 
 def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    from spobench.io import cpu_name
+
+    return cpu_name()
 
 
 def _print_round(r: dict) -> None:

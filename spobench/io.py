@@ -129,5 +129,18 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def cpu_name() -> str:
+    """The CPU's model name (for benchmark records)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def provenance() -> dict[str, Any]:
     return {"git": git_hash(), "versions": package_versions()}
