@@ -298,6 +298,64 @@ def train_spm_cmd(
     typer.echo(f"model: {result['model']}  metrics: {Path(out) / METRICS}")
 
 
+@app.command("eval-spm")
+def eval_spm_cmd(
+    models: list[Path] = typer.Argument(..., help="SPM folders (RUN/spm) or plain CLIP/PickScore folders; the first is the reference."),
+    pairs: Path = typer.Option(..., "--pairs", help="Held-out Pick-a-Pic-format parquet (or folder of them)."),
+    exclude: list[Path] = typer.Option([], "--exclude", help="A training parquet whose captions are left out (repeatable)."),
+    max_pairs: int = typer.Option(1000, "--max", min=1, help="At most this many non-tie pairs."),
+    timesteps: str = typer.Option("0,250,500,750,950", "--timesteps", help="Comma-separated t buckets."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the full result (per-pair outcomes too) to this JSON file."),
+    backbone: str = typer.Option("tiny", "--backbone", "-b", help="tiny | sd15 | sdxl (whose x0_hat is scored)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Backbone model folder or hub id."),
+    processor: Optional[str] = typer.Option(None, "--processor", help="Tokenizer/preprocessor folder for CLIP folders that lack them."),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16 for the frozen backbone."),
+):
+    """Pair accuracy of preference models per timestep on the same held-out pairs and noise, with each
+    model's paired difference to the first (bootstrap 95% CI over captions, McNemar's exact test)."""
+    from spobench import spm_train
+    from spobench.io import atomic_write_json
+    from spobench.spm_eval import compare_spms
+
+    try:
+        ts = [int(x) for x in timesteps.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--timesteps must be comma-separated integers (got {timesteps!r})") from None
+    bb = spm_train._load_backbone(backbone, model, device, dtype)
+    if ts and not all(0 <= t < bb.num_train_timesteps for t in ts):
+        raise InputError(f"--timesteps must lie in [0, {bb.num_train_timesteps}) (got {timesteps!r})")
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress("scoring held-out pairs", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True)) as bar:
+        task = bar.add_task("pairs", total=None)
+        res = compare_spms(bb, models, pairs, exclude=exclude, max_pairs=max_pairs, eval_timesteps=ts or None,
+                           processor=processor,
+                           progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if out is not None:
+        atomic_write_json(out, res)
+    buckets = [str(t) for t in res["eval_timesteps"]]
+    table = Table(title=f"pair accuracy on {res['n_pairs']} held-out pairs ({res['n_captions']} captions); "
+                        f"diff vs {res['reference']} [95% CI] (McNemar p)")
+    table.add_column("model")
+    for t in buckets:
+        table.add_column(f"t={t}", justify="right")
+    table.add_column("mean", justify="right")
+    for key, m in res["models"].items():
+        cells = [f"{m['accuracy'][t]:.3f}" for t in buckets] + [f"{m['mean_accuracy']:.3f}"]
+        table.add_row(key, *cells)
+        if "vs_reference" in m:
+            vs = m["vs_reference"]
+            diffs = [vs["per_t"][t] for t in buckets] + [vs["mean"]]
+            table.add_row("", *[f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (p {d['mcnemar_p']:.2g})"
+                                for d in diffs])
+    console.print(table)
+    if out is not None:
+        console.print(f"result: {out}")
+
+
 toy_app = typer.Typer(help="The tiny world: pretrain its base model, write its preference data.",
                       no_args_is_help=True)
 app.add_typer(toy_app, name="toy")

@@ -76,11 +76,22 @@ class SPMTrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SPMTrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
+        return coerce_config(cls, d, "SPM training")
+
+
+def coerce_config(cls, config, what: str):
+    """``None``, a dict or a ``cls`` instance -> a checked ``cls`` (unknown keys are named), for the
+    preference-model trainers' configs (``steps`` and ``batch_size`` fields)."""
+    if config is None:
+        config = cls()
+    elif isinstance(config, dict):
+        unknown = set(config) - {f.name for f in fields(cls)}
         if unknown:
-            raise InputError(f"unknown SPM training setting(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+            raise InputError(f"unknown {what} setting(s): {', '.join(sorted(unknown))}")
+        config = cls(**config)
+    if config.steps < 0 or config.batch_size < 1:
+        raise InputError(f"steps must be >= 0 and batch_size >= 1 (got {config.steps}, {config.batch_size})")
+    return config
 
 
 # -- pairs ----------------------------------------------------------------------------------------
@@ -293,15 +304,27 @@ def pair_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 # -- evaluation -----------------------------------------------------------------------------------
 def evaluate_spm(backbone, model, pairs: PairTable, rows: Sequence[int], config: SPMTrainConfig,
-                 resolution: int) -> dict:
+                 resolution: int, *, per_pair: bool = False) -> dict:
     """Pair accuracy (ties excluded) per timestep bucket on ``rows``; every pair gets noise from
-    ``eval_seed`` and its position, identical for every model evaluated with the same config."""
+    ``eval_seed`` and its position, identical for every model evaluated with the same config.
+    ``per_pair`` adds each pair's row and outcome per bucket (1 right, 0 wrong, 0.5 equal scores),
+    for paired comparisons of models evaluated on the same rows (``spobench.spm_eval``)."""
+    return evaluate_spms(backbone, [model], pairs, rows, config, resolution, per_pair=per_pair)[0]
+
+
+def evaluate_spms(backbone, models: Sequence, pairs: PairTable, rows: Sequence[int], config: SPMTrainConfig,
+                  resolution: int, *, per_pair: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """``evaluate_spm`` for several models at once: each batch's x0_hat (the backbone's UNet and
+    decoder, the costly part) is computed once and scored by every model. ``progress(done, total)``
+    follows the pairs."""
     rows = [r for r in rows if not pairs.is_tie(r)][: config.val_max]
     buckets = [int(t) for t in config.eval_timesteps]
-    correct = {t: 0.0 for t in buckets}
-    losses = {t: 0.0 for t in buckets}
-    was_training = model.training
-    model.eval()
+    outcomes = [{t: [] for t in buckets} for _ in models]
+    losses = [{t: 0.0 for t in buckets} for _ in models]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     bs = config.eval_batch_size
     try:
         for start in range(0, len(rows), bs):
@@ -316,23 +339,34 @@ def evaluate_spm(backbone, model, pairs: PairTable, rows: Sequence[int], config:
                 tt = torch.full((len(batch),), t, dtype=torch.long)
                 x0 = estimate_x0_images(backbone, images, caps, tt, g, guidance_scale=config.guidance_scale,
                                         chunk=config.backbone_chunk)
-                with torch.no_grad():
-                    s = model(x0, torch.cat([tt, tt]), caps + caps).float().cpu()
-                scores = torch.stack([s[: len(batch)], s[len(batch):]], dim=1)
-                pred_first = scores[:, 0] > scores[:, 1]
-                equal = scores[:, 0] == scores[:, 1]
-                correct[t] += float(((pred_first == winner_first) & ~equal).sum() + 0.5 * equal.sum())
-                losses[t] += float(pair_loss(scores, labels)) * len(batch)
+                for i, model in enumerate(models):
+                    with torch.no_grad():
+                        s = model(x0, torch.cat([tt, tt]), caps + caps).float().cpu()
+                    scores = torch.stack([s[: len(batch)], s[len(batch):]], dim=1)
+                    pred_first = scores[:, 0] > scores[:, 1]
+                    equal = scores[:, 0] == scores[:, 1]
+                    outcome = ((pred_first == winner_first) & ~equal).float() + 0.5 * equal.float()
+                    outcomes[i][t] += outcome.tolist()
+                    losses[i][t] += float(pair_loss(scores, labels)) * len(batch)
+            if progress:
+                progress(start + len(batch), len(rows))
     finally:
-        model.train(was_training)
+        for m, mode in zip(models, was_training):
+            m.train(mode)
     n = len(rows)
-    acc = {str(t): (correct[t] / n if n else float("nan")) for t in buckets}
-    return {
-        "n_pairs": n,
-        "accuracy": acc,
-        "mean_accuracy": float(np.mean(list(acc.values()))) if n else float("nan"),
-        "loss": {str(t): (losses[t] / n if n else float("nan")) for t in buckets},
-    }
+    results = []
+    for out_i, loss_i in zip(outcomes, losses):
+        acc = {str(t): (float(np.sum(out_i[t])) / n if n else float("nan")) for t in buckets}
+        result = {
+            "n_pairs": n,
+            "accuracy": acc,
+            "mean_accuracy": float(np.mean(list(acc.values()))) if n else float("nan"),
+            "loss": {str(t): (loss_i[t] / n if n else float("nan")) for t in buckets},
+        }
+        if per_pair:
+            result["per_pair"] = {"rows": [int(r) for r in rows], "outcome": {str(t): out_i[t] for t in buckets}}
+        results.append(result)
+    return results
 
 
 # -- training ---------------------------------------------------------------------------------------
@@ -383,12 +417,7 @@ def train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | N
     from spobench.io import atomic_dir, atomic_write_json, provenance
     from spobench.spm import StepAwarePreferenceModel
 
-    if config is None:
-        config = SPMTrainConfig()
-    elif isinstance(config, dict):
-        config = SPMTrainConfig.from_dict(config)
-    if config.steps < 0 or config.batch_size < 1:
-        raise InputError(f"steps must be >= 0 and batch_size >= 1 (got {config.steps}, {config.batch_size})")
+    config = coerce_config(SPMTrainConfig, config, "SPM training")
     out = Path(out)
     prepare_out_dir(out, resume, overwrite)
     t_start = time.perf_counter()

@@ -28,14 +28,13 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from spobench.errors import InputError
 
 MODEL = "model"  # the CLIPModel folder inside a run folder
 METRICS = "metrics.json"
@@ -65,11 +64,9 @@ class ToyPickScoreConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ToyPickScoreConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise InputError(f"unknown toy_pickscore training setting(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+        from spobench.spm_train import coerce_config
+
+        return coerce_config(cls, d, "toy_pickscore training")
 
 
 # -- model ----------------------------------------------------------------------------------------
@@ -226,14 +223,9 @@ def train_toy_pickscore(pairs_path: str | Path, out: str | Path, config: ToyPick
     ``command``: the command line that ran this, recorded with the results."""
     from spobench.generate import prepare_out_dir
     from spobench.io import atomic_write_json, provenance
-    from spobench.spm_train import BatchOrder, PairTable, pair_loss, split_rows
+    from spobench.spm_train import BatchOrder, PairTable, coerce_config, pair_loss, split_rows
 
-    if config is None:
-        config = ToyPickScoreConfig()
-    elif isinstance(config, dict):
-        config = ToyPickScoreConfig.from_dict(config)
-    if config.steps < 0 or config.batch_size < 1:
-        raise InputError(f"steps must be >= 0 and batch_size >= 1 (got {config.steps}, {config.batch_size})")
+    config = coerce_config(ToyPickScoreConfig, config, "toy_pickscore training")
     out = Path(out)
     prepare_out_dir(out, False, overwrite)
     t0 = time.perf_counter()

@@ -141,3 +141,15 @@ def test_evaluator_reports_the_three_toy_columns(tmp_path):
     res = evaluate_folder(tmp_path, {n: catalog.METRICS.get(n) for n in names})
     assert set(res["metrics"]) == set(names)
     assert np.isfinite(res["metrics"]["toy_pickscore"]["mean"])
+
+
+def test_training_config_names_unknown_and_bad_settings(tmp_path):
+    from spobench.errors import InputError
+    from spobench.toyworld.pickscore_train import ToyPickScoreConfig, train_toy_pickscore
+
+    with pytest.raises(InputError, match="unknown toy_pickscore training setting.*bogus"):
+        ToyPickScoreConfig.from_dict({"bogus": 1, "lr": 1e-3})
+    assert ToyPickScoreConfig.from_dict({"lr": 0.5}).lr == 0.5
+    with pytest.raises(InputError, match="batch_size >= 1"):
+        train_toy_pickscore(tmp_path / "none.parquet", tmp_path / "out", {"batch_size": 0})
+    assert not (tmp_path / "out").exists()
