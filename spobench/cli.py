@@ -259,6 +259,7 @@ def train_spm_cmd(
     steps: int = typer.Option(1000, "--steps", min=0, help="Optimizer steps (0: evaluate --init only)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 3e-6 sd15, 1e-6 sdxl, 1e-4 tiny)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Pairs per step."),
+    time_lr_mult: float = typer.Option(1.0, "--time-lr-mult", help="Learning-rate multiplier for the time-conditioning layers (zero-initialised)."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16 for the frozen backbone."),
@@ -272,7 +273,7 @@ def train_spm_cmd(
     from spobench.spm import HOW_TO_GET
     from spobench.spm_train import METRICS, SPMTrainConfig, default_init, train_spm
 
-    config = SPMTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, no_step=no_step,
+    config = SPMTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, no_step=no_step, time_lr_mult=time_lr_mult,
                             val_pairs=str(val_pairs) if val_pairs else None, processor=processor)
     bb = spm_train._load_backbone(backbone, model, device, dtype)
     if init is None:

@@ -54,6 +54,7 @@ class SPMTrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     no_step: bool = False  # Table 5 "SPM w/o step": same training, no time conditioning
+    time_lr_mult: float = 1.0  # lr multiplier for the time conditioning (zero-initialised, starts far from useful)
     guidance_scale: float = 5.0
     resolution: Optional[int] = None  # images are resized to this before encode_images (backbone default)
     eval_timesteps: tuple = EVAL_TIMESTEPS
@@ -418,6 +419,8 @@ def train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | N
     from spobench.spm import StepAwarePreferenceModel
 
     config = coerce_config(SPMTrainConfig, config, "SPM training")
+    if not config.time_lr_mult > 0:
+        raise InputError(f"time_lr_mult must be > 0 (got {config.time_lr_mult})")
     out = Path(out)
     prepare_out_dir(out, resume, overwrite)
     t_start = time.perf_counter()
@@ -452,7 +455,10 @@ def train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | N
     if config.gradient_checkpointing:
         model.enable_checkpointing()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    time_ids = {id(p) for p in model.time_parameters()}
+    groups = [{"params": [p for p in params if id(p) not in time_ids], "lr": lr},
+              {"params": [p for p in params if id(p) in time_ids], "lr": lr * config.time_lr_mult}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
     if start_step and (ckpt / "optimizer.pt").exists():
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
     use_amp = config.amp and device.type == "cuda"

@@ -198,3 +198,23 @@ def test_config_rejects_unknown_settings():
         SPMTrainConfig.from_dict({"bogus": 1})
     assert SPMTrainConfig().lr_for("sd15") == 3e-6 and SPMTrainConfig().lr_for("sdxl") == 1e-6
     assert SPMTrainConfig(lr=0.5).lr_for("sdxl") == 0.5
+
+
+def test_time_lr_mult_speeds_up_only_the_time_conditioning(world, tmp_path):
+    init = StepAwarePreferenceModel.from_clip(world["clip"])
+    start = {n: p.detach().clone() for n, p in init.named_parameters()}
+    moved = {}
+    for mult in (1.0, 10.0):
+        train_spm(FakeBackbone(), world["pairs"], world["clip"], tmp_path / f"m{mult}",
+                  _cfg(steps=3, lr=1e-4, time_lr_mult=mult, max_grad_norm=0))
+        m = StepAwarePreferenceModel.load(tmp_path / f"m{mult}" / "spm")
+        delta = {n: float((p.detach() - start[n]).abs().max()) for n, p in m.named_parameters()}
+        # the zero-initialised modulation heads (the embedder MLP's random init differs per instance)
+        zero = [n for n, p in start.items() if not n.startswith("clip.") and not p.any()]
+        assert zero
+        moved[mult] = (max(delta[n] for n in zero), max(v for n, v in delta.items() if n.startswith("clip.")))
+    # Adam's step is about lr per parameter: 10x the lr moves the time layers about 10x as far, the CLIP alike
+    assert moved[10.0][0] > 5 * moved[1.0][0]
+    assert moved[10.0][1] == pytest.approx(moved[1.0][1], rel=0.5)
+    with pytest.raises(InputError, match="time_lr_mult"):
+        train_spm(FakeBackbone(), world["pairs"], world["clip"], tmp_path / "bad", _cfg(time_lr_mult=0))
