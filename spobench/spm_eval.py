@@ -8,7 +8,8 @@ not, 0.5 when the two scores are equal. For every model after the first (the ref
 
 * the accuracy difference model - reference per t and averaged over t, with a percentile bootstrap 95% CI
   that resamples captions (pairs of one caption move together);
-* an exact two-sided sign test over the discordant pairs (McNemar's exact test), per t and pooled.
+* an exact two-sided sign test over the discordant pairs (McNemar's exact test), per t and over t (on
+  each pair's mean outcome over t, so that a pair counts once).
 
 A folder with ``spm_config.json`` is loaded as an SPM (with or without time conditioning); any other
 folder is taken as a plain CLIP/PickScore scored without time input: Table 5's "PickScore" row.
@@ -62,12 +63,14 @@ def compare_spms(backbone, models: Sequence[str | Path], pairs_path: str | Path,
                  progress: Callable[[int, int], None] | None = None) -> dict:
     """Evaluate ``models`` on the same held-out pairs and x0_hat; differences are each model minus
     ``models[0]``. ``progress(done, total)`` is called after every batch of pairs."""
-    from spobench.compare import sign_test
     from spobench.io import provenance
     from spobench.spm_train import EVAL_TIMESTEPS, PairTable, SPMTrainConfig, evaluate_spms
 
     if not models:
         raise InputError("give at least one model folder")
+    repeated = sorted({str(m) for m in models if sum(str(x) == str(m) for x in models) > 1})
+    if repeated:
+        raise InputError(f"model folder given twice: {', '.join(repeated)}")
     if max_pairs < 1:
         raise InputError(f"max_pairs must be >= 1 (got {max_pairs})")
     scorers = [load_scorer(m, processor) for m in models]  # every folder is checked before the long part
@@ -94,12 +97,9 @@ def compare_spms(backbone, models: Sequence[str | Path], pairs_path: str | Path,
         if key != ref_key:
             per_t = {t: paired_difference(pp["outcome"][t], ref["outcome"][t], groups, n_boot=n_boot)
                      for t in buckets}
+            # over t: each pair's mean outcome, so a pair counts once in the sign test, not once per t
             pooled = paired_difference(np.mean([pp["outcome"][t] for t in buckets], axis=0),
                                        np.mean([ref["outcome"][t] for t in buckets], axis=0), groups, n_boot=n_boot)
-            # the pooled McNemar counts every discordant (pair, t); its CI above resamples whole captions
-            a_only = sum(v["a_only"] for v in per_t.values())
-            b_only = sum(v["b_only"] for v in per_t.values())
-            pooled.update(a_only=a_only, b_only=b_only, mcnemar_p=sign_test(a_only, b_only))
             entry["vs_reference"] = {"per_t": per_t, "mean": pooled}
         entry["outcome"] = pp["outcome"]
         out_models[key] = entry

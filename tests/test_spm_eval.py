@@ -15,6 +15,8 @@ from spobench.spm import make_tiny_clip_folder
 from spobench.spm_eval import compare_spms, held_out_rows, load_scorer, paired_difference
 from spobench.spm_train import PairTable, train_spm
 
+BUCKETS = ["0", "250", "500", "750", "950"]
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -48,8 +50,8 @@ def test_held_out_rows_leave_out_training_captions(world, tmp_path):
 
 
 def test_compare_is_paired_and_finds_the_trained_model(world):
-    res = compare_spms(FakeBackbone(), [world["clip"], world["spm"], world["clip"]], world["test"],
-                       exclude=[world["train"]], n_boot=300)
+    res = compare_spms(FakeBackbone(), [world["clip"], world["spm"]], world["test"], exclude=[world["train"]],
+                       n_boot=300)
     assert res["n_pairs"] == 18 and res["reference"] == str(world["clip"])  # 20 pairs, 2 ties
     plain, spm = res["models"][str(world["clip"])], res["models"][str(world["spm"])]
     assert not plain["time_conditioned"] and spm["time_conditioned"]
@@ -61,12 +63,14 @@ def test_compare_is_paired_and_finds_the_trained_model(world):
     assert vs["mean"]["diff"] == pytest.approx(spm["mean_accuracy"] - plain["mean_accuracy"])
     assert plain["accuracy"]["0"] <= 0.2 and spm["accuracy"]["0"] >= 0.8
     assert vs["per_t"]["0"]["ci95"][0] > 0 and vs["per_t"]["0"]["mcnemar_p"] < 0.01
-    assert vs["mean"]["a_only"] == sum(d["a_only"] for d in vs["per_t"].values())
-    # the same folder twice gives the same outcomes: same pairs, same noise
+    mean_diff = np.mean([spm["outcome"][t] for t in BUCKETS], 0) - np.mean([plain["outcome"][t] for t in BUCKETS], 0)
+    assert (vs["mean"]["a_only"], vs["mean"]["b_only"]) == (int((mean_diff > 0).sum()), int((mean_diff < 0).sum()))
     assert "vs_reference" not in plain and len(res["rows"]) == 18
 
 
 def test_compare_rejects_bad_input(world, tmp_path):
+    with pytest.raises(InputError, match="given twice"):
+        compare_spms(FakeBackbone(), [world["clip"], world["spm"], world["clip"]], world["test"])
     with pytest.raises(InputError, match="not a folder"):
         compare_spms(FakeBackbone(), [tmp_path / "nope"], world["test"])
     with pytest.raises(InputError, match="no non-tie pair"):
