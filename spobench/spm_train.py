@@ -272,22 +272,39 @@ def estimate_x0_images(backbone, images: torch.Tensor, captions: Sequence[str], 
                        noise: torch.Tensor | None = None) -> torch.Tensor:
     """Images (2B, 3, H, W) ordered [first images; second images] with B captions and timesteps
     t (B,) -> decoded x0_hat images in [0, 1]. Pair i's two images share t[i] and one noise."""
-    from spobench.backbones.base import Conditioning
-    from spobench.engine.ddim import NoiseSchedule, predict_x0
+    latents, noise, cond = encode_pairs(backbone, images, captions, noise_gen, noise=noise)
+    return x0_from_encoded(backbone, latents, noise, cond, t, guidance_scale=guidance_scale, chunk=chunk)
 
-    b = len(captions)
+
+@torch.no_grad()
+def encode_pairs(backbone, images: torch.Tensor, captions: Sequence[str], noise_gen: torch.Generator, *,
+                 noise: torch.Tensor | None = None):
+    """The t-independent half of ``estimate_x0_images``: (latents (2B, ...), noise (B, ...), conditioning
+    (2B)); evaluation reuses it for every timestep bucket instead of re-running the VAE and text encoders."""
+    from spobench.backbones.base import Conditioning
+
     device = backbone.device
     latents = backbone.encode_images(images.to(device), generator=noise_gen).float()
     if noise is None:
-        noise = torch.randn((b, *latents.shape[1:]), generator=noise_gen, dtype=torch.float32).to(device)
-    noise2 = torch.cat([noise, noise])
-    t2 = torch.cat([t, t]).to(device).long()
-    x_t = backbone.scheduler.add_noise(latents, noise2, t2)
-    sched = NoiseSchedule.from_backbone(backbone, backbone.defaults.num_steps)
+        noise = torch.randn((len(captions), *latents.shape[1:]), generator=noise_gen, dtype=torch.float32).to(device)
     cond = backbone.encode_prompts(list(captions))
-    cond = Conditioning.cat([cond, cond])
+    return latents, noise, Conditioning.cat([cond, cond])
+
+
+@torch.no_grad()
+def x0_from_encoded(backbone, latents: torch.Tensor, noise: torch.Tensor, cond, t: torch.Tensor, *,
+                    guidance_scale: float = 5.0, chunk: int = 8) -> torch.Tensor:
+    """Noise both images of pair i to t[i] with the pair's one noise, predict (CFG), estimate x0_hat
+    (DDIM) and decode it -> images in [0, 1]."""
+    from spobench.engine.ddim import NoiseSchedule, predict_x0
+
+    device = backbone.device
+    n_rows = latents.shape[0]
+    t2 = torch.cat([t, t]).to(device).long()
+    x_t = backbone.scheduler.add_noise(latents, torch.cat([noise, noise]), t2)
+    sched = NoiseSchedule.from_backbone(backbone, backbone.defaults.num_steps)
     outs = []
-    for s in range(0, 2 * b, chunk):
+    for s in range(0, n_rows, chunk):
         sl = slice(s, s + chunk)
         n = x_t[sl].shape[0]
         pred = backbone.predict(x_t[sl], t2[sl], cond.index(sl), guidance_scale=guidance_scale,
@@ -335,11 +352,12 @@ def evaluate_spms(backbone, models: Sequence, pairs: PairTable, rows: Sequence[i
             caps = [pairs.captions[r] for r in batch]
             labels = torch.as_tensor(pairs.labels[batch], dtype=torch.float32)
             winner_first = labels[:, 0] > labels[:, 1]
+            g = torch.Generator().manual_seed(config.eval_seed * 1_000_003 + start)
+            encoded = encode_pairs(backbone, images, caps, g)  # one VAE sample and noise, shared by every t
             for t in buckets:
-                g = torch.Generator().manual_seed(config.eval_seed * 1_000_003 + start)  # same noise at every t
                 tt = torch.full((len(batch),), t, dtype=torch.long)
-                x0 = estimate_x0_images(backbone, images, caps, tt, g, guidance_scale=config.guidance_scale,
-                                        chunk=config.backbone_chunk)
+                x0 = x0_from_encoded(backbone, *encoded, tt, guidance_scale=config.guidance_scale,
+                                     chunk=config.backbone_chunk)
                 for i, model in enumerate(models):
                     with torch.no_grad():
                         s = model(x0, torch.cat([tt, tt]), caps + caps).float().cpu()
