@@ -273,8 +273,9 @@ def train_spm_cmd(
     from spobench.spm import HOW_TO_GET
     from spobench.spm_train import METRICS, SPMTrainConfig, default_init, train_spm
 
-    config = SPMTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, no_step=no_step, time_lr_mult=time_lr_mult,
-                            val_pairs=str(val_pairs) if val_pairs else None, processor=processor)
+    config = SPMTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, no_step=no_step,
+                            time_lr_mult=time_lr_mult, val_pairs=str(val_pairs) if val_pairs else None,
+                            processor=processor)
     bb = spm_train._load_backbone(backbone, model, device, dtype)
     if init is None:
         init = default_init(backbone)

@@ -186,11 +186,13 @@ def test_cli_command(world, tmp_path, monkeypatch):
     monkeypatch.setattr(spm_train, "_load_backbone", lambda *a, **k: FakeBackbone())
     out = tmp_path / "cli"
     r = CliRunner().invoke(app, ["train-spm", "--pairs", str(world["pairs"]), "--init", str(world["clip"]),
-                                 "--out", str(out), "--steps", "2", "--batch-size", "4", "--no-step"])
+                                 "--out", str(out), "--steps", "2", "--batch-size", "4", "--no-step",
+                                 "--time-lr-mult", "2"])
     assert r.exit_code == 0, r.output
     assert "t= 950" in r.output and (out / "spm" / "spm_config.json").exists()
     res = json.loads((out / "metrics.json").read_text())
     assert res["variant"] == "spm-no-step" and res["config"]["batch_size"] == 4
+    assert res["config"]["time_lr_mult"] == 2
 
 
 def test_config_rejects_unknown_settings():
