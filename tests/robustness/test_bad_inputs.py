@@ -19,49 +19,23 @@ training --out tests/trainers/test_train_cli.py.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
-import re
 import shutil
 from pathlib import Path
 
 import pytest
 
 from clitools import run
+from contract import NOISE, assert_clean_failure, snapshot  # noqa: F401
 from recipe_fixtures import write_recipe
 
 slow = pytest.mark.slow
 TRAIN = ["k=2", "num_steps=4", "kappa=800", "threshold=0.0", "rollout_batch=1", "train_batch_size=2",
          "prompts=tiny-train", "prompt_limit=3", "epochs=1", "checkpoint_every=1", "scorer=metric:toy_aesthetic"]
-NOISE = re.compile(r"\d+%\||it/s\]|^\s*$|rounds\s|^pairs: ")  # progress bars and info lines on stderr
 
 
 def _sets(settings):
     return [a for s in settings for a in ("--set", s)]
-
-
-def snapshot(path: Path):
-    """Everything under ``path`` (names and contents); None when it does not exist."""
-    if not path.exists():
-        return None
-    if path.is_file():
-        return hashlib.sha1(path.read_bytes()).hexdigest()
-    return {str(p.relative_to(path)): (hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else "dir")
-            for p in sorted(path.rglob("*"))}
-
-
-def assert_clean_failure(code: int, stderr: str, names, out: Path | None, before) -> str:
-    """The catalogue's contract; returns the error line."""
-    assert code not in (0, None), stderr[-2000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
-    lines = [ln for ln in re.split(r"[\r\n]", stderr) if not NOISE.search(ln) and "torchvision" not in ln]
-    errors = [ln for ln in lines if ln.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], stderr[-2000:]  # one line, the last word
-    for name in names:
-        assert str(name) in errors[0], (name, errors[0])
-    if out is not None:
-        assert snapshot(out) == before, f"{out} was left changed: {snapshot(out)}"
-    return errors[0]
 
 
 # -- inputs --------------------------------------------------------------------------------------------

@@ -1,0 +1,137 @@
+"""Every load of outside weights goes through here: a model whose checkpoint misses a key, carries an
+unexpected one or has a wrong shape is refused (transformers and diffusers would initialise it at random
+and warn on a logger the CLI hides), and so is a model holding NaN or inf. One error line names the
+file and the first offending keys.
+
+``load_pretrained`` wraps ``from_pretrained`` of transformers and diffusers classes alike;
+``check_state_dict`` does the same for a raw state dict loaded into an ``nn.Module``;
+``check_finite`` is the NaN/inf check on its own (LoRA files, SPM heads).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from spobench.errors import MissingWeightsError, ModelLoadError
+
+SHOW = 5  # how many keys an error names
+
+
+def _first(keys: Iterable, n: int = SHOW) -> str:
+    keys = [k if isinstance(k, str) else str(k[0] if isinstance(k, (tuple, list)) else k) for k in keys]
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def mismatch_message(source: str, missing: Sequence = (), unexpected: Sequence = (),
+                     mismatched: Sequence = ()) -> str | None:
+    """One line saying what does not fit, or None when everything does."""
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} key(s): {_first(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} key(s): {_first(unexpected)}")
+    if mismatched:
+        parts.append(f"wrong shape for {len(mismatched)} key(s): {_first(mismatched)}")
+    if not parts:
+        return None
+    return f"{source}: weights do not match the model ({'; '.join(parts)})"
+
+
+def check_finite(tensors, source: str) -> None:
+    """Refuse NaN/inf in a module's parameters and buffers or in a mapping of tensors."""
+    if isinstance(tensors, torch.nn.Module):
+        items = list(tensors.named_parameters()) + list(tensors.named_buffers())
+    else:
+        items = list(dict(tensors).items())
+    for name, t in items:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise ModelLoadError(f"{source}: weight {name} holds NaN or inf; the file is corrupt")
+
+
+def check_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, *,
+                     ignore_missing: Sequence[str] = (), ignore_unexpected: Sequence[str] = ()) -> None:
+    """Refuse a state dict whose keys or shapes differ from ``module``'s (before ``load_state_dict``).
+
+    ``ignore_*`` are key prefixes that may legitimately differ (e.g. buffers a checkpoint never holds)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(tuple(ignore_missing))]
+    unexpected = [k for k in state if k not in own and not k.startswith(tuple(ignore_unexpected))]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    message = mismatch_message(source, missing, unexpected, mismatched)
+    if message:
+        raise ModelLoadError(message)
+    check_finite({k: v for k, v in state.items()}, source)
+
+
+@contextmanager
+def _quiet(*names: str):
+    """transformers/diffusers log the loading report at WARNING; we raise on it instead."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _weights_file(folder: Path) -> str:
+    for name in ("model.safetensors", "diffusion_pytorch_model.safetensors", "model.safetensors.index.json",
+                 "diffusion_pytorch_model.safetensors.index.json", "pytorch_model.bin", "diffusion_pytorch_model.bin"):
+        if (folder / name).exists():
+            return str(folder / name)
+    return str(folder)
+
+
+def load_pretrained(klass, folder: str | Path, *, subfolder: str | None = None, safetensors_only: bool = True,
+                    ignore_unexpected: Sequence[str] = (), ignore_missing: Sequence[str] = (),
+                    what: str | None = None, **kwargs):
+    """``klass.from_pretrained(folder)`` with every weight accounted for.
+
+    ``safetensors_only``: True for folders spobench writes and formats published as safetensors; False
+    where the official release is a ``.bin`` (transformers then reads it with ``weights_only=True``).
+    Raises ``ModelLoadError`` (missing/unexpected/mismatched keys, NaN, unreadable file) or
+    ``MissingWeightsError`` (no weights at all) with the file's name."""
+    folder = Path(folder)
+    where = folder / subfolder if subfolder else folder
+    source = _weights_file(where)
+    kw = dict(kwargs)
+    kw.setdefault("local_files_only", True)
+    if safetensors_only:
+        kw["use_safetensors"] = True
+    if subfolder:
+        kw["subfolder"] = subfolder
+    label = what or getattr(klass, "__name__", "model")
+    try:
+        with _quiet("transformers.modeling_utils", "diffusers.models.modeling_utils", "transformers"):
+            model, info = klass.from_pretrained(str(folder), output_loading_info=True, **kw)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not where.exists() or "no file named" in first.lower() or "does not appear to have" in first.lower():
+            raise MissingWeightsError(f"{source}: no {label} weights ({first})") from None
+        raise ModelLoadError(f"{source}: cannot read {label} weights ({first})") from None
+    except (RuntimeError, ValueError, KeyError, TypeError, EnvironmentError) as err:
+        text = str(err).strip().splitlines()
+        first = next((ln for ln in text if ln.strip()), type(err).__name__)
+        if "ignore_mismatched_sizes" in first or "size mismatch" in first.lower():
+            first = "wrong shape for some keys (" + first[:200] + ")"
+        raise ModelLoadError(f"{source}: cannot load {label} ({type(err).__name__}: {first})") from None
+    except Exception as err:  # safetensors' SafetensorError and friends: a truncated or foreign file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelLoadError(f"{source}: cannot read {label} weights ({type(err).__name__}: {first})") from None
+    missing = [k for k in info.get("missing_keys", []) if not str(k).startswith(tuple(ignore_missing))]
+    unexpected = [k for k in info.get("unexpected_keys", []) if not str(k).startswith(tuple(ignore_unexpected))]
+    message = mismatch_message(source, missing, unexpected, list(info.get("mismatched_keys", [])))
+    if message:
+        raise ModelLoadError(message)
+    check_finite(model, source)
+    return model
