@@ -19,11 +19,17 @@ Where the weights come from (nothing downloaded, no remote code): the head file 
 (``--weights DIR`` or ``$SPOBENCH_WEIGHTS/aesthetic``); CLIP in ``<weights>/clip-vit-large-patch14/``
 or ``openai/clip-vit-large-patch14`` in the local Hugging Face cache. ``checkpoint_sha256`` covers both:
 sha256 of "<head sha256>\\n<CLIP weights sha256>"; each is also recorded in the identity options.
+
+Formats: the official head is a pickled state dict (``.pth``; no other format is published), read
+with ``torch.load(weights_only=True)`` and checked key by key and shape by shape against the head
+(:func:`spobench.weights.check_state_dict`: missing, unexpected, wrong-shaped, non-tensor or NaN
+entries are refused, naming the file and the key). ``openai/clip-vit-large-patch14`` ships
+``model.safetensors`` (besides pickles, TF and Flax files); only that is read, strictly
+(:func:`.clip_common.load_clip_model`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -42,6 +48,7 @@ from spobench.metrics.clip_common import (
 from torch import nn
 
 from spobench.errors import MissingWeightsError, ModelLoadError
+from spobench.weights import check_state_dict, load_state_file
 
 HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 HEAD_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
@@ -71,19 +78,12 @@ class AestheticHead(nn.Module):
 
 def load_head(path: str | Path) -> AestheticHead:
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelLoadError(f"{path}: cannot be read as a weights-only state dict ({e})") from None
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping) or "layers.0.weight" not in state:
-        raise ModelLoadError(f"{path}: not an improved-aesthetic-predictor head (no layers.0.weight)")
+    state = load_state_file(path)
+    if "layers.0.weight" not in state or state["layers.0.weight"].ndim != 2:
+        raise ModelLoadError(f"{path}: not an improved-aesthetic-predictor head (no 2-d layers.0.weight)")
     head = AestheticHead(int(state["layers.0.weight"].shape[1]))
-    try:
-        head.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    except RuntimeError as e:
-        raise ModelLoadError(f"{path}: does not match the aesthetic head's layout ({e})") from None
+    check_state_dict(head, state, str(path))
+    head.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return head.eval()
 
 

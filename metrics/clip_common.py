@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spobench.errors import InputError
+from spobench.errors import InputError, MissingWeightsError, ModelLoadError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP / open_clip OPENAI_DATASET_MEAN
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -149,17 +149,28 @@ def resolve_folder(candidates: Iterable[Path], repo_id: str, ok) -> Path | None:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The weight file(s) a transformers model folder would load (safetensors first, shards listed
-    by their index)."""
+    """The safetensors file(s) a transformers model folder loads from (shards listed by their index).
+
+    Only safetensors: every official release these metrics read (PickScore_v1, openai CLIP ViT-L/14,
+    Mask2Former) ships ``model.safetensors``, so a folder holding only ``pytorch_model.bin`` is
+    refused rather than unpickled (:class:`ModelLoadError`), and one holding neither is
+    :class:`MissingWeightsError`."""
     import json
 
-    for single, index in zip(MODEL_WEIGHT_FILES, MODEL_INDEX_FILES):
-        if (folder / single).is_file():
-            return [folder / single]
-        if (folder / index).is_file():
-            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
-            return [folder / s for s in shards]
-    raise InputError(f"{folder}: no {' or '.join(MODEL_WEIGHT_FILES)}")
+    if (folder / MODEL_WEIGHT_FILES[0]).is_file():
+        return [folder / MODEL_WEIGHT_FILES[0]]
+    index = folder / MODEL_INDEX_FILES[0]
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        return [folder / s for s in shards]
+    for pickle in MODEL_WEIGHT_FILES[1:] + MODEL_INDEX_FILES[1:]:
+        if (folder / pickle).is_file():
+            raise ModelLoadError(f"{folder / pickle}: a pickle; this model is read from {MODEL_WEIGHT_FILES[0]} "
+                                 f"only (its official release ships one): download model.safetensors into {folder}")
+    raise MissingWeightsError(f"{folder}: no {MODEL_WEIGHT_FILES[0]}")
 
 
 def combined_sha256(shas: Sequence[str]) -> str:
@@ -225,12 +236,16 @@ def open_clip_ids(tokenizer, texts: Sequence[str], context_length: int = 77) -> 
 
 
 def load_clip_model(folder: str | Path, device: str = "cpu"):
-    """A transformers ``CLIPModel`` from a local folder in float32, eval mode. Safetensors or a
-    ``pytorch_model.bin`` (transformers reads it with ``torch.load(weights_only=True)``); no remote code."""
+    """A transformers ``CLIPModel`` from a local folder in float32, eval mode, every weight accounted
+    for (:func:`spobench.weights.load_pretrained`: a missing, unexpected, wrong-shaped or NaN weight is
+    a :class:`ModelLoadError` naming the file and the keys). Safetensors only (see :func:`weight_files`);
+    no remote code."""
     from transformers import CLIPModel
 
-    model = CLIPModel.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32,
-                                      trust_remote_code=False)
+    from spobench.weights import load_pretrained
+
+    model = load_pretrained(CLIPModel, folder, safetensors_only=True, what="CLIPModel", dtype=torch.float32,
+                            trust_remote_code=False)
     return model.to(device).eval()
 
 

@@ -52,6 +52,7 @@ from collections.abc import Mapping
 import torch
 
 from spobench.errors import ModelLoadError
+from spobench.weights import check_state_dict, check_tensors
 
 # open_clip image widths whose head width is not the default 64 (ViT-H 80, ViT-g 88, ViT-bigG 104).
 VISION_HEADS_BY_WIDTH = {1280: 16, 1408: 16, 1664: 16}
@@ -83,38 +84,62 @@ _TRANSPOSED = {"visual.proj": "visual_projection.weight", "text_projection": "te
 _BUFFERS = ("attn_mask",)
 
 
+_DIRECT_BACK = {v: k for k, v in _DIRECT.items()}
+_TRANSPOSED_BACK = {v: k for k, v in _TRANSPOSED.items()}
+_BLOCK_BACK = {v: k for k, v in _BLOCK.items()}
+
+
+def official_key(key: str) -> str:
+    """The open_clip key a transformers ``CLIPModel`` key comes from (the inverse of
+    :func:`convert_state_dict`, for error messages; q/k/v projections all come from ``in_proj``)."""
+    if key in _DIRECT_BACK:
+        return _DIRECT_BACK[key]
+    if key in _TRANSPOSED_BACK:
+        return _TRANSPOSED_BACK[key]
+    for src, dst in _TOWERS:
+        if key.startswith(dst):
+            idx, sub = key[len(dst):].split(".", 1)
+            module, _, param = sub.rpartition(".")
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                return f"{src}{idx}.attn.in_proj_{param}"
+            if module in _BLOCK_BACK:
+                return f"{src}{idx}.{_BLOCK_BACK[module]}.{param}"
+    return key
+
+
 def unwrap_state_dict(obj, name: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The state dict inside a loaded checkpoint: ``obj`` itself or ``obj["state_dict"]``, with a
     DataParallel ``module.`` prefix removed."""
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelLoadError(f"{name}: not a state dict of tensors")
+    check_tensors(obj, name)
     state = dict(obj)
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
 
 
-def _count_layers(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+def _count_layers(state: Mapping[str, torch.Tensor], prefix: str, name: str) -> int:
     idx = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
     if idx != set(range(len(idx))):
-        raise ModelLoadError(f"open_clip checkpoint: {prefix}N layers are not numbered 0..{len(idx) - 1}")
+        raise ModelLoadError(f"{name}: {prefix}N layers are not numbered 0..{len(idx) - 1}")
     return len(idx)
 
 
-def _heads(width: int, given: int | None, tower: str) -> int:
+def _heads(width: int, given: int | None, tower: str, name: str) -> int:
     heads = given if given is not None else (
         VISION_HEADS_BY_WIDTH.get(width) if tower == "image" else None) or width // DEFAULT_HEAD_WIDTH
     if heads < 1 or width % heads:
-        raise ModelLoadError(f"open_clip checkpoint: cannot split the {tower} width {width} into {heads} heads "
+        raise ModelLoadError(f"{name}: cannot split the {tower} width {width} into {heads} heads "
                              f"(pass {tower.replace('image', 'vision')}_heads)")
     return heads
 
 
 def build_config(state: Mapping[str, torch.Tensor], vision_heads: int | None = None, text_heads: int | None = None,
-                 hidden_act: str = "gelu", bos_token_id: int | None = None, pad_token_id: int = 0):
-    """A transformers ``CLIPConfig`` with the shapes of an open_clip ``CLIP`` state dict."""
+                 hidden_act: str = "gelu", bos_token_id: int | None = None, pad_token_id: int = 0,
+                 name: str = "open_clip checkpoint"):
+    """A transformers ``CLIPConfig`` with the shapes of an open_clip ``CLIP`` state dict (``name``: the
+    file, for errors)."""
     from transformers import CLIPConfig
 
     try:
@@ -127,42 +152,50 @@ def build_config(state: Mapping[str, torch.Tensor], vision_heads: int | None = N
         v_mlp = state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
         t_mlp = state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     except KeyError as e:
-        raise ModelLoadError(f"not an open_clip CLIP state dict (no {e.args[0]})") from None
+        raise ModelLoadError(f"{name}: not an open_clip CLIP state dict (missing key {e.args[0]})") from None
+    if conv.ndim != 4 or v_pos.ndim != 2 or proj.ndim != 2 or tok.ndim != 2 or t_pos.ndim != 2 or t_proj.ndim != 2:
+        raise ModelLoadError(f"{name}: wrong shape for an embedding or projection (visual.conv1.weight "
+                             f"{tuple(conv.shape)}, visual.proj {tuple(proj.shape)}, token_embedding.weight "
+                             f"{tuple(tok.shape)}, text_projection {tuple(t_proj.shape)})")
     v_width, patch = conv.shape[0], conv.shape[-1]
     grid = int(round((v_pos.shape[0] - 1) ** 0.5))
     if grid * grid != v_pos.shape[0] - 1 or conv.shape[-1] != conv.shape[-2]:
-        raise ModelLoadError(f"open_clip checkpoint: unexpected image tower shapes (conv1 {tuple(conv.shape)}, "
+        raise ModelLoadError(f"{name}: unexpected image tower shapes (conv1 {tuple(conv.shape)}, "
                              f"positional_embedding {tuple(v_pos.shape)})")
     vocab, t_width = tok.shape
     embed = proj.shape[1]
     if t_proj.shape != (t_width, embed) or proj.shape[0] != v_width:
-        raise ModelLoadError(f"open_clip checkpoint: projection shapes disagree (visual.proj {tuple(proj.shape)}, "
+        raise ModelLoadError(f"{name}: projection shapes disagree (visual.proj {tuple(proj.shape)}, "
                              f"text_projection {tuple(t_proj.shape)})")
     text = dict(
         vocab_size=vocab, hidden_size=t_width, intermediate_size=t_mlp, projection_dim=embed,
-        num_hidden_layers=_count_layers(state, "transformer.resblocks."),
-        num_attention_heads=_heads(t_width, text_heads, "text"), max_position_embeddings=t_pos.shape[0],
+        num_hidden_layers=_count_layers(state, "transformer.resblocks.", name),
+        num_attention_heads=_heads(t_width, text_heads, "text", name), max_position_embeddings=t_pos.shape[0],
         hidden_act=hidden_act, layer_norm_eps=LAYER_NORM_EPS, attention_dropout=0.0,
         eos_token_id=vocab - 1, bos_token_id=vocab - 2 if bos_token_id is None else bos_token_id,
         pad_token_id=pad_token_id,
     )
     vision = dict(
         hidden_size=v_width, intermediate_size=v_mlp, projection_dim=embed,
-        num_hidden_layers=_count_layers(state, "visual.transformer.resblocks."),
-        num_attention_heads=_heads(v_width, vision_heads, "image"), image_size=grid * patch, patch_size=patch,
+        num_hidden_layers=_count_layers(state, "visual.transformer.resblocks.", name),
+        num_attention_heads=_heads(v_width, vision_heads, "image", name), image_size=grid * patch, patch_size=patch,
         hidden_act=hidden_act, layer_norm_eps=LAYER_NORM_EPS, attention_dropout=0.0,
     )
     logit_scale = state.get("logit_scale")
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=embed,
-                      logit_scale_init_value=float(logit_scale) if logit_scale is not None else 2.6592)
+                      logit_scale_init_value=float(logit_scale.flatten()[0]) if logit_scale is not None and logit_scale.numel()
+                      else 2.6592)
 
 
-def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_state_dict(state: Mapping[str, torch.Tensor], name: str = "open_clip checkpoint") -> dict[str, torch.Tensor]:
     """open_clip keys -> transformers ``CLIPModel`` keys (float32). Unknown keys raise."""
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state.items():
         value = value.float()
+        if (key == "logit_scale" and value.numel() != 1) or (key in _TRANSPOSED and value.ndim != 2):
+            raise ModelLoadError(f"{name}: weights do not match the model (wrong shape for 1 key(s): "
+                                 f"{key} {tuple(value.shape)})")
         if key in _DIRECT:
             out[_DIRECT[key]] = value.reshape(()) if key == "logit_scale" else value
         elif key in _TRANSPOSED:
@@ -171,7 +204,7 @@ def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
             n = value.shape[-1]
             upper = torch.ones(n, n, dtype=torch.bool).triu(1)
             if value.shape != (n, n) or not (torch.all(value[upper] == float("-inf")) and torch.all(value[~upper] == 0)):
-                raise ModelLoadError(f"open_clip checkpoint: {key} is not a causal attention mask")
+                raise ModelLoadError(f"{name}: {key} is not a causal attention mask")
         else:
             for src, dst in _TOWERS:
                 if key.startswith(src):
@@ -192,8 +225,8 @@ def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
             else:
                 unknown.append(key)
     if unknown:
-        raise ModelLoadError(f"open_clip checkpoint: {len(unknown)} key(s) with no place in a CLIPModel, "
-                             f"e.g. {', '.join(unknown[:5])}")
+        raise ModelLoadError(f"{name}: weights do not match the model (unexpected {len(unknown)} key(s) with no "
+                             f"place in a CLIPModel: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''})")
     return out
 
 
@@ -201,24 +234,18 @@ def load_open_clip_state_dict(state: Mapping[str, torch.Tensor], vision_heads: i
                               text_heads: int | None = None, hidden_act: str = "gelu", name: str = "checkpoint"):
     """A float32 transformers ``CLIPModel`` (eval mode) holding an open_clip state dict.
 
-    Loaded strictly: every converted key fills a parameter and every parameter is filled, else
-    :class:`ModelLoadError` lists what is missing / unexpected."""
+    Loaded strictly (:func:`spobench.weights.check_state_dict`): every converted key fills a parameter
+    of its shape and every parameter is filled, else :class:`ModelLoadError` names ``name`` (the file)
+    and the open_clip keys that are missing, unexpected or wrong-shaped."""
     from transformers import CLIPModel
 
-    config = build_config(state, vision_heads, text_heads, hidden_act)
-    converted = convert_state_dict(state)
+    check_tensors(state, name)
+    config = build_config(state, vision_heads, text_heads, hidden_act, name=name)
+    converted = convert_state_dict(state, name)
     with torch.device("meta"):  # no random init (nor a second copy) of a billion parameters
         model = CLIPModel(config)
-    try:
-        result = model.load_state_dict(converted, strict=False, assign=True)  # the converted tensors become the params
-    except RuntimeError as e:  # a tensor whose shape disagrees with the rest of the checkpoint
-        raise ModelLoadError(f"{name}: inconsistent shapes for a CLIP ({e})") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise ModelLoadError(
-            f"{name}: does not match a CLIP of its shapes: missing {result.missing_keys[:5]}"
-            f"{'...' if len(result.missing_keys) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
-            f"{'...' if len(result.unexpected_keys) > 5 else ''}"
-        )
+    check_state_dict(model, converted, name, file_key=official_key)
+    model.load_state_dict(converted, strict=True, assign=True)  # the converted tensors become the params
     # Non-persistent buffers are not in any state dict and are still on the meta device; CLIP's are the
     # position ids only.
     for bname, buf in list(model.named_buffers()):

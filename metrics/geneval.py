@@ -36,6 +36,13 @@ mmdet 2.27, open_clip + clip_benchmark):
   carry no EXIF orientation);
 * metadata: when the evaluator passes none, each prompt's row is looked up in GenEval's vendored
   ``evaluation_metadata.jsonl`` (prompts are unique there).
+
+Formats: both hub folders ship ``model.safetensors`` beside ``pytorch_model.bin``
+(``facebook/mask2former-swin-small-coco-instance`` since its safetensors conversion, PR #2;
+``openai/clip-vit-large-patch14`` too); only ``model.safetensors`` is read, and a pickle-only folder is
+refused. Both load through :func:`spobench.weights.load_pretrained`: a missing, unexpected (except the
+detector's ``criterion.`` loss buffer), wrong-shaped or NaN weight is an error naming the file and the
+key, never a randomly initialised detector or CLIP that still gives verdicts.
 """
 
 from __future__ import annotations
@@ -50,6 +57,8 @@ import torch.nn.functional as F
 
 from spobench.errors import MissingWeightsError, ModelLoadError
 from spobench.metrics.base import Metric, MetricOutput, find_weights, sha256_of
+from spobench.metrics.clip_common import combined_sha256, has_model_weights, load_clip_model, weight_files
+from spobench.weights import load_pretrained
 from spobench.metrics.geneval_rules import (  # noqa: F401  (re-exported: the prompt-set loaders)
     COLORS,
     OBJECT_NAMES,
@@ -67,7 +76,6 @@ from spobench.metrics.imagereward import CLIP_MEAN, CLIP_STD, clip_preprocess
 
 DETECTOR_DIR = "mask2former-swin-small-coco-instance"
 CLIP_DIR = "clip-vit-large-patch14"
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 HOW_TO_GET = (
     f"Download the transformers folders facebook/mask2former-swin-small-coco-instance (into {DETECTOR_DIR}/) and "
     f"openai/clip-vit-large-patch14 (into {CLIP_DIR}/) from the Hugging Face hub, e.g. "
@@ -199,20 +207,27 @@ _IGNORED_DETECTOR_KEYS = ("criterion.",)  # the training loss's class-weight buf
 
 
 def load_detector(folder: str | Path):
-    """The Mask2Former folder, loaded with every weight accounted for."""
+    """The Mask2Former folder (``model.safetensors``), loaded with every weight accounted for."""
     cls = _instance_model_class()
-    try:
-        model, info = cls.from_pretrained(str(folder), output_loading_info=True)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{folder}: cannot load Mask2Former ({e})") from None
-    unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(_IGNORED_DETECTOR_KEYS)]
-    if info.get("missing_keys") or unexpected or info.get("mismatched_keys"):
-        raise ModelLoadError(f"{folder}: weights do not match Mask2Former: missing {list(info.get('missing_keys', []))[:5]}, "
-                             f"unexpected {unexpected[:5]}, mismatched {list(info.get('mismatched_keys', []))[:5]}")
+    model = load_pretrained(cls, folder, safetensors_only=True, ignore_unexpected=_IGNORED_DETECTOR_KEYS,
+                            what="Mask2Former")
     if model.config.num_labels != len(OBJECT_NAMES):
         raise ModelLoadError(f"{folder}: a COCO instance model has {len(OBJECT_NAMES)} classes, this one "
                              f"{model.config.num_labels}")
     return model.eval()
+
+
+def load_color_clip(folder: str | Path, device: str = "cpu"):
+    """GenEval's colour CLIP (``model.safetensors``, strict) and its tokenizer."""
+    from transformers import CLIPTokenizer
+
+    clip = load_clip_model(folder, device)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"{folder}: cannot load the CLIP tokenizer ({first})") from None
+    return clip, tokenizer
 
 
 # -- colour classifier --------------------------------------------------------------------------
@@ -261,12 +276,11 @@ class ColorClassifier:
 
 # -- the plugin ---------------------------------------------------------------------------------
 
-def _weights_file(folder: Path, what: str) -> Path:
-    for name in WEIGHT_FILES:
-        if (folder / name).exists():
-            return folder / name
-    raise MissingWeightsError(f"metric 'geneval' needs {what} weights ({' or '.join(WEIGHT_FILES)}) in {folder} "
-                              f"(not found). {HOW_TO_GET}")
+def _weights_sha256(folder: Path, what: str) -> str:
+    if not has_model_weights(folder):
+        raise MissingWeightsError(f"metric 'geneval' needs {what} weights (model.safetensors) in {folder} "
+                                  f"(not found). {HOW_TO_GET}")
+    return combined_sha256([sha256_of(f) for f in weight_files(folder)])
 
 
 class GenEval(Metric):
@@ -281,24 +295,18 @@ class GenEval(Metric):
         super().__init__(weights=weights, device=device, batch_size=batch_size, **options)
         self.folder = find_weights(self.name, weights, (f"{DETECTOR_DIR}/config.json", f"{CLIP_DIR}/config.json"),
                                    HOW_TO_GET)
-        det_file = _weights_file(self.folder / DETECTOR_DIR, "Mask2Former")
-        clip_file = _weights_file(self.folder / CLIP_DIR, "CLIP")
-        both = f"{sha256_of(det_file)}:{sha256_of(clip_file)}"
+        det_sha = _weights_sha256(self.folder / DETECTOR_DIR, "Mask2Former")
+        clip_sha = _weights_sha256(self.folder / CLIP_DIR, "CLIP")
+        both = f"{det_sha}:{clip_sha}"
         self.checkpoint_sha256 = hashlib.sha256(both.encode()).hexdigest()
         self._detector = None
         self._colors: ColorClassifier | None = None
 
     def load(self):
         if self._detector is None:
-            from transformers import CLIPModel, CLIPTokenizer
-
-            self._detector = load_detector(self.folder / DETECTOR_DIR).to(self.device)
-            try:
-                clip = CLIPModel.from_pretrained(str(self.folder / CLIP_DIR)).eval().to(self.device)
-                tokenizer = CLIPTokenizer.from_pretrained(str(self.folder / CLIP_DIR))
-            except (OSError, ValueError) as e:
-                raise ModelLoadError(f"{self.folder / CLIP_DIR}: cannot load CLIP ({e})") from None
-            self._colors = ColorClassifier(clip, tokenizer, self.device)
+            detector = load_detector(self.folder / DETECTOR_DIR).to(self.device)
+            clip, tokenizer = load_color_clip(self.folder / CLIP_DIR, self.device)
+            self._detector, self._colors = detector, ColorClassifier(clip, tokenizer, self.device)
         return self._detector
 
     @torch.no_grad()

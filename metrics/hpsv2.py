@@ -26,7 +26,11 @@ antialiasing) and the preprocessing. Runs in float32 (HPSv2 runs under CUDA auto
 differences around 1e-3 from that). Prompts get open_clip's ``html.unescape`` (twice) and whitespace
 clean-up; ftfy's mojibake repair is not applied.
 
-Weights are read with ``torch.load(weights_only=True)``; nothing is downloaded and no remote code runs.
+Formats: ``xswu/HPSv2`` publishes the two checkpoints as pickles only (``.pt``), so they are read
+with ``torch.load(weights_only=True)`` (tensors and plain containers; no code runs) and checked against
+the converted model key by key (:func:`spobench.weights.check_state_dict`): a missing, unexpected,
+wrong-shaped, non-tensor or NaN entry is an error naming the file and the open_clip key. Nothing is
+downloaded and no remote code runs.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from spobench.metrics.clip_common import (
 from spobench.metrics.convert_open_clip import load_open_clip_state_dict, unwrap_state_dict
 
 from spobench.errors import InputError, MissingWeightsError, ModelLoadError
+from spobench.weights import load_state_file
 
 HUB_REPO = "xswu/HPSv2"
 CHECKPOINTS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -110,11 +115,7 @@ def locate(weights: str | Path | None, version: str) -> tuple[Path, Path]:
 def load_model(checkpoint: str | Path):
     """The HPSv2 checkpoint as a float32 transformers ``CLIPModel`` (strict load)."""
     checkpoint = Path(checkpoint)
-    try:
-        obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated download, a pickle with code in it...
-        raise ModelLoadError(f"{checkpoint}: cannot be read as a weights-only state dict ({e})") from None
-    state = unwrap_state_dict(obj, str(checkpoint))
+    state = unwrap_state_dict(load_state_file(checkpoint), str(checkpoint))
     return load_open_clip_state_dict(state, name=str(checkpoint))
 
 

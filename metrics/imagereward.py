@@ -16,7 +16,11 @@ The score follows ``ImageReward.score`` / ``inference_rank``:
     feats   = text_encoder(ids, mask, encoder_hidden_states=visual_encoder(img)).last_hidden_state[:, 0]
     score   = (mlp(feats) - 0.16717362830052426) / 1.0333394966054072
 
-Weights are read with ``torch.load(weights_only=True)``; nothing is downloaded and no remote code runs.
+Formats: THUDM/ImageReward publishes ``ImageReward.pt`` as a pickle only, so it is read with
+``torch.load(weights_only=True)`` (tensors and plain containers; no code runs) and checked against the
+model key by key and shape by shape (:func:`spobench.weights.check_state_dict`): a missing, unexpected,
+wrong-shaped, non-tensor or NaN entry is an error naming the file and the checkpoint's own key.
+Nothing is downloaded and no remote code runs.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch import nn
 
 from spobench.errors import ModelLoadError
 from spobench.metrics.base import Metric, find_weights, sha256_of
+from spobench.weights import check_state_dict, check_tensors, load_state_file
 
 CHECKPOINT = "ImageReward.pt"
 MED_CONFIG = "med_config.json"
@@ -68,6 +73,32 @@ _VIT_BLOCK = {
     "norm1": "layer_norm1", "attn.qkv": "self_attn.qkv", "attn.proj": "self_attn.projection",
     "norm2": "layer_norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
 }
+
+
+_VIT_BLOCK_BACK = {v: k for k, v in _VIT_BLOCK.items()}
+_VISION_BACK = {"vision.embeddings.class_embedding": "cls_token", "vision.embeddings.position_embedding": "pos_embed"}
+
+
+def official_key(key: str) -> str:
+    """The ImageReward.pt key an :class:`ImageRewardModel` key comes from (inverse of
+    :func:`convert_state_dict`, for error messages)."""
+    vis = "blip.visual_encoder."
+    if key in _VISION_BACK:
+        return vis + _VISION_BACK[key]
+    if key.startswith("vision.embeddings.patch_embedding."):
+        return vis + "patch_embed.proj." + key.rsplit(".", 1)[1]
+    if key.startswith("vision.post_layernorm."):
+        return vis + "norm." + key.rsplit(".", 1)[1]
+    if key.startswith("vision.encoder.layers."):
+        idx, sub = key[len("vision.encoder.layers."):].split(".", 1)
+        module, _, param = sub.rpartition(".")
+        if module in _VIT_BLOCK_BACK:
+            return f"{vis}blocks.{idx}.{_VIT_BLOCK_BACK[module]}.{param}"
+    if key.startswith("text."):
+        return "blip.text_encoder." + key[len("text."):]
+    if key.startswith("mlp."):
+        return "mlp.layers." + key[len("mlp."):]
+    return key
 
 
 # -- preprocessing ------------------------------------------------------------------------------
@@ -144,30 +175,39 @@ class ImageRewardModel(nn.Module):
         return ((rewards - REWARD_MEAN) / REWARD_STD).squeeze(-1)
 
 
-def _configs(state: Mapping[str, torch.Tensor], med: Mapping):
+def _configs(state: Mapping[str, torch.Tensor], med: Mapping, source: str = CHECKPOINT, med_source: str = MED_CONFIG):
     from transformers import BlipTextConfig, BlipVisionConfig
 
     pre = "blip.visual_encoder."
-    try:
-        width = state[pre + "cls_token"].shape[-1]
-        n_pos = state[pre + "pos_embed"].shape[1]
-        patch = state[pre + "patch_embed.proj.weight"].shape[-1]
-        mlp = state[pre + "blocks.0.mlp.fc1.weight"].shape[0]
-    except KeyError as e:
-        raise ModelLoadError(f"{CHECKPOINT}: not an ImageReward checkpoint (no {e.args[0]})") from None
+    shapes = {"cls_token": 3, "pos_embed": 3, "patch_embed.proj.weight": 4, "blocks.0.mlp.fc1.weight": 2}
+    for key, ndim in shapes.items():
+        if pre + key not in state:
+            raise ModelLoadError(f"{source}: not an ImageReward checkpoint (missing key {pre + key})")
+        if state[pre + key].ndim != ndim:
+            raise ModelLoadError(f"{source}: weights do not match the model (wrong shape for 1 key(s): "
+                                 f"{pre + key} {tuple(state[pre + key].shape)}, expected {ndim} dimensions)")
+    width = state[pre + "cls_token"].shape[-1]
+    n_pos = state[pre + "pos_embed"].shape[1]
+    patch = state[pre + "patch_embed.proj.weight"].shape[-1]
+    mlp = state[pre + "blocks.0.mlp.fc1.weight"].shape[0]
     depth = len({k.split(".")[3] for k in state if k.startswith(pre + "blocks.")})
-    grid = math.isqrt(n_pos - 1)
-    if grid * grid != n_pos - 1 or width % VIT_HEAD_DIM:
-        raise ModelLoadError(f"{CHECKPOINT}: unexpected ViT shape (pos_embed {n_pos} tokens, width {width})")
+    grid = math.isqrt(max(n_pos - 1, 0))
+    if n_pos < 2 or grid * grid != n_pos - 1 or width % VIT_HEAD_DIM:
+        raise ModelLoadError(f"{source}: unexpected ViT shape (pos_embed {n_pos} tokens, width {width})")
+    need = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "max_position_embeddings")
+    absent = [k for k in need if not isinstance(med.get(k), int) or isinstance(med.get(k), bool) or med[k] < 1]
+    if absent:
+        raise ModelLoadError(f"{med_source}: {absent[0]} must be a positive integer")
     vision = BlipVisionConfig(
         hidden_size=width, intermediate_size=mlp, num_hidden_layers=depth, num_attention_heads=width // VIT_HEAD_DIM,
         image_size=grid * patch, patch_size=patch, hidden_act="gelu", layer_norm_eps=VIT_LAYER_NORM_EPS,
         attention_dropout=0.0,
     )
     if not med.get("add_cross_attention", False):
-        raise ModelLoadError(f"{MED_CONFIG}: add_cross_attention must be true (ImageReward's text encoder attends to the image)")
+        raise ModelLoadError(f"{med_source}: add_cross_attention must be true (ImageReward's text encoder attends to the image)")
     if med.get("position_embedding_type", "absolute") != "absolute":
-        raise ModelLoadError(f"{MED_CONFIG}: only absolute position embeddings are supported")
+        raise ModelLoadError(f"{med_source}: only absolute position embeddings are supported")
     text = BlipTextConfig(
         vocab_size=med["vocab_size"], hidden_size=med["hidden_size"], encoder_hidden_size=width,
         intermediate_size=med["intermediate_size"], num_hidden_layers=med["num_hidden_layers"],
@@ -180,8 +220,9 @@ def _configs(state: Mapping[str, torch.Tensor], med: Mapping):
     return vision, text
 
 
-def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_state_dict(state: Mapping[str, torch.Tensor], source: str = CHECKPOINT) -> dict[str, torch.Tensor]:
     """Official ImageReward keys -> :class:`ImageRewardModel` keys. Unknown keys raise."""
+    check_tensors(state, source)
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state.items():
@@ -189,7 +230,7 @@ def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
             continue
         if key == POSITION_IDS_KEY:
             if not torch.equal(value.reshape(-1).long(), torch.arange(value.numel())):
-                raise ModelLoadError(f"{CHECKPOINT}: {key} is not 0..{value.numel() - 1}")
+                raise ModelLoadError(f"{source}: {key} is not 0..{value.numel() - 1}")
             continue
         if key.startswith("blip.visual_encoder."):
             rest = key[len("blip.visual_encoder."):]
@@ -217,34 +258,39 @@ def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
         else:
             unknown.append(key)
     if unknown:
-        raise ModelLoadError(f"{CHECKPOINT}: {len(unknown)} unexpected key(s), e.g. {', '.join(unknown[:5])}")
+        raise ModelLoadError(f"{source}: weights do not match the model (unexpected {len(unknown)} key(s): "
+                             f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''})")
     return out
 
 
-def build_model(state: Mapping[str, torch.Tensor], med: Mapping) -> ImageRewardModel:
+def build_model(state: Mapping[str, torch.Tensor], med: Mapping, source: str = CHECKPOINT,
+                med_source: str = MED_CONFIG) -> ImageRewardModel:
     """An :class:`ImageRewardModel` holding ``state`` (official layout), loaded strictly."""
-    vision, text = _configs(state, med)
+    check_tensors(state, source)
+    vision, text = _configs(state, med, source, med_source)
     model = ImageRewardModel(vision, text)
-    converted = convert_state_dict(state)
-    result = model.load_state_dict(converted, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ModelLoadError(
-            f"{CHECKPOINT}: does not match ImageReward's architecture: missing {result.missing_keys[:5]}"
-            f"{'...' if len(result.missing_keys) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
-        )
+    converted = convert_state_dict(state, source)
+    # position_ids: MED saves it, transformers rebuilds it (checked to be the arange in the conversion)
+    check_state_dict(model, converted, source, ignore_missing=("text.embeddings.position_ids",),
+                     file_key=official_key)
+    model.load_state_dict(converted, strict=False)
     return model.eval()
+
+
+def read_med_config(path: Path) -> dict:
+    try:
+        med = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelLoadError(f"{path}: not a readable JSON config ({type(e).__name__}: {e})") from None
+    if not isinstance(med, dict):
+        raise ModelLoadError(f"{path}: not a JSON object")
+    return med
 
 
 def load_model(folder: str | Path) -> ImageRewardModel:
     folder = Path(folder)
-    try:
-        state = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated download, a pickle with code in it...
-        raise ModelLoadError(f"{folder / CHECKPOINT}: cannot be read as a weights-only state dict ({e})") from None
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
-    med = json.loads((folder / MED_CONFIG).read_text())
-    return build_model(state, med)
+    state = load_state_file(folder / CHECKPOINT)
+    return build_model(state, read_med_config(folder / MED_CONFIG), str(folder / CHECKPOINT), str(folder / MED_CONFIG))
 
 
 # -- the plugin ---------------------------------------------------------------------------------

@@ -23,6 +23,11 @@ Where the weights come from (nothing is downloaded, no remote code runs):
 
 ``<weights>`` is ``--weights DIR`` or ``$SPOBENCH_WEIGHTS/pickscore``. ``checkpoint_sha256`` is the
 sha256 of the model's weight file (of its shards' hashes when sharded).
+
+Formats: the official ``yuvalkirstain/PickScore_v1`` ships both ``model.safetensors`` and
+``pytorch_model.bin``; only ``model.safetensors`` is read (a pickle-only folder is refused), through
+:func:`spobench.weights.load_pretrained`: a missing, unexpected, wrong-shaped or NaN weight is an error
+naming the file and the key, never a randomly initialised model that still gives scores.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ def locate(weights: str | Path | None) -> tuple[Path, Path]:
     processor = resolve_folder([folder / PROCESSOR_DIR, folder], PROCESSOR_ID, _is_processor)
     missing = []
     if model is None:
-        missing.append(f"the model {MODEL_ID} (config.json + model.safetensors or pytorch_model.bin; "
+        missing.append(f"the model {MODEL_ID} (config.json + model.safetensors; "
                        f"`hf download {MODEL_ID}`, or add --local-dir {folder / MODEL_DIR})")
     if processor is None:
         missing.append(f"the processor {PROCESSOR_ID} (preprocessor_config.json + tokenizer files; "

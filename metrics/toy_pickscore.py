@@ -15,6 +15,10 @@ Weights: ``--weights DIR`` (a CLIPModel folder with tokenizer, or a training run
 ``model/``), else the weights shipped in ``spobench/assets/toy-pickscore/`` (their provenance and
 held-out accuracy are in ``toy_pickscore.json`` there). ``checkpoint_sha256`` is the sha256 of
 ``model.safetensors``.
+
+Format: ``model.safetensors`` only (what ``spobench toy pickscore`` writes and spobench ships), loaded
+strictly by :func:`.clip_common.load_clip_model`: a missing, unexpected, wrong-shaped or NaN weight is
+an error naming the file and the key.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 import spobench
 from spobench.errors import MissingWeightsError
 from spobench.metrics.base import Metric, sha256_of
-from spobench.metrics.clip_common import has_tokenizer
+from spobench.metrics.clip_common import has_tokenizer, load_clip_model
 
 SHIPPED = Path(spobench.__file__).resolve().parent / "assets" / "toy-pickscore"
 MODEL_FILES = ("config.json", "model.safetensors")
@@ -91,7 +95,9 @@ class ToyPickScore(Metric):
         if self._model is None:
             from spobench.spm import StepAwarePreferenceModel
 
-            model = StepAwarePreferenceModel.from_clip(self.model_dir, time_conditioned=False)
+            clip = load_clip_model(self.model_dir)
+            # the tokenizer and preprocessor config come from the same folder, as from_clip(folder) reads them
+            model = StepAwarePreferenceModel.from_clip(clip, processor=self.model_dir, time_conditioned=False)
             self._model = model.to(self.device).eval().requires_grad_(False)
         return self._model
 

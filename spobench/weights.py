@@ -5,7 +5,9 @@ file and the first offending keys.
 
 ``load_pretrained`` wraps ``from_pretrained`` of transformers and diffusers classes alike;
 ``check_state_dict`` does the same for a raw state dict loaded into an ``nn.Module``;
-``check_finite`` is the NaN/inf check on its own (LoRA files, SPM heads).
+``check_finite`` is the NaN/inf check on its own (LoRA files, SPM heads);
+``load_state_file`` reads a raw state-dict file (safetensors, or a pickle with
+``torch.load(weights_only=True)``) and refuses anything that is not a mapping of tensors.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -54,20 +56,68 @@ def check_finite(tensors, source: str) -> None:
             raise ModelLoadError(f"{source}: weight {name} holds NaN or inf; the file is corrupt")
 
 
+def check_tensors(state: Mapping, source: str) -> None:
+    """Refuse a mapping whose keys are not strings or whose values are not tensors (a pickle that
+    ``weights_only`` accepts may still hold ints, strings or lists)."""
+    if not isinstance(state, Mapping):
+        raise ModelLoadError(f"{source}: holds a {type(state).__name__}, not a state dict of tensors")
+    for k, v in state.items():
+        if not isinstance(k, str):
+            raise ModelLoadError(f"{source}: key {k!r} is a {type(k).__name__}, not a tensor name")
+        if not isinstance(v, torch.Tensor):
+            raise ModelLoadError(f"{source}: entry {k} holds a {type(v).__name__}, not a tensor")
+
+
 def check_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, *,
-                     ignore_missing: Sequence[str] = (), ignore_unexpected: Sequence[str] = ()) -> None:
+                     ignore_missing: Sequence[str] = (), ignore_unexpected: Sequence[str] = (),
+                     file_key: Callable[[str], str] | None = None) -> None:
     """Refuse a state dict whose keys or shapes differ from ``module``'s (before ``load_state_dict``).
 
-    ``ignore_*`` are key prefixes that may legitimately differ (e.g. buffers a checkpoint never holds)."""
+    ``ignore_*`` are key prefixes that may legitimately differ (e.g. buffers a checkpoint never holds).
+    ``file_key``: for a state dict renamed from a foreign layout, maps a module key back to the key
+    the file spells, so that the error names what the user can find in the file (shapes stay the
+    module's)."""
+    check_tensors(state, source)
+    name = file_key or (lambda k: k)
     own = module.state_dict()
-    missing = [k for k in own if k not in state and not k.startswith(tuple(ignore_missing))]
-    unexpected = [k for k in state if k not in own and not k.startswith(tuple(ignore_unexpected))]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                  if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
-    message = mismatch_message(source, missing, unexpected, mismatched)
+    missing = [name(k) for k in own if k not in state and not k.startswith(tuple(ignore_missing))]
+    unexpected = [name(k) for k in state if k not in own and not k.startswith(tuple(ignore_unexpected))]
+    mismatched = [f"{name(k)} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    message = mismatch_message(source, *(list(dict.fromkeys(x)) for x in (missing, unexpected, mismatched)))
     if message:
         raise ModelLoadError(message)
-    check_finite({k: v for k, v in state.items()}, source)
+    check_finite({name(k): v for k, v in state.items()}, source)
+
+
+def load_state_file(path: str | Path, *, nested: Sequence[str] = ("state_dict",)) -> dict[str, torch.Tensor]:
+    """The state dict in a raw weights file, every value a tensor, or one ``ModelLoadError`` line.
+
+    ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``
+    (a pickle may hold tensors and plain containers only: no code runs). ``nested``: keys under which
+    a checkpoint may wrap its state dict (``{"state_dict": ...}``), unwrapped once."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingWeightsError(f"{path}: no such weights file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip/pickle, a pickle with code in it, a foreign file...
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        # torch's weights_only refusal is a page of advice; its one informative line names the global
+        why = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0] if lines else type(err).__name__)
+        raise ModelLoadError(f"{path}: cannot be read as a weights-only state dict "
+                             f"({type(err).__name__}: {why[:300]})") from None
+    for key in nested:
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    check_tensors(obj, str(path))
+    return dict(obj)
 
 
 @contextmanager

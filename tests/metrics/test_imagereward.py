@@ -196,14 +196,14 @@ def test_forward_matches_reference_math(state):
 def test_state_dict_mapping_is_strict(state):
     bad = dict(state)
     bad["blip.something_else.weight"] = torch.zeros(1)
-    with pytest.raises(ModelLoadError, match="unexpected key"):
+    with pytest.raises(ModelLoadError, match=r"unexpected 1 key.*blip\.something_else\.weight"):
         ir.build_model(bad, MED)
     missing = {k: v for k, v in state.items() if k != "blip.text_encoder.encoder.layer.1.crossattention.self.key.weight"}
-    with pytest.raises(ModelLoadError, match="missing"):
+    with pytest.raises(ModelLoadError, match=r"missing 1 key.*blip\.text_encoder\.encoder\.layer\.1\.crossattention\.self\.key\.weight"):
         ir.build_model(missing, MED)
     block = {k: v for k, v in state.items()}
     block["blip.visual_encoder.blocks.0.attn.extra.weight"] = torch.zeros(1)
-    with pytest.raises(ModelLoadError, match="unexpected key"):
+    with pytest.raises(ModelLoadError, match=r"unexpected 1 key.*blocks\.0\.attn\.extra\.weight"):
         ir.build_model(block, MED)
     shifted = dict(state)
     shifted[ir.POSITION_IDS_KEY] = state[ir.POSITION_IDS_KEY] + 1
