@@ -142,6 +142,30 @@ def _weights_file(folder: Path) -> str:
     return str(folder)
 
 
+def _shapes(mismatched) -> list[str]:
+    """transformers/diffusers ``mismatched_keys`` entries ``(key, checkpoint shape, model shape)`` as
+    ``"key (a, b) vs (c, d)"`` (the form :func:`check_state_dict` uses), sorted."""
+    out = []
+    for m in mismatched:
+        if isinstance(m, (tuple, list)) and len(m) == 3:
+            out.append(f"{m[0]} {tuple(m[1])} vs {tuple(m[2])}")
+        else:
+            out.append(str(m[0] if isinstance(m, (tuple, list)) else m))
+    return sorted(out)
+
+
+def _mismatched_keys(klass, folder: Path, kw: dict) -> list[str]:
+    """Which keys have the wrong shape, when ``from_pretrained`` only said that some do (transformers 5
+    logs the keys in a report and raises a sentence): load again with ``ignore_mismatched_sizes`` to
+    read the report. Only on this error path; [] when that fails too."""
+    try:
+        with _quiet("transformers.modeling_utils", "diffusers.models.modeling_utils", "transformers"):
+            _, info = klass.from_pretrained(str(folder), output_loading_info=True, ignore_mismatched_sizes=True, **kw)
+    except Exception:  # noqa: BLE001 - the first error is reported instead
+        return []
+    return _shapes(info.get("mismatched_keys", []))
+
+
 def load_pretrained(klass, folder: str | Path, *, subfolder: str | None = None, safetensors_only: bool = True,
                     ignore_unexpected: Sequence[str] = (), ignore_missing: Sequence[str] = (),
                     what: str | None = None, **kwargs):
@@ -173,14 +197,19 @@ def load_pretrained(klass, folder: str | Path, *, subfolder: str | None = None, 
         text = str(err).strip().splitlines()
         first = next((ln for ln in text if ln.strip()), type(err).__name__)
         if "ignore_mismatched_sizes" in first or "size mismatch" in first.lower():
+            shapes = _mismatched_keys(klass, folder, kw)
+            if shapes:
+                raise ModelLoadError(mismatch_message(source, mismatched=shapes)) from None
             first = "wrong shape for some keys (" + first[:200] + ")"
         raise ModelLoadError(f"{source}: cannot load {label} ({type(err).__name__}: {first})") from None
     except Exception as err:  # safetensors' SafetensorError and friends: a truncated or foreign file
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ModelLoadError(f"{source}: cannot read {label} weights ({type(err).__name__}: {first})") from None
-    missing = [k for k in info.get("missing_keys", []) if not str(k).startswith(tuple(ignore_missing))]
-    unexpected = [k for k in info.get("unexpected_keys", []) if not str(k).startswith(tuple(ignore_unexpected))]
-    message = mismatch_message(source, missing, unexpected, list(info.get("mismatched_keys", [])))
+    # transformers 5 reports sets: sorted, so that the same file always gives the same line
+    missing = sorted(str(k) for k in info.get("missing_keys", []) if not str(k).startswith(tuple(ignore_missing)))
+    unexpected = sorted(str(k) for k in info.get("unexpected_keys", [])
+                        if not str(k).startswith(tuple(ignore_unexpected)))
+    message = mismatch_message(source, missing, unexpected, _shapes(info.get("mismatched_keys", [])))
     if message:
         raise ModelLoadError(message)
     check_finite(model, source)
