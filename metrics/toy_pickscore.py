@@ -31,7 +31,7 @@ import torch
 import spobench
 from spobench.errors import MissingWeightsError
 from spobench.metrics.base import Metric, sha256_of
-from spobench.metrics.clip_common import has_tokenizer, load_clip_model
+from spobench.metrics.clip_common import combined_sha256, has_model_weights, has_tokenizer, load_clip_model, weight_files
 
 SHIPPED = Path(spobench.__file__).resolve().parent / "assets" / "toy-pickscore"
 MODEL_FILES = ("config.json", "model.safetensors")
@@ -42,7 +42,8 @@ HOW_TO_GET = ("Train one with `spobench toy data --out DATA --base-samples 0` th
 
 
 def _is_model(folder: Path) -> bool:
-    return all((folder / f).is_file() for f in MODEL_FILES) and has_tokenizer(folder)
+    # any weights file counts here, so that a pickle-only folder is refused by name (weight_files), not skipped
+    return (folder / "config.json").is_file() and has_model_weights(folder) and has_tokenizer(folder)
 
 
 def locate(weights: str | Path | None) -> Path:
@@ -88,7 +89,7 @@ class ToyPickScore(Metric):
         self.model_dir = locate(weights)
         super().__init__(weights=weights, device=device, batch_size=batch_size,
                          model="shipped" if weights is None else str(self.model_dir), **options)
-        self.checkpoint_sha256 = sha256_of(self.model_dir / "model.safetensors")
+        self.checkpoint_sha256 = combined_sha256([sha256_of(f) for f in weight_files(self.model_dir)])
         self._model = None
 
     def load(self):

@@ -65,7 +65,7 @@ def check_tensors(state: Mapping, source: str) -> None:
         if not isinstance(k, str):
             raise ModelLoadError(f"{source}: key {k!r} is a {type(k).__name__}, not a tensor name")
         if not isinstance(v, torch.Tensor):
-            raise ModelLoadError(f"{source}: entry {k} holds a {type(v).__name__}, not a tensor")
+            raise ModelLoadError(f"{source}: entry {k} is of type {type(v).__name__}, not a tensor")
 
 
 def check_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, *,
@@ -107,9 +107,13 @@ def load_state_file(path: str | Path, *, nested: Sequence[str] = ("state_dict",)
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip/pickle, a pickle with code in it, a foreign file...
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        # torch's weights_only refusal is a page of advice; its one informative line names the global
-        why = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0] if lines else type(err).__name__)
+        text = str(err)
+        if "WeightsUnpickler error:" in text:  # torch's refusal is a page of advice around one phrase
+            cause = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0]
+            why = "not a weights-only pickle: " + " ".join(cause.split())
+        else:
+            why = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
+        why = why.split(". ")[0]  # torch appends advice about corrupted checkpoints to the cause
         raise ModelLoadError(f"{path}: cannot be read as a weights-only state dict "
                              f"({type(err).__name__}: {why[:300]})") from None
     for key in nested:
