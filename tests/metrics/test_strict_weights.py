@@ -157,3 +157,31 @@ def test_removed_key_is_not_reinitialised_and_scored(target, pristine, tmp_path)
     assert target.key in info["missing_keys"]  # plain from_pretrained accepts the folder: the bug's premise
     msg = _refused(target.metric, folder)
     assert target.key in msg
+
+
+# -- the root stays fixed: no metric loads weights around spobench.weights ----------------------------
+
+def test_metrics_load_weights_only_through_spobench_weights():
+    """A new ``Model.from_pretrained`` or ``torch.load`` in metrics/ would skip the checks above; only
+    tokenizers and image processors (no weights) may be loaded directly."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2] / "metrics"
+    weightless = {"CLIPTokenizer", "CLIPImageProcessorPil", "BertTokenizer", "AutoTokenizer"}
+    bad = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            if isinstance(node.func, ast.Name) and node.func.id in ("load_file", "safe_open", "load"):
+                bad.append(f"{path.name}:{node.lineno}: {node.func.id}")
+            if not isinstance(node.func, ast.Attribute):
+                continue
+            owner = node.func.value
+            owner_name = owner.id if isinstance(owner, ast.Name) else ast.unparse(owner)
+            if node.func.attr == "from_pretrained" and owner_name not in weightless:
+                bad.append(f"{path.name}:{node.lineno}: {owner_name}.from_pretrained")
+            if node.func.attr in ("load", "load_file", "safe_open") and owner_name in ("torch", "safetensors.torch"):
+                bad.append(f"{path.name}:{node.lineno}: {owner_name}.{node.func.attr}")
+    assert len(list(root.glob("*.py"))) >= 10
+    assert not bad, f"weights loaded around spobench.weights: {bad}"
