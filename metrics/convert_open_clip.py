@@ -178,16 +178,17 @@ def build_config(state: Mapping[str, torch.Tensor], vision_heads: int | None = N
     vision = dict(
         hidden_size=v_width, intermediate_size=v_mlp, projection_dim=embed,
         num_hidden_layers=_count_layers(state, "visual.transformer.resblocks.", name),
-        num_attention_heads=_heads(v_width, vision_heads, "image", name), image_size=grid * patch, patch_size=patch,
+        num_attention_heads=_heads(v_width, vision_heads, "image", name), image_size=grid * patch,
+        patch_size=patch,
         hidden_act=hidden_act, layer_norm_eps=LAYER_NORM_EPS, attention_dropout=0.0,
     )
     logit_scale = state.get("logit_scale")
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=embed,
-                      logit_scale_init_value=float(logit_scale.flatten()[0]) if logit_scale is not None and logit_scale.numel()
-                      else 2.6592)
+    init = float(logit_scale.flatten()[0]) if logit_scale is not None and logit_scale.numel() else 2.6592
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=embed, logit_scale_init_value=init)
 
 
-def convert_state_dict(state: Mapping[str, torch.Tensor], name: str = "open_clip checkpoint") -> dict[str, torch.Tensor]:
+def convert_state_dict(state: Mapping[str, torch.Tensor],
+                       name: str = "open_clip checkpoint") -> dict[str, torch.Tensor]:
     """open_clip keys -> transformers ``CLIPModel`` keys (float32). Unknown keys raise."""
     out: dict[str, torch.Tensor] = {}
     unknown = []

@@ -175,7 +175,8 @@ class ImageRewardModel(nn.Module):
         return ((rewards - REWARD_MEAN) / REWARD_STD).squeeze(-1)
 
 
-def _configs(state: Mapping[str, torch.Tensor], med: Mapping, source: str = CHECKPOINT, med_source: str = MED_CONFIG):
+def _configs(state: Mapping[str, torch.Tensor], med: Mapping, source: str = CHECKPOINT,
+             med_source: str = MED_CONFIG):
     from transformers import BlipTextConfig, BlipVisionConfig
 
     pre = "blip.visual_encoder."
@@ -205,7 +206,8 @@ def _configs(state: Mapping[str, torch.Tensor], med: Mapping, source: str = CHEC
         attention_dropout=0.0,
     )
     if not med.get("add_cross_attention", False):
-        raise ModelLoadError(f"{med_source}: add_cross_attention must be true (ImageReward's text encoder attends to the image)")
+        raise ModelLoadError(f"{med_source}: add_cross_attention must be true "
+                             f"(ImageReward's text encoder attends to the image)")
     if med.get("position_embedding_type", "absolute") != "absolute":
         raise ModelLoadError(f"{med_source}: only absolute position embeddings are supported")
     text = BlipTextConfig(
@@ -290,7 +292,8 @@ def read_med_config(path: Path) -> dict:
 def load_model(folder: str | Path) -> ImageRewardModel:
     folder = Path(folder)
     state = load_state_file(folder / CHECKPOINT)
-    return build_model(state, read_med_config(folder / MED_CONFIG), str(folder / CHECKPOINT), str(folder / MED_CONFIG))
+    med = read_med_config(folder / MED_CONFIG)
+    return build_model(state, med, str(folder / CHECKPOINT), str(folder / MED_CONFIG))
 
 
 # -- the plugin ---------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ import torch
 import spobench
 from spobench.errors import MissingWeightsError
 from spobench.metrics.base import Metric, sha256_of
-from spobench.metrics.clip_common import combined_sha256, has_model_weights, has_tokenizer, load_clip_model, weight_files
+from spobench.metrics.clip_common import (combined_sha256, has_model_weights, has_tokenizer, load_clip_model,
+                                          weight_files)
 
 SHIPPED = Path(spobench.__file__).resolve().parent / "assets" / "toy-pickscore"
 MODEL_FILES = ("config.json", "model.safetensors")

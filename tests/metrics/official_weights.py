@@ -88,7 +88,8 @@ class Target:
 
 
 TARGETS = [
-    Target("pickscore", f"{pickscore.MODEL_DIR}/model.safetensors", "text_projection.weight", "visual_projection.weight"),
+    Target("pickscore", f"{pickscore.MODEL_DIR}/model.safetensors", "text_projection.weight",
+           "visual_projection.weight"),
     Target("aesthetic", aesthetic.HEAD_FILE, "layers.2.weight", "layers.4.weight"),
     Target("aesthetic", f"{aesthetic.CLIP_DIR}/model.safetensors", "logit_scale", "visual_projection.weight"),
     Target("hpsv2", hpsv2.CHECKPOINTS["v2.1"], "transformer.resblocks.1.ln_2.bias",
