@@ -119,7 +119,9 @@ def _check_manifest_row(row, at: str, root: Path) -> None:
         target = (root / file).resolve()
     except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symlink loop
         raise InputError(f"{at}: file {file!r} is not a usable path ({e})") from None
-    if not file.strip() or target == root or not target.is_relative_to(root):
+    if not file.strip() or target == root:
+        raise InputError(f"{at}: file {file!r} does not name a file in {root}")
+    if not target.is_relative_to(root):
         raise InputError(f"{at}: file {file!r} resolves to {target}, outside {root} (manifest paths must stay "
                          "inside the folder)")
 

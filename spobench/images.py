@@ -91,10 +91,15 @@ def _open(src, label: str):
             return Image.open(src, formats=FORMATS)
     except UnidentifiedImageError:
         raise InputError(f"{label}: not an image spobench reads ({', '.join(FORMATS)})") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"{label}: image too large to decode safely (a decompression bomb)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _too_large(label, e) from None
     except _DECODE_ERRORS as e:
         raise InputError(f"{label}: not a readable image ({e})") from None
+
+
+def _too_large(label: str, e: Exception) -> InputError:
+    return InputError(f"{label}: image has more than the {MAX_PIXELS:,} pixels spobench reads (a decompression "
+                      f"bomb? PIL: {str(e).split('could be')[0].rstrip(', ')})")
 
 
 def probe_image(source: str | Path | bytes, name: str | None = None) -> ImageInfo:
@@ -125,7 +130,7 @@ def open_image(source: str | Path | bytes, name: str | None = None, mode: str | 
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 im.load()
                 return im.convert(mode) if mode and im.mode != mode else im.copy()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise InputError(f"{label}: image too large to decode safely (a decompression bomb)") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise _too_large(label, e) from None
         except _DECODE_ERRORS as e:
             raise InputError(f"{label}: truncated or corrupt image ({e})") from None
