@@ -184,6 +184,10 @@ def evaluate_folder(folder: str | Path, metric_classes: Mapping[str, type], out:
         raise InputError(f"{manifest}: lists no images")
     files = [folder / r["file"] for r in rows]
     check_out_file(out_path, [manifest, folder / CACHE, *files])
+    old_cache, cache = _load_cache(folder)
+    if not os.access(folder, os.W_OK | os.X_OK):  # found now, not after the scoring it would throw away
+        raise OutputError(f"{folder / CACHE}: cannot write it: {folder} is not writable (eval keeps its score "
+                          "cache beside the images)")
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise InputError(f"{missing[0]}: listed in the manifest but missing ({len(missing)} missing)")
@@ -195,7 +199,6 @@ def evaluate_folder(folder: str | Path, metric_classes: Mapping[str, type], out:
     prompts = [r["prompt"] for r in rows]
     groups = np.array([r.get("prompt_index", i) for i, r in enumerate(rows)])
     hashes = [sha256_of(f) for f in files]
-    old_cache, cache = _load_cache(folder)
     result: dict = {"images": str(folder), "n_images": len(rows), "metrics": {}, "per_image": [], **provenance()}
     per_image = [{"file": r["file"], "prompt": r["prompt"], "seed": r.get("seed")} for r in rows]
     new_cache_lines = []

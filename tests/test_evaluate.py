@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,3 +298,22 @@ def test_images_folder_itself(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(InputError, match="f: not a folder"):
         evaluate_folder(tmp_path / "f", {"brightness": Brightness})
+
+
+def test_a_read_only_images_folder_is_found_before_scoring(tmp_path, monkeypatch):
+    import os
+
+    import spobench.evaluate as ev
+
+    folder = _folder(tmp_path / "images")
+    real = os.access
+    monkeypatch.setattr(ev.os, "access", lambda p, mode: False if Path(p) == folder else real(p, mode))
+    Brightness.calls = 0
+    msg = _refused(folder, "score_cache.jsonl: cannot write it", OutputError, out=tmp_path / "r.json")
+    assert "not writable" in msg and Brightness.calls == 0 and not (tmp_path / "r.json").exists()
+
+
+def test_a_score_cache_that_is_a_folder(tmp_path):
+    folder = _folder(tmp_path)
+    (folder / CACHE).mkdir()
+    assert "delete" in _refused(folder, "score_cache.jsonl: cannot read the score cache")

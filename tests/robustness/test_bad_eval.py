@@ -144,6 +144,11 @@ def _cache_line(text, *names):
     return build
 
 
+def _cache_folder(t):
+    _as_folder(t / "a" / ".score_cache.jsonl")
+    return ["eval", *METRICS, "--images", t / "a"], [".score_cache.jsonl", "Is a directory"]
+
+
 def _results(mutate, *names):
     def build(t):
         path = t / "a" / "results.json"
@@ -191,6 +196,9 @@ CASES = {
     "manifest-wrong-type": _manifest_line(1, '{"index": "0", "file": "00000.png", "prompt": "a red circle"}', "'index'"),
     "manifest-seed-wrong-type": _manifest_line(1, '{"index": 0, "file": "00000.png", "prompt": "a red circle", "seed": 1.5}',
                                                "'seed'"),
+    "manifest-nul-in-path": _manifest_line(2, '{"index": 1, "file": "0000\\u0000.png", "prompt": "two green triangles"}',
+                                           "not a usable path"),
+    "manifest-prompt-number": _manifest_line(2, '{"index": 1, "file": "00001.png", "prompt": 7}', "'prompt'", "string"),
     "manifest-duplicate-file": _manifest_line(3, '{"index": 2, "file": "00000.png", "prompt": "a red circle"}',
                                               "'00000.png'", "already on line 1"),
     "manifest-utf16": _manifest_bytes('{"index": 0}\n'.encode("utf-16"), "UTF-8"),
@@ -207,6 +215,7 @@ CASES = {
     "cache-corrupt-line": _cache_line("{torn", "corrupt score cache line"),
     "cache-wrong-type": _cache_line('{"image": "' + "0" * 64 + '", "metric": "m", "score": "9", "tag": null}',
                                     "not a score cache entry"),
+    "cache-is-a-folder": _cache_folder,
     # where results go
     "out-under-a-file": _file_in_the_way,
     "out-is-a-folder": _folder_out,
