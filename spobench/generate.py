@@ -68,6 +68,8 @@ def read_manifest(out: Path) -> list[dict]:
     line with an int ``index``, a str ``file`` and ``prompt`` (int ``prompt_index`` and int/null ``seed``
     when present), no index or file twice, and every file inside ``out`` once symlinks are resolved (a
     manifest cannot make eval score, or generate skip, a file elsewhere). Errors name the line."""
+    import posixpath
+
     out = Path(out)
     path = out / MANIFEST
     if not path.exists() and not path.is_symlink():
@@ -92,10 +94,10 @@ def read_manifest(out: Path) -> list[dict]:
         except RecursionError:
             raise InputError(f"{path}:{n}: corrupt manifest line (nested too deeply)") from None
         _check_manifest_row(row, f"{path}:{n}", root)
-        for key in ("index", "file"):
-            if (key, row[key]) in where:
-                raise InputError(f"{path}:{n}: {key} {row[key]!r} is already on line {where[key, row[key]]}")
-            where[key, row[key]] = n
+        for key, value in (("index", row["index"]), ("file", posixpath.normpath(row["file"]))):  # ./a.png is a.png
+            if (key, value) in where:
+                raise InputError(f"{path}:{n}: {key} {row[key]!r} is already on line {where[key, value]}")
+            where[key, value] = n
         rows.append(row)
     return rows
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import warnings
 import zlib
@@ -37,8 +38,9 @@ class ImageInfo(NamedTuple):
 def _limit_pil() -> None:
     from PIL import Image
 
-    # PIL's own bomb check as a second line (it raises at twice this): formats whose decoded size
-    # differs from the header's are still bounded
+    # PIL checks the header's size in Image.open (warning above this, error above twice it; both are
+    # refusals here) and again in the few plugins that learn a size only while decoding; set on every
+    # call because any library may change it
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
@@ -69,7 +71,7 @@ def _source(source: str | Path | bytes, name: str | None) -> tuple[object, str]:
 
 
 def _check(im, label: str) -> ImageInfo:
-    w, h = im.size
+    w, h = im.size  # (the pixel limit is normally PIL's own refusal in Image.open, before this)
     if w < 1 or h < 1:
         raise InputError(f"{label}: image is {w} x {h} pixels (empty)")
     if w * h > MAX_PIXELS:
@@ -98,8 +100,10 @@ def _open(src, label: str):
 
 
 def _too_large(label: str, e: Exception) -> InputError:
-    return InputError(f"{label}: image has more than the {MAX_PIXELS:,} pixels spobench reads (a decompression "
-                      f"bomb? PIL: {str(e).split('could be')[0].rstrip(', ')})")
+    found = re.search(r"\((\d+) pixels\)", str(e))  # PIL says "Image size (N pixels) exceeds limit..."
+    size = f"declares {int(found[1]):,} pixels, " if found else "has "
+    return InputError(f"{label}: image {size}more than the {MAX_PIXELS:,} pixels spobench reads (refused from its "
+                      "header: a decompression bomb?)")
 
 
 def probe_image(source: str | Path | bytes, name: str | None = None) -> ImageInfo:

@@ -152,6 +152,7 @@ def test_a_symlink_cannot_lead_out_of_the_folder(tmp_path):
     ('{"index": 1, "file": "00001.png", "prompt": "p", "prompt_index": true}', r"field 'prompt_index' must be"),
     ('{"index": 0, "file": "00001.png", "prompt": "p"}', r"manifest.jsonl:2: index 0 is already on line 1"),
     ('{"index": 1, "file": "00000.png", "prompt": "p"}', r"manifest.jsonl:2: file '00000.png' is already on line 1"),
+    ('{"index": 1, "file": "./00000.png", "prompt": "p"}', r"manifest.jsonl:2: file './00000.png' is already on line 1"),
     ("[" * 100_000, r"manifest.jsonl:2: corrupt manifest line"),
 ])
 def test_malformed_manifest_lines_name_file_and_line(tmp_path, line, match):
