@@ -172,7 +172,7 @@ def eval_(
     metrics: Optional[str] = typer.Option(None, "--metrics", "-m", help="Comma-separated metric names, e.g. pickscore,hpsv2."),
     images: Optional[Path] = typer.Option(None, "--images", help="A folder written by `spobench generate`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON (default: <images>/results.json)."),
-    weights: list[str] = typer.Option([], "--weights", help="metric=DIR: where a metric's weights are."),
+    weights: list[str] = typer.Option([], "--weights", help="metric=DIR: where a metric's weights are (once per metric, and only for one in --metrics)."),
     compare: Optional[tuple[Path, Path]] = typer.Option(
         None, "--compare", help="Compare two results (results.json or their folders): per-prompt win rates of A over B."),
     device: str = typer.Option("cpu", "--device"),

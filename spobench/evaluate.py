@@ -132,7 +132,8 @@ def _check_listed(folder: Path, rows: Sequence[dict], manifest: Path) -> None:
     if unlisted:
         more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
         raise InputError(f"{unlisted[0]}: image not listed in {manifest}{more}; an image folder and its manifest "
-                         "must agree: add it to the manifest or move it out")
+                         "must agree: add it to the manifest or move it out (a killed `spobench generate` is finished "
+                         "with --resume)")
 
 
 def _load_cache(folder: Path) -> tuple[str, dict[tuple[str, str], tuple[float, str | None]]]:
