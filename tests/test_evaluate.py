@@ -318,3 +318,30 @@ def test_a_score_cache_that_is_a_folder(tmp_path):
     folder = _folder(tmp_path)
     (folder / CACHE).mkdir()
     assert "delete" in _refused(folder, "score_cache.jsonl: cannot read the score cache")
+
+
+def test_a_bad_image_found_late_leaves_cache_and_results_as_they_were(tmp_path):
+    """Images 0-2 are scored (one per batch) before image 3's truncated body is found: nothing is kept."""
+    from spobench.errors import InputError
+
+    class OneAtATime(Brightness):
+        def __init__(self, **kw):
+            super().__init__(**kw, batch_size=1)
+
+    folder = _folder(tmp_path)
+    noise = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "00003.png")
+    (folder / "00003.png").write_bytes((folder / "00003.png").read_bytes()[:400])
+    before = snapshot(folder)
+    Brightness.calls = 0
+    with pytest.raises(InputError, match="00003.png: truncated or corrupt image"):
+        evaluate_folder(folder, {"brightness": OneAtATime})
+    assert Brightness.calls == 3 and snapshot(folder) == before
+
+
+def test_prompt_metadata_must_match_the_manifest(tmp_path):
+    from spobench.errors import InputError
+
+    folder = _folder(tmp_path)
+    with pytest.raises(InputError, match="lists 4 images but 3 prompt metadata rows"):
+        evaluate_folder(folder, {"brightness": Brightness}, metadata=[{}] * 3)
