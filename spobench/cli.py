@@ -172,7 +172,7 @@ def eval_(
     metrics: Optional[str] = typer.Option(None, "--metrics", "-m", help="Comma-separated metric names, e.g. pickscore,hpsv2."),
     images: Optional[Path] = typer.Option(None, "--images", help="A folder written by `spobench generate`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON (default: <images>/results.json)."),
-    weights: list[str] = typer.Option([], "--weights", help="metric=DIR: where a metric's weights are."),
+    weights: list[str] = typer.Option([], "--weights", help="metric=DIR: where a metric's weights are (once per metric, and only for one in --metrics)."),
     compare: Optional[tuple[Path, Path]] = typer.Option(
         None, "--compare", help="Compare two results (results.json or their folders): per-prompt win rates of A over B."),
     device: str = typer.Option("cpu", "--device"),
@@ -185,6 +185,10 @@ def eval_(
     if compare is not None:
         from spobench.compare import compare_results
 
+        extra = [flag for flag, given in (("--images", images is not None), ("--weights", weights)) if given]
+        if extra:  # they would be ignored: compare reads only the two results files
+            raise InputError(f"{extra[0]} does not go with --compare (it compares two results files as they are)")
+
         console.print(compare_results(compare[0], compare[1], metrics=names or None, out=out))
         return
     if not names:
@@ -192,13 +196,9 @@ def eval_(
     classes = {n: catalog.METRICS.get(n) for n in names}  # unknown / planned names fail here, before work
     if images is None:
         raise InputError("give --images DIR (a folder written by `spobench generate`)")
-    bad = [w for w in weights if "=" not in w]
-    if bad:
-        raise InputError(f"--weights {bad[0]!r}: expected metric=DIR")
-    from spobench.evaluate import evaluate_folder
+    from spobench.evaluate import evaluate_folder, parse_weights
 
-    where = dict(w.split("=", 1) for w in weights)
-    result = evaluate_folder(images, classes, out=out, weights=where, device=device)
+    result = evaluate_folder(images, classes, out=out, weights=parse_weights(weights), device=device)
     table = Table(title="results", show_edge=False)
     table.add_column("metric")
     table.add_column("mean")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from spobench.errors import InputError
-from spobench.evaluate import bootstrap_ci
+from spobench.evaluate import bootstrap_ci, check_out_file, write_output
 from spobench.io import atomic_write_json, provenance
 
 RESULTS = "results.json"
@@ -52,17 +52,27 @@ def load_results(path: str | Path) -> tuple[Path, dict]:
     if not p.is_file():
         raise InputError(f"{p}: results file not found (write it with `spobench eval`)")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(p.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
         raise InputError(f"{p}: not valid UTF-8") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise InputError(f"{p}: invalid JSON (nested too deeply)") from None
+    except OSError as e:
+        raise InputError(f"{p}: cannot read it: {e.strerror}") from None
     if not isinstance(data, dict) or not isinstance(data.get("per_image"), list) \
             or not isinstance(data.get("metrics"), dict):
         raise InputError(f"{p}: not a spobench results file (needs 'metrics' and 'per_image')")
+    for name, agg in data["metrics"].items():
+        if not isinstance(agg, dict):
+            raise InputError(f"{p}: metrics[{name!r}] must be an object, got {type(agg).__name__}")
     for i, row in enumerate(data["per_image"]):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise InputError(f"{p}: per_image[{i}] has no prompt")
+        seed = row.get("seed")
+        if isinstance(seed, bool) or not isinstance(seed, (int, type(None))):  # pairs are keyed by it
+            raise InputError(f"{p}: per_image[{i}].seed must be an integer or null, got {json.dumps(seed)[:40]}")
     return p, data
 
 
@@ -161,6 +171,8 @@ def compare_results(a: str | Path, b: str | Path, metrics: Sequence[str] | None 
     """
     pa, ra = load_results(a)
     pb, rb = load_results(b)
+    out_path = Path(out) if out else pa.parent / COMPARE
+    check_out_file(out_path, [pa, pb])
     rows_a, rows_b = ra["per_image"], rb["per_image"]
     shared = {r["prompt"] for r in rows_a} & {r["prompt"] for r in rows_b}
     if not shared:
@@ -210,7 +222,7 @@ def compare_results(a: str | Path, b: str | Path, metrics: Sequence[str] | None 
         sb = _scores(rows_b, ib, m, pb)
         result["metrics"][m] = {**compare_metric(sa, sb, prompts, n_boot=n_boot, seed=seed, tie_tol=tie_tol),
                                 "id": ma[m]["id"]}
-    atomic_write_json(Path(out) if out else pa.parent / COMPARE, result)
+    write_output(out_path, lambda p: atomic_write_json(p, result))
     return result
 
 

@@ -64,17 +64,68 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def read_manifest(out: Path) -> list[dict]:
+    """The rows of ``out/manifest.jsonl`` ([] when there is none), each checked: one JSON object per
+    line with an int ``index``, a str ``file`` and ``prompt`` (int ``prompt_index`` and int/null ``seed``
+    when present), no index or file twice, and every file inside ``out`` once symlinks are resolved (a
+    manifest cannot make eval score, or generate skip, a file elsewhere). Errors name the line."""
+    import posixpath
+
+    out = Path(out)
     path = out / MANIFEST
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return []
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise InputError(f"{path}:{n}: corrupt manifest line") from None
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not a manifest file") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not valid UTF-8 (a manifest is JSON lines)") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it: {e.strerror}") from None
+    root = out.resolve()
+    rows, where = [], {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: corrupt manifest line ({e.msg})") from None
+        except RecursionError:
+            raise InputError(f"{path}:{n}: corrupt manifest line (nested too deeply)") from None
+        _check_manifest_row(row, f"{path}:{n}", root)
+        for key, value in (("index", row["index"]), ("file", posixpath.normpath(row["file"]))):  # ./a.png is a.png
+            if (key, value) in where:
+                raise InputError(f"{path}:{n}: {key} {row[key]!r} is already on line {where[key, value]}")
+            where[key, value] = n
+        rows.append(row)
     return rows
+
+
+def _check_manifest_row(row, at: str, root: Path) -> None:
+    if not isinstance(row, dict):
+        raise InputError(f"{at}: a manifest line must be a JSON object, got {type(row).__name__}")
+    for key, kinds, need in (("index", int, True), ("file", str, True), ("prompt", str, True),
+                             ("prompt_index", int, False), ("seed", (int, type(None)), False)):
+        if key not in row:
+            if need:
+                raise InputError(f"{at}: missing field {key!r}")
+            continue
+        if isinstance(row[key], bool) or not isinstance(row[key], kinds):
+            want = {int: "an integer", str: "a string"}.get(kinds, "an integer or null")
+            raise InputError(f"{at}: field {key!r} must be {want}, got {json.dumps(row[key])[:60]}")
+    if row["index"] < 0 or row.get("prompt_index", 0) < 0:
+        raise InputError(f"{at}: index and prompt_index must be >= 0")
+    file = row["file"]
+    try:
+        target = (root / file).resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symlink loop
+        raise InputError(f"{at}: file {file!r} is not a usable path ({e})") from None
+    if not file.strip() or target == root:
+        raise InputError(f"{at}: file {file!r} does not name a file in {root}")
+    if not target.is_relative_to(root):
+        raise InputError(f"{at}: file {file!r} resolves to {target}, outside {root} (manifest paths must stay "
+                         "inside the folder)")
 
 
 def to_uint8(images) -> np.ndarray:

@@ -234,3 +234,48 @@ def test_folders_written_by_evaluate(tmp_path):
     m = res["metrics"]["mean"]
     assert m["win_rate"] == 1.0 and m["mean_diff"] == pytest.approx(20.0) and res["n_prompts"] == 3
     assert (tmp_path / "a" / "compare.json").exists()
+
+
+ROWS = [(f"p{i}", i, {"pickscore": float(i)}) for i in range(4)]
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda r: r["metrics"].update(pickscore=[1, 2]), r"metrics\['pickscore'\] must be an object"),
+    (lambda r: r["per_image"][1].update(seed=[1]), r"per_image\[1\].seed must be an integer or null"),
+    (lambda r: r["per_image"][2].update(seed="2"), r"per_image\[2\].seed must be an integer or null"),
+    (lambda r: r["per_image"][0].pop("prompt"), r"per_image\[0\] has no prompt"),
+    (lambda r: r.update(per_image={"a": 1}), "not a spobench results file"),
+])
+def test_malformed_results_are_one_line_naming_the_file(tmp_path, mutate, match):
+    ra = results(ROWS)
+    mutate(ra)
+    a = write(tmp_path / "a" / "results.json", ra)
+    b = write(tmp_path / "b" / "results.json", results(ROWS))
+    with pytest.raises(InputError, match=match) as e:
+        compare_results(a, b)
+    assert str(a) in str(e.value) and not (tmp_path / "a" / "compare.json").exists()
+
+
+def test_results_that_are_not_json_text(tmp_path):
+    a = tmp_path / "results.json"
+    a.write_bytes(json.dumps(results(ROWS)).encode("utf-16"))
+    with pytest.raises(InputError, match="results.json: not valid UTF-8"):
+        compare_results(a, a)
+    a.write_text("[" * 100_000)
+    with pytest.raises(InputError, match="results.json: invalid JSON"):
+        compare_results(a, a)
+
+
+def test_compare_out_that_cannot_be_written(tmp_path):
+    from spobench.errors import OutputError
+
+    a = write(tmp_path / "a" / "results.json", results(ROWS))
+    b = write(tmp_path / "b" / "results.json", results(ROWS))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is one of this command's inputs"):
+        compare_results(a, b, out=b)
+    with pytest.raises(OutputError, match="is a folder"):
+        compare_results(a, b, out=tmp_path / "a")
+    with pytest.raises(OutputError, match=r"cannot write it: .*file is not a folder"):
+        compare_results(a, b, out=tmp_path / "file" / "c.json")
+    assert json.loads(b.read_text()) == results(ROWS) and (tmp_path / "file").read_text() == "x"
