@@ -138,11 +138,11 @@ def load_official(file: str | Path, clip: str | Path, processor: str | Path | No
     from spobench.weights import check_finite, check_state_dict, mismatch_message
 
     file = Path(file)
+    state = read_checkpoint(file)  # first: it needs torch only, and most bad files fail here
     folder = _resolve_folder(clip, "--clip")
     config = _clip_config(folder)
     tokenizer, preprocess = _tokenizer_and_preprocess(folder, processor, config.vision_config.image_size,
                                                       resize="spo")
-    state = read_checkpoint(file)
 
     # the model on the meta device: its layout (names, shapes) costs nothing; the file's tensors become its weights
     with torch.device("meta"):

@@ -208,3 +208,52 @@ def test_wrong_layout_names_the_official_key(official, clip_dir, tmp_path):
     torch.save(bad, tmp_path / "pos.bin")
     with pytest.raises(ModelLoadError, match="position_ids"):
         load_official(tmp_path / "pos.bin", clip_dir)
+
+
+# -- the SPM folder itself (issue 14): every file checked, one line naming it ---------------------------
+@pytest.fixture(scope="module")
+def spm_folder(official, clip_dir, tmp_path_factory):
+    from spobench.spm_official import import_official
+
+    return import_official(official[0], clip_dir, tmp_path_factory.mktemp("folder") / "spm")
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda c: "{ not json", "not valid JSON"),
+    (lambda c: json.dumps(c | {"time_conditioned": 1}), "time_conditioned"),
+    (lambda c: json.dumps(c | {"max_length": "77"}), "max_length"),
+    (lambda c: json.dumps(c | {"preprocess": c["preprocess"] | {"size": 0}}), "size"),
+    (lambda c: json.dumps(c | {"preprocess": c["preprocess"] | {"mean": [0.5, "x", 0.5]}}), "mean"),
+    (lambda c: json.dumps(c | {"format_version": 99}), "format_version"),
+])
+def test_malformed_spm_config_names_file_and_field(spm_folder, tmp_path, edit, field):
+    import shutil
+
+    from spobench.errors import SpobenchError
+
+    spm = shutil.copytree(spm_folder, tmp_path / "spm")
+    cfg = json.loads((spm / "spm_config.json").read_text())
+    (spm / "spm_config.json").write_text(edit(cfg))
+    with pytest.raises(SpobenchError) as e:
+        StepAwarePreferenceModel.load(spm)
+    msg = str(e.value)
+    assert "spm_config.json" in msg and field in msg and "\n" not in msg, msg
+
+
+def test_pickle_only_spm_folder_is_refused_unread(spm_folder, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from spobench.errors import MissingWeightsError
+
+    spm = shutil.copytree(spm_folder, tmp_path / "spm")
+    state = load_file(str(spm / "clip" / "model.safetensors"))
+    (spm / "clip" / "model.safetensors").unlink()
+    torch.save(state, spm / "clip" / "pytorch_model.bin")
+    unpickled = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: unpickled.append(a))
+    with pytest.raises(MissingWeightsError) as e:
+        StepAwarePreferenceModel.load(spm)
+    assert "pickled .bin" in str(e.value) and "\n" not in str(e.value)
+    assert not unpickled
