@@ -12,7 +12,9 @@ Time conditioning is DiT-style adaptive LayerNorm (adaLN):
   projection.
 
 Every modulation head's final Linear is zero-initialised and the gates are parameterised as
-``1 + g``, so at initialisation the SPM computes EXACTLY the underlying CLIP (PickScore) score.
+``1 + g``, so at initialisation the SPM computes EXACTLY the underlying CLIP (PickScore) score. (The
+official SPO checkpoints use gates that multiply the branch directly; ``spobench spm import``,
+``spobench/spm_official.py``, converts them.)
 
 The CLIP vision layers are not copied: each layer's ``forward`` is patched on the instance to a
 short adaLN wrapper that calls the layer's own ``layer_norm1/self_attn/layer_norm2/mlp``; the time
@@ -145,7 +147,9 @@ def _as_int_size(value, key: str) -> int | None:
 #   @ecb68d886bf566552271e51f0a0410828438630e, spo/preference_models/models/step_aware_preference_model.py
 #   (``get_preference_score``). It works on [-1, 1] images and maps them with ``(x / 2 + 0.5).clamp(0, 1)``
 #   after the resize; bicubic weights sum to one, so resizing the [0, 1] images spobench's backbones decode
-#   is the same map.
+#   is the same map. One difference lies outside this module: the backbones clamp the decoded image to
+#   [0, 1] before a scorer sees it, the official code clamps after the resize; the two differ only where
+#   the VAE's output leaves [-1, 1].
 RESIZE_MODES = ("clip", "spo")
 
 
@@ -315,10 +319,6 @@ def _tokenizer_and_preprocess(folder: Path, processor, image_size: int, resize: 
     return tokenizer, read_preprocess(proc_dir, image_size, resize)
 
 
-def _config_error(file: Path, message: str) -> ModelLoadError:
-    return ModelLoadError(f"{file}: {message}")
-
-
 def read_spm_config(directory: Path) -> dict:
     """``spm_config.json`` of an SPM folder, checked field by field (one line naming the bad one)."""
     file = directory / CONFIG_NAME
@@ -329,31 +329,32 @@ def read_spm_config(directory: Path) -> dict:
     try:
         cfg = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise _config_error(file, f"not valid JSON ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        first = (str(e).splitlines() or [""])[0]
+        raise ModelLoadError(f"{file}: not valid JSON ({type(e).__name__}: {first})") from None
     if not isinstance(cfg, dict):
-        raise _config_error(file, "not an SPM config (a JSON object)")
+        raise ModelLoadError(f"{file}: not an SPM config (a JSON object)")
     if cfg.get("format") != SPM_FORMAT:
-        raise _config_error(file, f"not an SPM config (format {cfg.get('format')!r}, expected {SPM_FORMAT!r})")
+        raise ModelLoadError(f"{file}: not an SPM config (format {cfg.get('format')!r}, expected {SPM_FORMAT!r})")
     version = cfg.get("format_version", SPM_FORMAT_VERSION)
     if not isinstance(version, int) or isinstance(version, bool) or version > SPM_FORMAT_VERSION:
-        raise _config_error(file, f"format_version {version!r} is not one this spobench reads "
-                                  f"(<= {SPM_FORMAT_VERSION})")
+        raise ModelLoadError(f"{file}: format_version {version!r} is not one this spobench reads "
+                             f"(<= {SPM_FORMAT_VERSION})")
     if not isinstance(cfg.get("time_conditioned"), bool):
-        raise _config_error(file, f"time_conditioned must be true or false (got {cfg.get('time_conditioned')!r})")
+        raise ModelLoadError(f"{file}: time_conditioned must be true or false (got {cfg.get('time_conditioned')!r})")
     te = cfg.get("time_embedding", {})
     if not isinstance(te, dict):
-        raise _config_error(file, "time_embedding must be an object")
+        raise ModelLoadError(f"{file}: time_embedding must be an object")
     for key, optional in (("freq_dim", False), ("hidden", True)):
         v = te.get(key, 256 if key == "freq_dim" else None)
         if not (v is None and optional) and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise _config_error(file, f"time_embedding.{key} must be a positive integer (got {v!r})")
+            raise ModelLoadError(f"{file}: time_embedding.{key} must be a positive integer (got {v!r})")
     ml = cfg.get("max_length")
     if ml is not None and (not isinstance(ml, int) or isinstance(ml, bool) or ml < 1):
-        raise _config_error(file, f"max_length must be a positive integer (got {ml!r})")
+        raise ModelLoadError(f"{file}: max_length must be a positive integer (got {ml!r})")
     if not isinstance(cfg.get("base_clip", ""), str):
-        raise _config_error(file, "base_clip must be a string")
+        raise ModelLoadError(f"{file}: base_clip must be a string")
     if "preprocess" in cfg and not isinstance(cfg["preprocess"], dict):
-        raise _config_error(file, "preprocess must be an object")
+        raise ModelLoadError(f"{file}: preprocess must be an object")
     return cfg
 
 
