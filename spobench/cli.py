@@ -358,6 +358,26 @@ def eval_spm_cmd(
         console.print(f"result: {out}")
 
 
+spm_app = typer.Typer(help="Step-aware preference models from elsewhere.", no_args_is_help=True)
+app.add_typer(spm_app, name="spm")
+
+
+@spm_app.command("import")
+def spm_import(
+    checkpoint: Path = typer.Argument(..., help="The official SPO checkpoint, e.g. sd-v1-5_step-aware_preference_model.bin."),
+    clip: str = typer.Option(..., "--clip", help="The PickScore folder (yuvalkirstain/PickScore_v1): its config.json and tokenizer are used, not its weights."),
+    out: Path = typer.Option(..., "--out", "-o", help="The SPM folder to write (then --set scorer=OUT, eval-spm OUT, recipes)."),
+    processor: Optional[str] = typer.Option(None, "--processor", help="Tokenizer/preprocessor folder when --clip lacks them (laion/CLIP-ViT-H-14-laion2B-s32B-b79K)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+):
+    """Import an official SPO step-aware preference model (SPO-Diffusion-Models/Step-Aware_Preference_Models)
+    unchanged into an spobench SPM folder; it scores with the official input path."""
+    from spobench.spm_official import import_official
+
+    folder = import_official(checkpoint, clip, out, processor=processor, overwrite=overwrite)
+    console.print(f"wrote {folder} (official step-aware preference model; use it as --set scorer={folder})")
+
+
 toy_app = typer.Typer(help="The tiny world: pretrain its base model, write its preference data.",
                       no_args_is_help=True)
 app.add_typer(toy_app, name="toy")

@@ -12,7 +12,9 @@ Time conditioning is DiT-style adaptive LayerNorm (adaLN):
   projection.
 
 Every modulation head's final Linear is zero-initialised and the gates are parameterised as
-``1 + g``, so at initialisation the SPM computes EXACTLY the underlying CLIP (PickScore) score.
+``1 + g``, so at initialisation the SPM computes EXACTLY the underlying CLIP (PickScore) score. (The
+official SPO checkpoints use gates that multiply the branch directly; ``spobench spm import``,
+``spobench/spm_official.py``, converts them.)
 
 The CLIP vision layers are not copied: each layer's ``forward`` is patched on the instance to a
 short adaLN wrapper that calls the layer's own ``layer_norm1/self_attn/layer_norm2/mlp``; the time
@@ -134,43 +136,106 @@ def _as_int_size(value, key: str) -> int | None:
     return None
 
 
-def read_preprocess(folder: Path | None, image_size: int) -> dict:
+# How images are brought to the CLIP input size (``preprocess["resize"]``):
+# * "clip": what CLIPImageProcessor does through PIL (antialiased bicubic resize of the short side, long
+#   side floored, centre-crop offsets floored). spobench's own SPMs use it: it is what their PickScore
+#   init saw in training and what the PickScore metric does to the final images, and without antialiasing
+#   a 512 -> 224 resize aliases fine texture into the score.
+# * "spo": the official SPO scoring path, for the official checkpoints (trained on it): bicubic without
+#   antialias, both sides rounded (``int(side * scale + 0.5)``), then torchvision's centre crop (offsets
+#   ``int(round(d / 2))``, Python's round), only when the resized image is not square. From RockeyCoss/SPO
+#   @ecb68d886bf566552271e51f0a0410828438630e, spo/preference_models/models/step_aware_preference_model.py
+#   (``get_preference_score``). It works on [-1, 1] images and maps them with ``(x / 2 + 0.5).clamp(0, 1)``
+#   after the resize; bicubic weights sum to one, so resizing the [0, 1] images spobench's backbones decode
+#   is the same map. One difference lies outside this module: the backbones clamp the decoded image to
+#   [0, 1] before a scorer sees it, the official code clamps after the resize; the two differ only where
+#   the VAE's output leaves [-1, 1].
+RESIZE_MODES = ("clip", "spo")
+
+
+def read_preprocess(folder: Path | None, image_size: int, resize: str = "clip") -> dict:
     """Resize/crop/normalisation settings from ``preprocessor_config.json`` (CLIP defaults if absent)."""
     out = {"size": image_size, "crop": image_size, "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD),
-           "source": "clip-defaults"}
+           "resize": resize, "source": "clip-defaults"}
     file = folder / "preprocessor_config.json" if folder is not None else None
     if file is not None and file.exists():
         try:
             cfg = json.loads(file.read_text())
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"{file}: not valid JSON ({e})") from None
-        out["size"] = _as_int_size(cfg.get("size"), "shortest_edge") or out["size"]
-        out["crop"] = _as_int_size(cfg.get("crop_size"), "height") or out["crop"]
-        out["mean"] = list(cfg.get("image_mean", out["mean"]))
-        out["std"] = list(cfg.get("image_std", out["std"]))
+        if not isinstance(cfg, dict):
+            raise ModelLoadError(f"{file}: not a preprocessor config (a JSON object)")
+        try:
+            out["size"] = _as_int_size(cfg.get("size"), "shortest_edge") or out["size"]
+            out["crop"] = _as_int_size(cfg.get("crop_size"), "height") or out["crop"]
+        except (TypeError, ValueError):
+            raise ModelLoadError(f"{file}: size/crop_size are not integers") from None
+        out["mean"] = cfg.get("image_mean", out["mean"])
+        out["std"] = cfg.get("image_std", out["std"])
         out["source"] = str(file)
-    if out["crop"] != image_size:
-        raise ModelLoadError(f"{file}: crop size {out['crop']} does not match the CLIP image size {image_size}")
+    check_preprocess(out, image_size, str(file or "preprocess settings"))
+    out["mean"], out["std"] = list(out["mean"]), list(out["std"])
     return out
 
 
+def check_preprocess(pp, image_size: int, source: str) -> None:
+    """Refuse preprocess settings a CLIP of ``image_size`` cannot use, naming ``source`` and the field."""
+    if not isinstance(pp, dict):
+        raise ModelLoadError(f"{source}: preprocess settings must be an object")
+    for key in ("size", "crop"):
+        v = pp.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ModelLoadError(f"{source}: {key} must be a positive integer (got {v!r})")
+    for key in ("mean", "std"):
+        v = pp.get(key)
+        if (not isinstance(v, (list, tuple)) or len(v) != 3
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+            raise ModelLoadError(f"{source}: {key} must be 3 finite numbers (got {v!r})")
+    if not all(x > 0 for x in pp["std"]):
+        raise ModelLoadError(f"{source}: std must be positive (got {pp['std']!r})")
+    if pp.get("resize", "clip") not in RESIZE_MODES:
+        raise ModelLoadError(f"{source}: resize must be one of {', '.join(RESIZE_MODES)} (got {pp.get('resize')!r})")
+    if pp["crop"] != image_size:
+        raise ModelLoadError(f"{source}: crop size {pp['crop']} does not match the CLIP image size {image_size}")
+    if pp.get("resize") == "spo" and pp["size"] != pp["crop"]:
+        raise ModelLoadError(f"{source}: the 'spo' resize crops to the resize size, so size ({pp['size']}) "
+                             f"must equal crop ({pp['crop']})")
+
+
+def _resized_shape(h: int, w: int, size: int, resize: str) -> tuple[int, int]:
+    if resize == "spo":
+        scale = size / min(h, w)
+        return int(h * scale + 0.5), int(w * scale + 0.5)
+    short, long = (h, w) if h <= w else (w, h)
+    new_long = int(size * long / short)
+    return (size, new_long) if h <= w else (new_long, size)
+
+
+def _crop_offset(have: int, want: int, resize: str) -> int:
+    # torchvision's CenterCrop (the official path) rounds half to even; CLIPImageProcessor floors
+    return int(round((have - want) / 2.0)) if resize == "spo" else (have - want) // 2
+
+
 def preprocess_images(images: torch.Tensor, size: int, crop: int, mean: Sequence[float],
-                      std: Sequence[float]) -> torch.Tensor:
+                      std: Sequence[float], resize: str = "clip") -> torch.Tensor:
     """CLIP preprocessing in torch (differentiable, batched): images (N, 3, H, W) in [0, 1] ->
-    bicubic antialiased resize of the short side to ``size``, centre crop ``crop`` x ``crop``,
-    clamp to [0, 1], normalise with ``mean``/``std`` (what CLIPImageProcessor does through PIL)."""
+    bicubic resize of the short side to ``size`` (antialiased for ``resize="clip"``, as
+    CLIPImageProcessor through PIL; not for ``"spo"``, the official SPO path: see RESIZE_MODES),
+    centre crop ``crop`` x ``crop``, clamp to [0, 1], normalise with ``mean``/``std``."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise InputError(f"SPM expects images of shape (N, 3, H, W); got {tuple(images.shape)}")
+    if resize not in RESIZE_MODES:
+        raise InputError(f"resize must be one of {', '.join(RESIZE_MODES)} (got {resize!r})")
     x = images.float()
     h, w = x.shape[-2:]
-    short, long = (h, w) if h <= w else (w, h)
     size = max(size, crop)
-    new_short, new_long = size, int(size * long / short)
-    nh, nw = (new_short, new_long) if h <= w else (new_long, new_short)
-    if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-    top, left = (nh - crop) // 2, (nw - crop) // 2
-    x = x[..., top:top + crop, left:left + crop].clamp(0, 1)
+    nh, nw = _resized_shape(h, w, size, resize)
+    if (nh, nw) != (h, w):  # bicubic at scale 1 with align_corners=False is the identity: skipped
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=resize == "clip", align_corners=False)
+    if (nh, nw) != (crop, crop):
+        top, left = _crop_offset(nh, crop, resize), _crop_offset(nw, crop, resize)
+        x = x[..., top:top + crop, left:left + crop]
+    x = x.clamp(0, 1)
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
@@ -226,18 +291,83 @@ def _load_tokenizer(folder: Path, processor: str | Path | None):
     )
 
 
-def _load_clip(folder: Path, dtype: torch.dtype):
+def _load_clip(folder: Path, dtype: torch.dtype, *, safetensors_only: bool):
+    """``safetensors_only``: True for the ``clip/`` of an SPM folder (spobench writes safetensors, so a
+    pickle there is refused unread); False for an outside CLIP/PickScore folder, whose ``.bin``
+    transformers reads with ``weights_only=True``."""
     from transformers import CLIPModel
+
+    from spobench.weights import load_pretrained
 
     if not (folder / "config.json").exists():
         raise MissingWeightsError(f"{folder}: no config.json, not a CLIPModel folder. {HOW_TO_GET}")
     try:
-        model = CLIPModel.from_pretrained(str(folder), dtype=dtype)
-    except OSError as e:
-        raise MissingWeightsError(f"{folder}: CLIP weights missing or unreadable ({e}). {HOW_TO_GET}") from None
-    except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"{folder}: cannot load a CLIPModel ({type(e).__name__}: {e})") from None
-    return model
+        return load_pretrained(CLIPModel, folder, safetensors_only=safetensors_only, what="CLIP", dtype=dtype)
+    except MissingWeightsError as e:
+        if safetensors_only and any(folder.glob("*.bin")):
+            raise MissingWeightsError(f"{folder}: no model.safetensors (only a pickled .bin, which an SPM folder "
+                                      "never holds; it is not read)") from None
+        raise MissingWeightsError(f"{e} {HOW_TO_GET}") from None
+
+
+def _tokenizer_and_preprocess(folder: Path, processor, image_size: int, resize: str = "clip"):
+    """The tokenizer and preprocess settings for a CLIP folder: from the folder itself, else from
+    ``processor`` (PickScore's live in the laion ViT-H repo)."""
+    tokenizer, tok_dir = _load_tokenizer(folder, processor)
+    proc_dir = folder if (folder / "preprocessor_config.json").exists() else (
+        _resolve_folder(processor, "SPM processor") if processor is not None else tok_dir)
+    return tokenizer, read_preprocess(proc_dir, image_size, resize)
+
+
+def read_spm_config(directory: Path) -> dict:
+    """``spm_config.json`` of an SPM folder, checked field by field (one line naming the bad one)."""
+    file = directory / CONFIG_NAME
+    if not file.exists():
+        raise MissingWeightsError(f"{directory}: no {CONFIG_NAME}; not an SPM folder (train one with "
+                                  f"`spobench train-spm`, import an official one with `spobench spm import`). "
+                                  f"{HOW_TO_GET}")
+    try:
+        cfg = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        first = (str(e).splitlines() or [""])[0]
+        raise ModelLoadError(f"{file}: not valid JSON ({type(e).__name__}: {first})") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{file}: not an SPM config (a JSON object)")
+    if cfg.get("format") != SPM_FORMAT:
+        raise ModelLoadError(f"{file}: not an SPM config (format {cfg.get('format')!r}, expected {SPM_FORMAT!r})")
+    version = cfg.get("format_version", SPM_FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version > SPM_FORMAT_VERSION:
+        raise ModelLoadError(f"{file}: format_version {version!r} is not one this spobench reads "
+                             f"(<= {SPM_FORMAT_VERSION})")
+    if not isinstance(cfg.get("time_conditioned"), bool):
+        raise ModelLoadError(f"{file}: time_conditioned must be true or false (got {cfg.get('time_conditioned')!r})")
+    te = cfg.get("time_embedding", {})
+    if not isinstance(te, dict):
+        raise ModelLoadError(f"{file}: time_embedding must be an object")
+    for key, optional in (("freq_dim", False), ("hidden", True)):
+        v = te.get(key, 256 if key == "freq_dim" else None)
+        if not (v is None and optional) and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ModelLoadError(f"{file}: time_embedding.{key} must be a positive integer (got {v!r})")
+    ml = cfg.get("max_length")
+    if ml is not None and (not isinstance(ml, int) or isinstance(ml, bool) or ml < 1):
+        raise ModelLoadError(f"{file}: max_length must be a positive integer (got {ml!r})")
+    if not isinstance(cfg.get("base_clip", ""), str):
+        raise ModelLoadError(f"{file}: base_clip must be a string")
+    if "preprocess" in cfg and not isinstance(cfg["preprocess"], dict):
+        raise ModelLoadError(f"{file}: preprocess must be an object")
+    return cfg
+
+
+def _read_time_weights(file: Path) -> dict:
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise ModelLoadError(f"{file.parent}: time-conditioned SPM without {file.name}")
+    try:
+        return load_file(str(file))
+    except Exception as e:  # noqa: BLE001 - SafetensorError (truncated, not safetensors) and OSError alike
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"{file}: cannot read the time-conditioning weights ({type(e).__name__}: {first})") from None
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -275,6 +405,7 @@ class StepAwarePreferenceModel(nn.Module):
         self._text_cache_key: tuple | None = None
         self.text_encodes = 0  # prompts run through the text encoder (cache misses), for tests/logs
         self.counters = None  # a spobench.counters.Counters to charge image/text passes to (e.g. backbone's)
+        self.origin: dict | None = None  # where imported weights came from (spobench.spm_official), kept on save
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -297,14 +428,13 @@ class StepAwarePreferenceModel(nn.Module):
             return cls(path_or_model, tokenizer, time_conditioned=time_conditioned, preprocess=preprocess,
                        base=str(base), **kwargs)
         folder = _resolve_folder(path_or_model, "SPM init")
-        clip = _load_clip(folder, dtype)
+        clip = _load_clip(folder, dtype, safetensors_only=False)
         if tokenizer is None:
-            tokenizer, tok_dir = _load_tokenizer(folder, processor)
+            tokenizer, preprocess = _tokenizer_and_preprocess(folder, processor, clip.config.vision_config.image_size)
         else:
-            tok_dir = folder
-        proc_dir = folder if (folder / "preprocessor_config.json").exists() else (
-            _resolve_folder(processor, "SPM processor") if processor is not None else tok_dir)
-        preprocess = read_preprocess(proc_dir, clip.config.vision_config.image_size)
+            proc_dir = folder if (folder / "preprocessor_config.json").exists() else (
+                _resolve_folder(processor, "SPM processor") if processor is not None else folder)
+            preprocess = read_preprocess(proc_dir, clip.config.vision_config.image_size)
         return cls(clip, tokenizer, time_conditioned=time_conditioned, preprocess=preprocess,
                    base=str(path_or_model), **kwargs)
 
@@ -320,7 +450,7 @@ class StepAwarePreferenceModel(nn.Module):
                       "pooled": "shift/scale before visual_projection", "gate": "1 + g"},
             "preprocess": self.preprocess_cfg,
             "max_length": self.max_length,
-        }
+        } | ({"origin": self.origin} if self.origin else {})
 
     def save(self, directory: str | Path) -> Path:
         """Write ``spm_config.json``, ``clip/`` (a standard CLIPModel folder with tokenizer and
@@ -344,33 +474,29 @@ class StepAwarePreferenceModel(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> "StepAwarePreferenceModel":
-        """Load a folder written by :meth:`save`."""
-        from safetensors.torch import load_file
+        """Load a folder written by :meth:`save` (or ``spobench spm import``). Every weight is checked:
+        ``clip/`` through ``spobench.weights.load_pretrained`` (safetensors only), the time conditioning
+        through ``check_state_dict``."""
+        from spobench.weights import check_state_dict
 
         directory = Path(directory)
-        cfg_file = directory / CONFIG_NAME
-        if not cfg_file.exists():
-            raise MissingWeightsError(f"{directory}: no {CONFIG_NAME}; not an SPM folder (train one with "
-                                      f"`spobench train-spm`, or build one from PickScore). {HOW_TO_GET}")
-        cfg = json.loads(cfg_file.read_text())
-        if cfg.get("format") != SPM_FORMAT:
-            raise ModelLoadError(f"{cfg_file}: not an SPM config (format {cfg.get('format')!r})")
+        cfg = read_spm_config(directory)
         clip_dir = directory / CLIP_SUBDIR
-        clip = _load_clip(clip_dir, dtype)
+        clip = _load_clip(clip_dir, dtype, safetensors_only=True)
         tokenizer, _ = _load_tokenizer(clip_dir, None)
+        image_size = clip.config.vision_config.image_size
+        preprocess = cfg.get("preprocess") or read_preprocess(None, image_size)
+        check_preprocess(preprocess, image_size, f"{directory / CONFIG_NAME}: preprocess")
         te = cfg.get("time_embedding", {})
-        model = cls(clip, tokenizer, time_conditioned=bool(cfg["time_conditioned"]), freq_dim=te.get("freq_dim", 256),
-                    time_embed_dim=te.get("hidden"), preprocess=cfg.get("preprocess"), base=cfg.get("base_clip", ""),
+        model = cls(clip, tokenizer, time_conditioned=cfg["time_conditioned"], freq_dim=te.get("freq_dim", 256),
+                    time_embed_dim=te.get("hidden"), preprocess=preprocess, base=cfg.get("base_clip", ""),
                     max_length=cfg.get("max_length"))
+        model.origin = cfg.get("origin")
         if model.time_conditioned:
             file = directory / TIME_WEIGHTS
-            if not file.exists():
-                raise ModelLoadError(f"{directory}: time-conditioned SPM without {TIME_WEIGHTS}")
-            state = load_file(str(file))
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            missing = [k for k in missing if not k.startswith("clip.")]
-            if missing or unexpected:
-                raise ModelLoadError(f"{file}: does not fit this SPM (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            state = _read_time_weights(file)
+            check_state_dict(model, state, str(file), ignore_missing=("clip.",))
+            model.load_state_dict(state, strict=False)
         return model.to(dtype)
 
     # -- facts ----------------------------------------------------------------------------------
@@ -450,7 +576,8 @@ class StepAwarePreferenceModel(nn.Module):
     def image_embeddings(self, images: torch.Tensor, t=None) -> torch.Tensor:
         """Normalised image embeddings (N, P) of images in [0, 1] at timestep(s) ``t``."""
         pp = self.preprocess_cfg
-        pixels = preprocess_images(images.to(self.device), pp["size"], pp["crop"], pp["mean"], pp["std"])
+        pixels = preprocess_images(images.to(self.device), pp["size"], pp["crop"], pp["mean"], pp["std"],
+                                   pp.get("resize", "clip"))
         pixels = pixels.to(self.dtype)
         if not self.time_conditioned:
             out = self.clip.get_image_features(pixel_values=pixels)

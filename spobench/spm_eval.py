@@ -29,6 +29,10 @@ def load_scorer(path: str | Path, processor: Optional[str] = None):
     from spobench.spm import CONFIG_NAME, StepAwarePreferenceModel
 
     p = Path(path)
+    if p.is_file():
+        from spobench.spm_official import import_hint
+
+        raise InputError(import_hint(p))
     if not p.is_dir():
         raise InputError(f"{p}: not a folder (give an SPM folder, e.g. RUN/spm, or a CLIP/PickScore folder)")
     if (p / CONFIG_NAME).exists():

@@ -89,7 +89,8 @@ def make_pool_scorer(backbone, step_scorer: StepScorer, prompts: Sequence[str],
 
 def load_step_scorer(spec: str, device="cpu", counters=None, dtype=None) -> StepScorer:
     """A step scorer from a config string: ``metric:<name>`` (any registered metric, t ignored) or
-    the path of an SPM folder (``StepAwarePreferenceModel.save``). ``counters`` (the backbone's)
+    the path of an SPM folder (``StepAwarePreferenceModel.save``; an official SPO checkpoint becomes one
+    with ``spobench spm import``). ``counters`` (the backbone's)
     lets an SPM count its own image and text passes. ``dtype``: the SPM's weights (a frozen part,
     like the backbone's: a trainer passes its ``dtype`` setting); metrics keep their own."""
     from spobench.errors import InputError
@@ -104,6 +105,10 @@ def load_step_scorer(spec: str, device="cpu", counters=None, dtype=None) -> Step
 
     if not Path(spec).exists():
         raise InputError(f"setting 'scorer': {spec!r} is neither 'metric:<name>' nor an existing SPM folder")
+    if not Path(spec).is_dir():
+        from spobench.spm_official import import_hint
+
+        raise InputError(f"setting 'scorer': {import_hint(spec)}")
     from spobench.spm import StepAwarePreferenceModel
 
     spm = StepAwarePreferenceModel.load(spec).to(device=device, dtype=dtype).eval().requires_grad_(False)
