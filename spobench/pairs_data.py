@@ -371,19 +371,17 @@ def pickapic_schema():
     return pa.schema([(c, types[c]) for c in PICKAPIC_COLUMNS])
 
 
-def write_shard(path: str | Path, columns: dict, row_group_size: int = 100) -> None:
-    """Write one shard in the published schema from ``columns`` (name -> list); columns not given are
-    filled as the dataset would (uids from the row, ``has_label``/``are_different`` true, ...).
-    ``row_group_size`` 100 is what Hugging Face's writer uses for binary data."""
+def shard_table(columns: dict, uid_prefix: str = "img"):
+    """An arrow table in the published schema from ``columns`` (name -> list); columns not given are
+    filled as the dataset would (uids from the row, ``has_label``/``are_different`` true, ...)."""
     import datetime
 
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     n = len(columns["caption"])
     l0 = list(columns["label_0"])
-    uid0 = [f"{path}-{i}-0" for i in range(n)]
-    uid1 = [f"{path}-{i}-1" for i in range(n)]
+    uid0 = [f"{uid_prefix}-{i}-0" for i in range(n)]
+    uid1 = [f"{uid_prefix}-{i}-1" for i in range(n)]
     base = {"are_different": [True] * n, "has_label": [True] * n, "image_0_uid": uid0, "image_1_uid": uid1,
             "best_image_uid": [a if v == 1 else (b if v == 0 else "") for a, b, v in zip(uid0, uid1, l0)],
             "created_at": [datetime.datetime(2023, 1, 1)] * n,
@@ -393,4 +391,12 @@ def write_shard(path: str | Path, columns: dict, row_group_size: int = 100) -> N
             "user_id": [7] * n, "num_example_per_prompt": [1] * n}
     data = base | dict(columns)
     schema = pickapic_schema()
-    pq.write_table(pa.table({c: data[c] for c in schema.names}, schema=schema), path, row_group_size=row_group_size)
+    return pa.table({c: data[c] for c in schema.names}, schema=schema)
+
+
+def write_shard(path: str | Path, columns: dict, row_group_size: int = 100) -> None:
+    """Write one shard in the published schema (:func:`shard_table`); ``row_group_size`` 100 is what
+    Hugging Face's writer uses for binary data."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(shard_table(columns, Path(path).stem), path, row_group_size=row_group_size)

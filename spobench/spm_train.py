@@ -167,8 +167,8 @@ def evaluate_spms(backbone, models: Sequence, pairs: PairTable, rows: Sequence[i
     """``evaluate_spm`` for several models at once: each batch's x0_hat (the backbone's UNet and
     decoder, the costly part) is computed once and scored by every model. ``progress(done, total)``
     follows the pairs."""
-    # the first val_max non-tie rows, read in file order (images come a row group at a time)
-    rows = sorted([r for r in rows if not pairs.is_tie(r)][: config.val_max])
+    # the first val_max labelled non-tie rows, read in file order (images come a row group at a time)
+    rows = sorted([r for r in rows if pairs.labelled[r] and not pairs.is_tie(r)][: config.val_max])
     buckets = [int(t) for t in config.eval_timesteps]
     outcomes = [{t: [] for t in buckets} for _ in models]
     losses = [{t: 0.0 for t in buckets} for _ in models]
@@ -277,6 +277,8 @@ def train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | N
     pairs = PairTable(pairs_path)
     usable, counts = pairs.usable(KEEP_TIES)
     say(pairs.describe(counts, KEEP_TIES))
+    if not usable:
+        raise InputError(f"{pairs.path}: no labelled pairs to train on ({pairs.describe(counts, KEEP_TIES)[7:]})")
     if config.val_pairs:
         val_pairs = PairTable(config.val_pairs)
         train_rows, val_rows = usable, val_pairs.usable(KEEP_TIES)[0]

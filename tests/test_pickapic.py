@@ -16,34 +16,7 @@ from clitools import run
 from spobench import pairs_data
 from spobench.errors import InputError
 from spobench.pairs_data import PICKAPIC_COLUMNS, PairTable, split_rows, write_shard
-
-COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (40, 220, 220), (220, 40, 220)]
-
-
-def jpeg(color, size=(48, 40)) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
-def shard_columns(n: int, offset: int = 0, *, ties=(), unlabelled=()) -> dict:
-    """``n`` rows; row i: jpg_0 colour i, jpg_1 colour i+1, image 0 preferred on even rows."""
-    cols = {"caption": [f"prompt {offset + i}" for i in range(n)],
-            "jpg_0": [jpeg(COLORS[(offset + i) % 6]) for i in range(n)],
-            "jpg_1": [jpeg(COLORS[(offset + i + 1) % 6], (40, 56)) for i in range(n)],
-            "label_0": [1.0 if (offset + i) % 2 == 0 else 0.0 for i in range(n)],
-            "has_label": [True] * n}
-    for i in ties:
-        cols["label_0"][i] = 0.5
-    for i in unlabelled:  # as stored for a row without a choice: no valid label at all
-        cols["has_label"][i], cols["label_0"][i] = False, 0.0
-    cols["label_1"] = [1.0 - v for v in cols["label_0"]]
-    for i in unlabelled:
-        cols["label_1"][i] = 0.0
-    return cols
-
+from pickapic_fixtures import COLORS, shard_columns
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
@@ -200,6 +173,7 @@ def tiny_model(tmp_path_factory):
     return make_tiny_folder(tmp_path_factory.mktemp("pickapic-model") / "tiny-model")
 
 
+@pytest.mark.slow  # ~30 s on the shared machine
 def test_train_spm_reads_a_folder_of_shards(shards, tmp_path):
     out = tmp_path / "spm"
     r = run("train-spm", "--pairs", shards, "--out", out, "--backbone", "tiny", "--steps", "2", "--batch-size", "2")
@@ -211,6 +185,7 @@ def test_train_spm_reads_a_folder_of_shards(shards, tmp_path):
     assert all(np.isfinite(res["losses"])) and (out / "spm" / "spm_config.json").exists()
 
 
+@pytest.mark.slow
 def test_train_diffusion_dpo_reads_a_folder_of_shards(shards, tiny_model, tmp_path):
     out = tmp_path / "dpo"
     sets = [f"pairs={shards}", "rollout_batch=4", "train_batch_size=2", "grad_accum=1", "epochs=1", "max_rounds=1"]
