@@ -8,16 +8,15 @@ Run (not CI; a few minutes)::
 1. Writes a synthetic shard set in the published schema (``spobench.pairs_data.write_shard``) under
    /tmp: ``--shards`` shards of ``--gb / --shards`` GB, 100-row row groups (what Hugging Face's writer
    uses for binary data), real 512 x 512 JPEG bytes (smooth colour fields plus noise, quality 90, so
-   a JPEG is ~100-200 KB as SD samples are; a pool of distinct images reused across rows: parquet
-   does not deduplicate, so the bytes on disk and read are the full size). 5 % ties, 2 % unlabelled.
+   a JPEG is ~100-200 KB as SD samples are; a pool of distinct images reused across rows, written
+   without dictionary encoding, so the bytes on disk and read are the full size). 5 % ties, 2 % unlabelled.
 2. In a FRESH process per mode (so its peak RSS is the loader's alone), opens the folder
    (``PairTable``: the small-column index pass) and walks one epoch in ``BatchOrder`` order, 8
    pairs a batch, as ``train-spm`` does:
 
    * ``raw``: the stored bytes of both images of every row (``PairTable.raw``): I/O + parquet;
    * ``decode``: both images decoded, resized and centre-cropped to 512 (``PairTable.images``): what a
-     trainer pays before the VAE; the first ``--decode-rows`` rows of the epoch (default 1000: on a
-     loaded 2-core machine decoding all of 2 GB takes longer than the benchmark should).
+     trainer pays before the VAE; the whole epoch, or its first ``--decode-rows`` rows.
 
 3. Writes ``benchmarks/results/pickapic_stream.json`` (the command, the machine and its load average
    before and after, the data set's size, and per mode: index seconds, rows, rows/s, peak RSS) and
@@ -77,7 +76,9 @@ def write_set(folder: Path, gb: float, shards: int, px: int, pool: int = 48) -> 
         label_0 = rng.choice([1.0, 0.0, 0.5], size=rows, p=[0.475, 0.475, 0.05])
         has_label = rng.random(rows) >= 0.02
         # one row group at a time, so that writing does not hold a shard in memory either
-        with pq.ParquetWriter(folder / f"train-{s:05d}-of-{shards:05d}.parquet", pickapic_schema()) as w:
+        # no dictionary encoding: the pool's repeats would shrink the file; real images never repeat
+        with pq.ParquetWriter(folder / f"train-{s:05d}-of-{shards:05d}.parquet", pickapic_schema(),
+                              use_dictionary=False) as w:
             for g in range(0, rows, 100):
                 sl = slice(g, min(rows, g + 100))
                 w.write_table(shard_table({
@@ -124,7 +125,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--px", type=int, default=512)
     ap.add_argument("--modes", default="raw,decode")
-    ap.add_argument("--decode-rows", type=int, default=1000,
+    ap.add_argument("--decode-rows", type=int, default=0,
                     help="rows decoded in the decode mode (0: all); raw always walks the whole epoch")
     ap.add_argument("--out", type=Path, default=RESULT)
     ap.add_argument("--_stream", nargs=3, metavar=("FOLDER", "MODE", "LIMIT"), help=argparse.SUPPRESS)

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from spobench.errors import InputError
-from spobench.pairs_data import PAIR_COLUMNS, BatchOrder, PairTable, say, split_rows  # noqa: F401 - the pairs reader
+# the pairs reader lives in spobench.pairs_data; these names stay importable from here
+from spobench.pairs_data import BatchOrder, PairTable, say, split_rows  # noqa: F401
 
 # SPO's SPM trainer (as PickScore's) trains on ties with the soft label 0.5 / 0.5 (spobench.pairs_data)
 KEEP_TIES = True

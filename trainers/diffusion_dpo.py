@@ -7,9 +7,9 @@ compares the policy's and the reference's denoising errors on the winner and the
 reference code (SalesforceAIResearch/DiffusionDPO, ``train.py``):
 
 * **Data.** Pick-a-Pic-format parquet (a file or a folder of shards) read by
-  :class:`spobench.pairs_data.PairTable` (streamed by row group; its checks and error messages).
-  Rows with ``has_label`` false are skipped; ties (0.5 / 0.5) are dropped as in the reference (``keep_ties = true`` keeps
-  them, see below). The winner is put first, as the reference stacks (y_w, y_l).
+  :class:`spobench.pairs_data.PairTable` (images streamed by row group; its checks and error
+  messages). Rows with ``has_label`` false are skipped; ties (0.5 / 0.5) are dropped as in the
+  reference (``keep_ties = true`` keeps them, see below). The winner is put first, as the reference stacks (y_w, y_l).
 * **Noising** (the objective's expectation). Winner and loser share ONE t ~ U{0, ..., T-1} and ONE
   noise eps; x^w_t and x^l_t come from the scheduler's ``add_noise``. Images are resized (short side)
   and centre-cropped to the resolution by ``PairTable``, optionally flipped (``hflip``: each image
