@@ -21,8 +21,6 @@ Runs are resumable: the data order, t, the noise and the VAE sample of step ``s`
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import time
 from dataclasses import asdict, dataclass, fields
@@ -34,8 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from spobench.errors import InputError
+# the pairs reader lives in spobench.pairs_data; these names stay importable from here
+from spobench.pairs_data import BatchOrder, PairTable, say, split_rows  # noqa: F401
 
-PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+# SPO's SPM trainer (as PickScore's) trains on ties with the soft label 0.5 / 0.5 (spobench.pairs_data)
+KEEP_TIES = True
+
 EVAL_TIMESTEPS = (0, 250, 500, 750, 950)
 SPM_LR = {"sd15": 3e-6, "sdxl": 1e-6}  # paper Sec. 5.1
 DEFAULT_LR = 1e-4  # tiny / test backbones (a randomly initialised tiny CLIP)
@@ -93,176 +95,6 @@ def coerce_config(cls, config, what: str):
     if config.steps < 0 or config.batch_size < 1:
         raise InputError(f"steps must be >= 0 and batch_size >= 1 (got {config.steps}, {config.batch_size})")
     return config
-
-
-# -- pairs ----------------------------------------------------------------------------------------
-class PairTable:
-    """Pick-a-Pic-format pairs from one parquet file or a folder of them.
-
-    Captions and labels are read up front (and checked); images are decoded lazily, one row group
-    at a time, so a folder of Pick-a-Pic shards is not loaded into memory.
-    """
-
-    def __init__(self, path: str | Path):
-        import pyarrow.parquet as pq
-
-        path = Path(path)
-        if path.is_dir():
-            files = sorted(path.glob("*.parquet"))
-            if not files:
-                raise InputError(f"{path}: no *.parquet files in this folder")
-        elif path.exists():
-            files = [path]
-        else:
-            raise InputError(f"{path}: pairs parquet not found")
-        self.path = path
-        self.files = files
-        captions: list[str] = []
-        l0: list[np.ndarray] = []
-        l1: list[np.ndarray] = []
-        loc: list[tuple[int, int, int, int]] = []  # (file, row group, row in group, row in file)
-        for fi, f in enumerate(files):
-            try:
-                pf = pq.ParquetFile(f)
-            except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
-                raise InputError(f"{f}: not a readable parquet file ({e})") from None
-            names = set(pf.schema_arrow.names)
-            missing = [c for c in PAIR_COLUMNS if c not in names]
-            if missing:
-                raise InputError(f"{f}: missing column(s) {', '.join(missing)} (a Pick-a-Pic pairs file needs "
-                                 f"{', '.join(PAIR_COLUMNS)})")
-            table = pf.read(columns=["caption", "label_0", "label_1"])
-            caps = table.column("caption").to_pylist()
-            try:
-                a = np.asarray(table.column("label_0").to_numpy(zero_copy_only=False), dtype=np.float64)
-                b = np.asarray(table.column("label_1").to_numpy(zero_copy_only=False), dtype=np.float64)
-            except (TypeError, ValueError) as e:
-                raise InputError(f"{f}: label_0/label_1 must be numbers ({e})") from None
-            for col, arr in (("label_0", a), ("label_1", b)):
-                bad = np.flatnonzero(~np.isfinite(arr) | (arr < 0) | (arr > 1))
-                if bad.size:
-                    raise InputError(f"{f}: column {col} row {int(bad[0])}: label {arr[bad[0]]} is not in [0, 1]")
-            bad = np.flatnonzero(np.abs(a + b - 1) > 1e-3)
-            if bad.size:
-                r = int(bad[0])
-                raise InputError(f"{f}: row {r}: label_0 + label_1 = {a[r] + b[r]} (must be 1; ties are 0.5/0.5)")
-            for r, c in enumerate(caps):
-                if not isinstance(c, str):
-                    raise InputError(f"{f}: column caption row {r}: not a string ({c!r})")
-            captions += caps
-            l0.append(a)
-            l1.append(b)
-            row = 0
-            for g in range(pf.num_row_groups):
-                n = pf.metadata.row_group(g).num_rows
-                loc += [(fi, g, i, row + i) for i in range(n)]
-                row += n
-        self.captions = captions
-        self.labels = np.stack([np.concatenate(l0), np.concatenate(l1)], axis=1) if captions else np.zeros((0, 2))
-        self.loc = np.asarray(loc, dtype=np.int64).reshape(-1, 4)
-        self._groups: dict[tuple[int, int], dict] = {}
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def is_tie(self, i: int) -> bool:
-        return bool(abs(self.labels[i, 0] - self.labels[i, 1]) < 1e-6)
-
-    def group_of(self, i: int) -> tuple[int, int]:
-        return int(self.loc[i, 0]), int(self.loc[i, 1])
-
-    def _group(self, key: tuple[int, int]) -> dict:
-        import pyarrow.parquet as pq
-
-        if key not in self._groups:
-            if len(self._groups) >= 2:
-                self._groups.pop(next(iter(self._groups)))
-            f = self.files[key[0]]
-            t = pq.ParquetFile(f).read_row_group(key[1], columns=["jpg_0", "jpg_1"])
-            self._groups[key] = {c: t.column(c).to_pylist() for c in ("jpg_0", "jpg_1")}
-        return self._groups[key]
-
-    def image(self, i: int, column: str, resolution: int) -> torch.Tensor:
-        """Decode one image -> (3, res, res) float in [0, 1] (short side resized, centre crop)."""
-        from PIL import Image
-
-        fi, g, r, row = (int(v) for v in self.loc[i])
-        data = self._group((fi, g))[column][r]
-        if isinstance(data, dict):  # HF datasets' Image feature: {"bytes": ..., "path": ...}
-            data = data.get("bytes")
-        if not isinstance(data, (bytes, bytearray)):
-            raise InputError(f"{self.files[fi]}: column {column} row {row}: not encoded image bytes "
-                             f"({type(data).__name__})")
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                im = im.convert("RGB")
-                w, h = im.size
-                s = resolution / min(w, h)
-                nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
-                im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-                left, top = (nw - resolution) // 2, (nh - resolution) // 2
-                im = im.crop((left, top, left + resolution, top + resolution))
-                arr = np.asarray(im, dtype=np.uint8).copy()
-        except InputError:
-            raise
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for broken images
-            raise InputError(f"{self.files[fi]}: column {column} row {row}: cannot decode image ({e})") from None
-        return torch.from_numpy(arr).permute(2, 0, 1).float() / 255
-
-    def images(self, rows: Sequence[int], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-        a = torch.stack([self.image(i, "jpg_0", resolution) for i in rows])
-        b = torch.stack([self.image(i, "jpg_1", resolution) for i in rows])
-        return a, b
-
-
-def _caption_hash(caption: str) -> float:
-    return int.from_bytes(hashlib.blake2b(caption.encode(), digest_size=8).digest(), "big") / 2**64
-
-
-def split_rows(pairs: PairTable, val_fraction: float) -> tuple[list[int], list[int]]:
-    """(train, val) rows: a pair is held out when its caption hashes below ``val_fraction``, so a
-    caption is never on both sides and the split does not depend on the seed."""
-    if not 0 <= val_fraction < 1:
-        raise InputError(f"val_fraction must be in [0, 1) (got {val_fraction})")
-    h = np.array([_caption_hash(c) for c in pairs.captions])
-    val_mask = h < val_fraction
-    if val_fraction > 0 and not val_mask.any() and len(set(pairs.captions)) > 1:
-        val_mask = h == h.min()  # at least one held-out caption
-    train = np.flatnonzero(~val_mask).tolist()
-    val = [int(i) for i in np.flatnonzero(val_mask)[np.argsort(h[val_mask], kind="stable")]]
-    return train, val
-
-
-class BatchOrder:
-    """Step ``s`` -> rows. Each epoch shuffles the row groups, then the rows inside each group
-    (locality for lazily decoded shards); epoch ``e`` uses ``default_rng([seed, e])``."""
-
-    def __init__(self, pairs: PairTable, rows: Sequence[int], batch_size: int, seed: int):
-        if not rows:
-            raise InputError(f"{pairs.path}: no training pairs left after the held-out split")
-        self.pairs, self.rows, self.batch_size, self.seed = pairs, list(rows), batch_size, seed
-        self._epoch: tuple[int, list[int]] | None = None
-
-    def _order(self, epoch: int) -> list[int]:
-        if self._epoch is None or self._epoch[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            groups: dict[tuple[int, int], list[int]] = {}
-            for r in self.rows:
-                groups.setdefault(self.pairs.group_of(r), []).append(r)
-            keys = list(groups)
-            order: list[int] = []
-            for k in rng.permutation(len(keys)):
-                members = groups[keys[k]]
-                order += [members[j] for j in rng.permutation(len(members))]
-            self._epoch = (epoch, order)
-        return self._epoch[1]
-
-    def batch(self, step: int) -> list[int]:
-        n = len(self.rows)
-        out = []
-        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
-            out.append(self._order(pos // n)[pos % n])
-        return out
 
 
 # -- x0_hat of a noised pair -----------------------------------------------------------------------
@@ -336,7 +168,8 @@ def evaluate_spms(backbone, models: Sequence, pairs: PairTable, rows: Sequence[i
     """``evaluate_spm`` for several models at once: each batch's x0_hat (the backbone's UNet and
     decoder, the costly part) is computed once and scored by every model. ``progress(done, total)``
     follows the pairs."""
-    rows = [r for r in rows if not pairs.is_tie(r)][: config.val_max]
+    # the first val_max labelled non-tie rows, read in file order (images come a row group at a time)
+    rows = sorted([r for r in rows if pairs.labelled[r] and not pairs.is_tie(r)][: config.val_max])
     buckets = [int(t) for t in config.eval_timesteps]
     outcomes = [{t: [] for t in buckets} for _ in models]
     losses = [{t: 0.0 for t in buckets} for _ in models]
@@ -443,12 +276,16 @@ def train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | N
     prepare_out_dir(out, resume, overwrite)
     t_start = time.perf_counter()
     pairs = PairTable(pairs_path)
+    usable, counts = pairs.usable(KEEP_TIES)
+    say(pairs.describe(counts, KEEP_TIES))
+    if not usable:
+        raise InputError(f"{pairs.path}: no labelled pairs to train on ({pairs.describe(counts, KEEP_TIES)[7:]})")
     if config.val_pairs:
         val_pairs = PairTable(config.val_pairs)
-        train_rows, val_rows = list(range(len(pairs))), list(range(len(val_pairs)))
+        train_rows, val_rows = usable, val_pairs.usable(KEEP_TIES)[0]
     else:
         val_pairs = pairs
-        train_rows, val_rows = split_rows(pairs, config.val_fraction)
+        train_rows, val_rows = split_rows(pairs, config.val_fraction, usable)
     resolution = config.resolution or backbone.defaults.resolution
     device = backbone.device
     lr = config.lr_for(backbone.name)
@@ -482,7 +319,7 @@ def train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | N
     use_amp = config.amp and device.type == "cuda"
 
     result: dict = {"variant": _variant(config), "backbone": backbone.name, "lr": lr,
-                    "n_train_pairs": len(train_rows), "n_val_pairs": len(val_rows),
+                    "n_train_pairs": len(train_rows), "n_val_pairs": len(val_rows), "pairs": counts,
                     "config": asdict(config) | {"eval_timesteps": list(config.eval_timesteps)}}
     if config.eval_init and start_step == 0 and config.steps > 0:
         result["eval_init"] = evaluate_spm(backbone, model, val_pairs, val_rows, config, resolution)

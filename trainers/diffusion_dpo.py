@@ -7,9 +7,9 @@ compares the policy's and the reference's denoising errors on the winner and the
 reference code (SalesforceAIResearch/DiffusionDPO, ``train.py``):
 
 * **Data.** Pick-a-Pic-format parquet (a file or a folder of shards) read by
-  :class:`spobench.spm_train.PairTable` (its checks and error messages). Rows with ``has_label``
-  false are skipped; ties (0.5 / 0.5) are dropped as in the reference (``keep_ties = true`` keeps
-  them, see below). The winner is put first, as the reference stacks (y_w, y_l).
+  :class:`spobench.pairs_data.PairTable` (images streamed by row group; its checks and error
+  messages). Rows with ``has_label`` false are skipped; ties (0.5 / 0.5) are dropped as in the
+  reference (``keep_ties = true`` keeps them, see below). The winner is put first, as the reference stacks (y_w, y_l).
 * **Noising** (the objective's expectation). Winner and loser share ONE t ~ U{0, ..., T-1} and ONE
   noise eps; x^w_t and x^l_t come from the scheduler's ``add_noise``. Images are resized (short side)
   and centre-cropped to the resolution by ``PairTable``, optionally flipped (``hflip``: each image
@@ -53,7 +53,7 @@ Deviations from the reference, and why:
   fine-tuning; LoRA usually wants more, so treat it as the faithful starting point, not a tuned one.
   The tiny backbone defaults to lr 1e-4 and no warm-up.
 * **Data order.** The base loop's round = ``rollout_batch`` pairs per process in an epoch order
-  that shuffles parquet row groups, then rows within them (``spm_train.BatchOrder``: locality for
+  that shuffles parquet row groups, then rows within them (``pairs_data.BatchOrder``: locality for
   lazily decoded shards); t, eps, flips and caption dropout come from generators derived from
   (seed, epoch, round, pair), so a resumed run is identical to an uninterrupted one. Processes read
   disjoint pairs and do not exchange them (no gather of latents); each deals its own shuffled share.
@@ -64,7 +64,6 @@ Deviations from the reference, and why:
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -121,35 +120,13 @@ def diffusion_dpo_loss(model_w: torch.Tensor, model_l: torch.Tensor, ref_w: torc
     return loss, stats
 
 
-def usable_rows(pairs, keep_ties: bool = False, limit: int | None = None) -> tuple[list[int], dict]:
-    """Rows of a :class:`PairTable` to train on (labelled; decided unless ``keep_ties``), and counts."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    labeled = []
-    for f in pairs.files:
-        pf = pq.ParquetFile(f)
-        n = pf.metadata.num_rows
-        if "has_label" in pf.schema_arrow.names:
-            labeled.append(np.asarray(pf.read(columns=["has_label"]).column("has_label").to_pylist(), dtype=bool))
-        else:
-            labeled.append(np.ones(n, dtype=bool))
-    labeled = np.concatenate(labeled) if labeled else np.zeros(0, dtype=bool)
-    ties = np.abs(pairs.labels[:, 0] - pairs.labels[:, 1]) < 1e-6
-    keep = labeled & (keep_ties | ~ties)
-    rows = np.flatnonzero(keep).tolist()[:limit] if limit else np.flatnonzero(keep).tolist()
-    counts = {"rows": len(pairs), "unlabeled": int((~labeled).sum()), "ties": int((labeled & ties).sum()),
-              "used": len(rows)}
-    return rows, counts
-
-
 def crop_geometry(width: int, height: int, resolution: int, flipped: bool = False) -> tuple[int, int, int, int]:
     """(original height, original width, crop top, crop left) of ``PairTable.image``'s short-side
     resize + centre crop, as SDXL's micro-conditioning wants them (diffusers' SDXL training scripts:
     a flip mirrors the left crop coordinate)."""
-    s = resolution / min(width, height)
-    nw, nh = max(resolution, round(width * s)), max(resolution, round(height * s))
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    from spobench.pairs_data import crop_box
+
+    nw, _, left, top = crop_box(width, height, resolution)
     if flipped:
         left = nw - left - resolution
     return height, width, top, left
@@ -178,13 +155,13 @@ class DiffusionDPOTrainer(Trainer):
     cfg: DiffusionDPOConfig
 
     def __init__(self, config, backbone, out, *, pairs=None, **kwargs):
-        from spobench.spm_train import PairTable
+        from spobench.pairs_data import PairTable
 
         if pairs is None and config.pairs is None:
             raise InputError("setting 'pairs' is required: a Pick-a-Pic-format parquet file or folder "
                              "(e.g. --set pairs=data/pickapic_v2)")
         self.pairs = pairs if pairs is not None else PairTable(config.pairs)
-        self.rows, self.data_counts = usable_rows(self.pairs, config.keep_ties, config.max_pairs)
+        self.rows, self.data_counts = self.pairs.usable(config.keep_ties, config.max_pairs)
         if not self.rows:
             c = self.data_counts
             raise InputError(f"{self.pairs.path}: no pairs to train on ({c['rows']} rows: {c['unlabeled']} "
@@ -209,15 +186,13 @@ class DiffusionDPOTrainer(Trainer):
         return cfg.resolve(defaults)
 
     def setup(self) -> None:
-        from spobench.spm_train import BatchOrder
+        from spobench.pairs_data import BatchOrder
 
         self._order = BatchOrder(self.pairs, self.rows, len(self.rows), derive_seed(self.cfg.seed, 0x9E0))
         self._index = {r: i for i, r in enumerate(self.rows)}
         self._epoch_order: tuple[int, list[int]] = (-1, [])
         if self.is_main and self.console is not None:
-            c = self.data_counts
-            self.console.print(f"pairs: {c['used']} of {c['rows']} rows ({c['ties']} ties "
-                               f"{'kept' if self.cfg.keep_ties else 'dropped'}, {c['unlabeled']} unlabeled)")
+            self.console.print(self.pairs.describe(self.data_counts, self.cfg.keep_ties))
 
     # -- data --------------------------------------------------------------------------------------
     def round_prompts(self, epoch: int, rnd: int) -> list[int]:
@@ -266,7 +241,7 @@ class DiffusionDPOTrainer(Trainer):
             for side, src in enumerate(order):
                 imgs.append(pair[src].flip(-1) if flips[side] else pair[src])
                 if sdxl:
-                    w, h = self._image_size(row, cols[src])
+                    w, h = self.pairs.image_size(row, cols[src])
                     tids.append([*crop_geometry(w, h, res, flips[side]), res, res])
             meta.append((i, "" if drop else self.pairs.captions[row], noise, t, max(l0, l1),
                          torch.tensor(tids, dtype=torch.float32) if sdxl else None))
@@ -274,17 +249,6 @@ class DiffusionDPOTrainer(Trainer):
             lat = bb.encode_images(torch.stack(imgs).to(self.acc.device), generator=g_vae).float().cpu()
         return [DPOItem(key=(i,), caption=cap, x0=lat[2 * n:2 * n + 2], noise=noise, t=t, p=p, time_ids=tid)
                 for n, (i, cap, noise, t, p, tid) in enumerate(meta)]
-
-    def _image_size(self, row: int, column: str) -> tuple[int, int]:
-        """(width, height) of a pair image as stored (before resizing), from its header."""
-        from PIL import Image
-
-        fi, g, r, _ = (int(v) for v in self.pairs.loc[row])
-        data = self.pairs._group((fi, g))[column][r]
-        if isinstance(data, dict):
-            data = data.get("bytes")
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
 
     def share(self, items: list, epoch: int, rnd: int) -> tuple[list, int]:
         """Each process trains on the pairs it read (no exchange of latents): its items shuffled,
