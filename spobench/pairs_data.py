@@ -28,7 +28,8 @@ few row groups; Hugging Face's writer puts 100 rows in a row group of a binary d
 100 MB for Pick-a-Pic. A shard written as one huge row group still works, costing that group; the
 reader says so once (``pairs: ... row groups of up to N MB``).
 
-Images are checked from their header before any pixel is decoded (:func:`decode_image`): a 4 KB
+Images are checked from their header before any pixel is decoded (:mod:`spobench.images`, the one image
+opener eval uses too): a 4 KB
 1 x 1,000,000 PNG would otherwise be decoded and resized to 32 x 32,000,000. A broken or absurd
 image is an :class:`~spobench.errors.InputError` naming the shard, the column and the row.
 """
@@ -36,9 +37,7 @@ image is an :class:`~spobench.errors.InputError` naming the shard, the column an
 from __future__ import annotations
 
 import hashlib
-import io
 import sys
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 
 from spobench.errors import InputError
+from spobench.images import open_image, probe_image
 
 # the published schema (HF yuvalkirstain/pickapic_v1, pickapic_v2 parquet shards)
 PICKAPIC_COLUMNS = ("are_different", "best_image_uid", "caption", "created_at", "has_label", "image_0_uid",
@@ -56,11 +56,6 @@ IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 INDEX_BATCH = 65_536  # rows per batch of the small-column pass
 CACHED_GROUPS = 2  # row groups of image bytes held at once: a batch may straddle two
 BIG_GROUP_MB = 1024  # a row group with more image bytes than this is worth a note
-# Pick-a-Pic's images are 512-1024 px with aspect ratios near 1; these leave wide room for other
-# data in the format and refuse what would cost GBs to decode or resize (checked from the header).
-MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; decoding that is 120 MB of RGB
-MAX_ASPECT = 8.0  # long side / short side
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
 def say(msg: str) -> None:
@@ -69,32 +64,19 @@ def say(msg: str) -> None:
 
 
 # -- images ---------------------------------------------------------------------------------------
-def _open_checked(data, where: str):
-    """PIL image from encoded bytes, its size checked from the header (nothing decoded yet)."""
-    from PIL import Image
-
+def _encoded(data, where: str) -> bytes:
+    """The encoded bytes of one image cell (size and format limits: :mod:`spobench.images`)."""
     if isinstance(data, dict):  # HF datasets' Image feature: {"bytes": ..., "path": ...}
         data = data.get("bytes")
     if not isinstance(data, (bytes, bytearray)):
         raise InputError(f"{where}: not encoded image bytes ({type(data).__name__})")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken images
-        raise InputError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
-    w, h = im.size
-    if w < 1 or h < 1 or w * h > MAX_PIXELS or max(w, h) > MAX_ASPECT * min(w, h):
-        im.close()
-        raise InputError(f"{where}: refusing a {w}x{h} image (more than {MAX_PIXELS:,} pixels or an aspect "
-                         f"ratio over {MAX_ASPECT:g}:1; Pick-a-Pic's are 512-1024 px, near square)")
-    return im
+    return bytes(data)
 
 
 def image_size(data, where: str) -> tuple[int, int]:
     """(width, height) of encoded image bytes, from the header only."""
-    with _open_checked(data, where) as im:
-        return im.size
+    info = probe_image(_encoded(data, where), where)
+    return info.width, info.height
 
 
 def crop_box(width: int, height: int, resolution: int) -> tuple[int, int, int, int]:
@@ -109,15 +91,11 @@ def decode_image(data, resolution: int, where: str) -> torch.Tensor:
     """Encoded bytes -> (3, res, res) float in [0, 1]: short side resized (bicubic), centre crop."""
     from PIL import Image
 
-    with _open_checked(data, where) as im:
-        try:
-            rgb = im.convert("RGB")
-            nw, nh, left, top = crop_box(*rgb.size, resolution)
-            rgb = rgb.resize((nw, nh), Image.Resampling.BICUBIC)
-            rgb = rgb.crop((left, top, left + resolution, top + resolution))
-            arr = np.asarray(rgb, dtype=np.uint8).copy()
-        except Exception as e:  # noqa: BLE001 - a truncated or corrupt body fails here, not in open
-            raise InputError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
+    rgb = open_image(_encoded(data, where), where)
+    nw, nh, left, top = crop_box(*rgb.size, resolution)
+    rgb = rgb.resize((nw, nh), Image.Resampling.BICUBIC)
+    rgb = rgb.crop((left, top, left + resolution, top + resolution))
+    arr = np.asarray(rgb, dtype=np.uint8).copy()
     return torch.from_numpy(arr).permute(2, 0, 1).float() / 255
 
 

@@ -97,7 +97,7 @@ def test_broken_jpeg_names_shard_and_row(tmp_path):
     assert str(f) in str(e.value) and "column jpg_1 row 4" in str(e.value)
     cols["jpg_0"][1] = b"\xff\xd8 not a jpeg"
     write_shard(f, cols, 2)
-    with pytest.raises(InputError, match="column jpg_0 row 1: cannot decode"):
+    with pytest.raises(InputError, match="column jpg_0 row 1: (truncated or corrupt|not a readable|not an image)"):
         PairTable(f).image(1, "jpg_0", 8)
 
 
@@ -125,8 +125,8 @@ def test_absurd_image_refused_before_decoding(tmp_path, monkeypatch):
     for call in (lambda: pairs.image(2, "jpg_0", 32), lambda: pairs.image_size(2, "jpg_0")):
         with pytest.raises(InputError) as e:
             call()
-        assert str(f) in str(e.value) and "row 2" in str(e.value) and "1000000x1" in str(e.value)
-    with pytest.raises(InputError, match="refusing a 7000x7000"):  # too many pixels, however square
+        assert str(f) in str(e.value) and "row 2" in str(e.value) and "1000000 x 1" in str(e.value)
+    with pytest.raises(InputError, match="49,000,000 pixels, more than"):  # too many pixels, however square
         pairs_data.image_size(square, "x")
 
 
