@@ -72,3 +72,20 @@ def parse_device(text: str, label: str = "--device", *, allow_auto: bool = False
     if mps is None or not mps.is_available():
         raise InputError(f"{label} {text!r}: MPS is not available on this machine; use --device cpu")
     return text
+
+
+TINY_CLIP_IMAGE = 32  # the tiny world's images (spobench.toyworld.render); CLIP's vision tower sees them whole
+TINY_CLIP_HEADS = 4  # `spobench toy clip` and the toy PickScore's random CLIP
+
+
+def tiny_clip_problem(*, hidden: int, patch: int, image_size: int = TINY_CLIP_IMAGE,
+                      heads: int = TINY_CLIP_HEADS) -> list[tuple[str, str]]:
+    """(field, what is wrong) for a tiny CLIP's shape: transformers builds any shape, but a patch
+    that does not tile the image drops pixels (or, larger than it, leaves no patch at all) and a width
+    that the heads do not divide fails at the first forward, long after the folder was written."""
+    out = []
+    if patch > image_size or image_size % patch:
+        out.append(("patch", f"must divide the image size {image_size} (got {patch})"))
+    if hidden % heads:
+        out.append(("hidden", f"must be a multiple of the {heads} attention heads (got {hidden})"))
+    return out
