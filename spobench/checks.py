@@ -13,6 +13,8 @@ from typing import Any
 
 from spobench.errors import InputError
 
+SEED_MAX = 2**63 - 1  # torch generators take 64 bits (image n of a run uses seed + n); numpy's SeedSequence any
+
 
 def number_problem(value: Any, *, min: float | None = None, max: float | None = None, gt: float | None = None,
                    lt: float | None = None, finite: bool = True) -> str | None:

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from spobench.checks import SEED_MAX
 from spobench.errors import InputError, SpobenchError
 
 app = typer.Typer(
@@ -71,9 +72,6 @@ def ls(kind: Optional[Kind] = typer.Argument(None, help="What to list; all kinds
 
 
 # -- option values: checked while the command line is parsed, before any file or model is touched ------
-SEED_MAX = 2**63 - 1  # torch generators take 64 bits; image n of a run uses seed + n
-
-
 def _flag(param) -> str:
     return max(param.opts, key=len) if getattr(param, "opts", None) else f"--{param.name}"
 
