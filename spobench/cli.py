@@ -363,6 +363,8 @@ def eval_spm_cmd(
         ts = [int(x) for x in timesteps.split(",") if x.strip()]
     except ValueError:
         raise InputError(f"--timesteps must be comma-separated integers (got {timesteps!r})") from None
+    if any(t < 0 for t in ts):  # the upper bound is the backbone's, known once it is loaded
+        raise InputError(f"--timesteps must be >= 0 (got {timesteps!r})")
     bb = spm_train._load_backbone(backbone, model, device, dtype)
     if ts and not all(0 <= t < bb.num_train_timesteps for t in ts):
         raise InputError(f"--timesteps must lie in [0, {bb.num_train_timesteps}) (got {timesteps!r})")

@@ -81,13 +81,14 @@ class SPMTrainConfig:
 
 
 # Bounds of the preference-model trainers' settings, by name (SPMTrainConfig and the toy PickScore's
-# config share most names); every other number of theirs only has to be finite.
+# config share most names; 0 turns max_grad_norm, save_every and log_every off); every other number of
+# theirs only has to be finite.
 CONFIG_BOUNDS = {
     "steps": {"min": 0}, "batch_size": {"min": 1}, "lr": {"gt": 0}, "weight_decay": {"min": 0},
-    "max_grad_norm": {"gt": 0}, "seed": {"min": 0}, "time_lr_mult": {"min": 0}, "guidance_scale": {"min": 0},
+    "max_grad_norm": {"min": 0}, "seed": {"min": 0}, "time_lr_mult": {"min": 0}, "guidance_scale": {"min": 0},
     "resolution": {"min": 8}, "val_fraction": {"min": 0, "lt": 1}, "val_max": {"min": 1},
-    "eval_batch_size": {"min": 1}, "eval_seed": {"min": 0}, "backbone_chunk": {"min": 1}, "save_every": {"min": 1},
-    "log_every": {"min": 1}, "warmup": {"min": 0}, "hidden": {"min": 8}, "layers": {"min": 1}, "patch": {"min": 1},
+    "eval_batch_size": {"min": 1}, "eval_seed": {"min": 0}, "backbone_chunk": {"min": 1}, "save_every": {"min": 0},
+    "log_every": {"min": 0}, "warmup": {"min": 0}, "hidden": {"min": 8}, "layers": {"min": 1}, "patch": {"min": 1},
 }
 
 

@@ -206,7 +206,7 @@ def test_config_rejects_unknown_settings():
     ({"lr": -1.0}, "SPM training setting 'lr' must be > 0 (got -1.0)"),  # gradient ascent
     ({"lr": float("nan")}, "SPM training setting 'lr' must be a finite number (got nan)"),
     ({"time_lr_mult": float("inf")}, "setting 'time_lr_mult' must be a finite number"),
-    ({"max_grad_norm": 0.0}, "setting 'max_grad_norm' must be > 0"),
+    ({"max_grad_norm": -1.0}, "setting 'max_grad_norm' must be >= 0"),
     ({"val_fraction": 1.0}, "setting 'val_fraction' must be < 1"),
     ({"steps": -1}, "setting 'steps' must be >= 0 (got -1)"),
     ({"steps": 2.5}, "setting 'steps' must be an integer (got 2.5)"),

@@ -62,6 +62,8 @@ CASES = [
                                                "--out", o], ["--steps", ">= 0"]),
     ("eval-spm-max-0", lambda f, o: ["eval-spm", f / "clip", "--pairs", f / "pairs.parquet", "--max", "0"],
      ["--max", ">= 1"]),
+    ("eval-spm-timesteps-negative", lambda f, o: ["eval-spm", f / "clip", "--pairs", f / "pairs.parquet",
+                                                  "--timesteps", "0,-250"], ["--timesteps", ">= 0"]),
     ("toy-clip-patch-64", lambda f, o: ["toy", "clip", "--patch", "64", "--out", o],
      ["--patch", "divide the image size 32", "64"]),
     ("toy-clip-patch-5", lambda f, o: ["toy", "clip", "--patch", "5", "--out", o], ["--patch", "divide"]),
