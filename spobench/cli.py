@@ -114,6 +114,8 @@ def _load_prompts(prompts: Optional[Path], prompt_set: Optional[str], limit: Opt
         raise InputError("give --prompts FILE or --prompt-set NAME (see `spobench ls prompt-sets`)")
     if prompts is not None and prompt_set is not None:
         raise InputError("give only one of --prompts and --prompt-set")
+    if prompt_set == "file":  # the registry's entry for files takes the file itself
+        raise InputError("--prompt-set 'file': give the file with --prompts FILE")
     items = catalog.PROMPT_SETS.get("file")(prompts) if prompts else catalog.PROMPT_SETS.get(prompt_set)()
     if limit is not None:  # >= 1: checked by its option
         items = items[:limit]

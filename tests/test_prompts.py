@@ -69,3 +69,5 @@ def test_a_registered_prompt_set_name_is_never_a_file(tmp_path, monkeypatch):
     assert load_prompts("./tiny-train") == ["a planted prompt"]
     with pytest.raises(InputError, match="setting 'prompts' is empty"):
         load_prompts("  ")
+    with pytest.raises(InputError, match="setting 'prompts' 'file': give the prompt file's path"):
+        load_prompts("file")

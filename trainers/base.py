@@ -297,6 +297,8 @@ def load_prompts(spec: str, limit: int | None = None) -> list[str]:
 
     if not str(spec).strip():
         raise InputError("setting 'prompts' is empty: give a prompt file or a prompt set name")
+    if spec == "file":  # the registry's entry for files takes the file itself
+        raise InputError("setting 'prompts' 'file': give the prompt file's path (e.g. prompts=./prompts.txt)")
     path = Path(spec)
     if spec not in catalog.PROMPT_SETS and (path.suffix in (".txt", ".json", ".jsonl") or path.exists()):
         items = load_prompt_file(path)

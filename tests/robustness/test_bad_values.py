@@ -100,6 +100,8 @@ CASES = [
      [lambda f: f"{f / 'late-nul.txt'}:1001", "binary"]),
     ("prompts-zero-width", lambda f, o: ["generate", "--prompts", f / "zero-width.txt", "--out", o],
      [lambda f: f"{f / 'zero-width.txt'}:2", "no visible characters"]),
+    ("prompt-set-file-without-file", lambda f, o: ["generate", "--prompt-set", "file", "--out", o],
+     ["--prompt-set 'file'", "--prompts FILE"]),
     # -- recipes: numbers and confinement -------------------------------------------------------------------
     ("recipe-cfg-nan", lambda f, o: ["reproduce", _recipe(f, "cfgnan", "limit = 2", "limit = 2\ncfg = nan"), "--out", o],
      ["cfgnan.toml", "generate.cfg", "finite"]),
