@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from spobench.checks import SEED_MAX
 from spobench.errors import InputError, SpobenchError
 
 app = typer.Typer(
@@ -70,6 +71,42 @@ def ls(kind: Optional[Kind] = typer.Argument(None, help="What to list; all kinds
         console.print(table)
 
 
+# -- option values: checked while the command line is parsed, before any file or model is touched ------
+def _flag(param) -> str:
+    return max(param.opts, key=len) if getattr(param, "opts", None) else f"--{param.name}"
+
+
+def _number(*, min: float | None = None, max: float | None = None, gt: float | None = None,
+            lt: float | None = None):
+    """A typer callback: the option's number must be finite and within the bounds (one `error:` line
+    naming the flag; click's own range errors are a usage box, and it lets nan and inf through)."""
+    def check(ctx, param, value):
+        from spobench.checks import check_number
+
+        return value if value is None else check_number(_flag(param), value, min=min, max=max, gt=gt, lt=lt)
+    return check
+
+
+def _device(allow_auto: bool = False):
+    """A typer callback: a device this machine has (spobench.checks.parse_device)."""
+    def check(ctx, param, value):
+        from spobench.checks import parse_device
+
+        return parse_device(value, _flag(param), allow_auto=allow_auto)
+    return check
+
+
+_SEED = _number(min=0, max=SEED_MAX)
+_COUNT = _number(min=1)
+
+
+def _tiny_clip_shape(hidden: int, patch: int) -> None:
+    from spobench.checks import tiny_clip_problem
+
+    for name, problem in tiny_clip_problem(hidden=hidden, patch=patch):
+        raise InputError(f"--{name} {problem}")
+
+
 def _load_prompts(prompts: Optional[Path], prompt_set: Optional[str], limit: Optional[int]) -> list[str]:
     from spobench import catalog
 
@@ -77,10 +114,10 @@ def _load_prompts(prompts: Optional[Path], prompt_set: Optional[str], limit: Opt
         raise InputError("give --prompts FILE or --prompt-set NAME (see `spobench ls prompt-sets`)")
     if prompts is not None and prompt_set is not None:
         raise InputError("give only one of --prompts and --prompt-set")
+    if prompt_set == "file":  # the registry's entry for files takes the file itself
+        raise InputError("--prompt-set 'file': give the file with --prompts FILE")
     items = catalog.PROMPT_SETS.get("file")(prompts) if prompts else catalog.PROMPT_SETS.get(prompt_set)()
-    if limit is not None:
-        if limit < 1:
-            raise InputError(f"--limit must be >= 1 (got {limit})")
+    if limit is not None:  # >= 1: checked by its option
         items = items[:limit]
     return list(items)
 
@@ -107,14 +144,15 @@ def generate(
     backbone: str = typer.Option("tiny", "--backbone", "-b", help="tiny | sd15 | sdxl"),
     model: Optional[str] = typer.Option(None, "--model", help="Model folder or hub id (default: the backbone's own)."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="A LoRA folder/file in diffusers' format."),
-    seed: int = typer.Option(0, "--seed", help="Base seed; image n uses seed + n."),
-    images_per_prompt: int = typer.Option(1, "--images-per-prompt", "-n", min=1),
-    steps: int = typer.Option(20, "--steps", min=1, help="DDIM steps."),
-    cfg: float = typer.Option(5.0, "--cfg", help="Classifier-free guidance scale."),
-    eta: float = typer.Option(0.0, "--eta", min=0.0, max=1.0, help="DDIM eta (0 = deterministic, as diffusers' default)."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts."),
-    device: str = typer.Option("cpu", "--device"),
+    seed: int = typer.Option(0, "--seed", callback=_SEED, help="Base seed; image n uses seed + n."),
+    images_per_prompt: int = typer.Option(1, "--images-per-prompt", "-n", callback=_COUNT),
+    steps: int = typer.Option(20, "--steps", callback=_COUNT, help="DDIM steps."),
+    cfg: float = typer.Option(5.0, "--cfg", callback=_number(min=0), help="Classifier-free guidance scale."),
+    eta: float = typer.Option(0.0, "--eta", callback=_number(min=0, max=1),
+                              help="DDIM eta (0 = deterministic, as diffusers' default)."),
+    batch_size: int = typer.Option(8, "--batch-size", callback=_COUNT),
+    limit: Optional[int] = typer.Option(None, "--limit", callback=_COUNT, help="Use only the first N prompts."),
+    device: str = typer.Option("cpu", "--device", callback=_device(), help="cpu | cuda | cuda:N | mps"),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16 for the frozen model."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
@@ -175,7 +213,7 @@ def eval_(
     weights: list[str] = typer.Option([], "--weights", help="metric=DIR: where a metric's weights are (once per metric, and only for one in --metrics)."),
     compare: Optional[tuple[Path, Path]] = typer.Option(
         None, "--compare", help="Compare two results (results.json or their folders): per-prompt win rates of A over B."),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = typer.Option("cpu", "--device", callback=_device(), help="cpu | cuda | cuda:N | mps"),
 ):
     """Score images with metric plugins (per-image scores, means, bootstrap 95% CIs), or with
     --compare A B, pair two evaluated runs by prompt and seed and report win rates with CIs."""
@@ -218,7 +256,8 @@ def reproduce(
     resume: bool = typer.Option(False, "--resume", help="Continue a run in --out: finished cells are reused, "
                                 "unfinished ones continue from their last checkpoint."),
     cells: Optional[str] = typer.Option(None, "--cells", help="Comma-separated cell ids: run only these."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (generation and metrics; trainers "
+    device: str = typer.Option("auto", "--device", callback=_device(allow_auto=True),
+                               help="auto | cpu | cuda (generation and metrics; trainers "
                                "use the GPU when there is one)."),
     compile: bool = typer.Option(False, "--compile", help="Train every cell with compile=true (torch.compile of "
                                  "the UNet: the same math up to rounding, ~2x faster UNet calls after a one-off "
@@ -256,12 +295,14 @@ def train_spm_cmd(
     processor: Optional[str] = typer.Option(None, "--processor", help="Tokenizer/preprocessor folder when --init lacks them (PickScore: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)."),
     val_pairs: Optional[Path] = typer.Option(None, "--val-pairs", help="Held-out parquet (default: a caption-hash split of --pairs)."),
     no_step: bool = typer.Option(False, "--no-step", help="Table 5 'SPM w/o step': no time conditioning (with --steps 0: plain PickScore)."),
-    steps: int = typer.Option(1000, "--steps", min=0, help="Optimizer steps (0: evaluate --init only)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 3e-6 sd15, 1e-6 sdxl, 1e-4 tiny)."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Pairs per step."),
-    time_lr_mult: float = typer.Option(1.0, "--time-lr-mult", help="Learning-rate multiplier for the time-conditioning layers (zero-initialised)."),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("cpu", "--device"),
+    steps: int = typer.Option(1000, "--steps", callback=_number(min=0), help="Optimizer steps (0: evaluate --init only)."),
+    lr: Optional[float] = typer.Option(None, "--lr", callback=_number(gt=0),
+                                       help="AdamW learning rate (default 3e-6 sd15, 1e-6 sdxl, 1e-4 tiny)."),
+    batch_size: int = typer.Option(8, "--batch-size", callback=_COUNT, help="Pairs per step."),
+    time_lr_mult: float = typer.Option(1.0, "--time-lr-mult", callback=_number(min=0),
+                                       help="Learning-rate multiplier for the time-conditioning layers (zero-initialised)."),
+    seed: int = typer.Option(0, "--seed", callback=_SEED),
+    device: str = typer.Option("cpu", "--device", callback=_device(), help="cpu | cuda | cuda:N | mps"),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16 for the frozen backbone."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
@@ -305,13 +346,13 @@ def eval_spm_cmd(
     models: list[Path] = typer.Argument(..., help="SPM folders (RUN/spm) or plain CLIP/PickScore folders; the first is the reference."),
     pairs: Path = typer.Option(..., "--pairs", help="Held-out Pick-a-Pic-format parquet (or folder of them)."),
     exclude: list[Path] = typer.Option([], "--exclude", help="A training parquet whose captions are left out (repeatable)."),
-    max_pairs: int = typer.Option(1000, "--max", min=1, help="At most this many non-tie pairs."),
+    max_pairs: int = typer.Option(1000, "--max", callback=_COUNT, help="At most this many non-tie pairs."),
     timesteps: str = typer.Option("0,250,500,750,950", "--timesteps", help="Comma-separated t buckets."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the full result (per-pair outcomes too) to this JSON file."),
     backbone: str = typer.Option("tiny", "--backbone", "-b", help="tiny | sd15 | sdxl (whose x0_hat is scored)."),
     model: Optional[str] = typer.Option(None, "--model", help="Backbone model folder or hub id."),
     processor: Optional[str] = typer.Option(None, "--processor", help="Tokenizer/preprocessor folder for CLIP folders that lack them."),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = typer.Option("cpu", "--device", callback=_device(), help="cpu | cuda | cuda:N | mps"),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16 for the frozen backbone."),
 ):
     """Pair accuracy of preference models per timestep on the same held-out pairs and noise, with each
@@ -324,6 +365,8 @@ def eval_spm_cmd(
         ts = [int(x) for x in timesteps.split(",") if x.strip()]
     except ValueError:
         raise InputError(f"--timesteps must be comma-separated integers (got {timesteps!r})") from None
+    if any(t < 0 for t in ts):  # the upper bound is the backbone's, known once it is loaded
+        raise InputError(f"--timesteps must be >= 0 (got {timesteps!r})")
     bb = spm_train._load_backbone(backbone, model, device, dtype)
     if ts and not all(0 <= t < bb.num_train_timesteps for t in ts):
         raise InputError(f"--timesteps must lie in [0, {bb.num_train_timesteps}) (got {timesteps!r})")
@@ -386,11 +429,11 @@ app.add_typer(toy_app, name="toy")
 @toy_app.command("pretrain")
 def toy_pretrain(
     out: Path = typer.Option(Path("runs/tiny-pretrain"), "--out", "-o", help="Run folder (checkpoint/, model/)."),
-    steps: int = typer.Option(2500, "--steps", min=1, help="Optimizer steps (batch 32: ~0.9 s each on 2 cores)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    lr: float = typer.Option(1e-3, "--lr"),
-    seed: int = typer.Option(0, "--seed"),
-    checkpoint_every: int = typer.Option(250, "--checkpoint-every", min=1),
+    steps: int = typer.Option(2500, "--steps", callback=_COUNT, help="Optimizer steps (batch 32: ~0.9 s each on 2 cores)."),
+    batch_size: int = typer.Option(32, "--batch-size", callback=_COUNT),
+    lr: float = typer.Option(1e-3, "--lr", callback=_number(gt=0)),
+    seed: int = typer.Option(0, "--seed", callback=_SEED),
+    checkpoint_every: int = typer.Option(250, "--checkpoint-every", callback=_COUNT),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
 ):
@@ -418,10 +461,10 @@ def toy_pretrain(
 @toy_app.command("data")
 def toy_data(
     out: Path = typer.Option(Path("runs/tiny-data"), "--out", "-o", help="Folder for pairs.parquet, prompt lists, stats.json."),
-    pairs: int = typer.Option(5000, "--pairs", min=2, help="Number of preference pairs."),
-    seed: int = typer.Option(0, "--seed"),
+    pairs: int = typer.Option(5000, "--pairs", callback=_number(min=2), help="Number of preference pairs."),
+    seed: int = typer.Option(0, "--seed", callback=_SEED),
     base_samples: float = typer.Option(
-        0.5, "--base-samples", min=0.0, max=1.0,
+        0.5, "--base-samples", callback=_number(min=0, max=1),
         help="Share of image slots filled with samples of the tiny base model (0: simulated generators only)."),
     model: Optional[str] = typer.Option(None, "--model", help="Tiny model folder for --base-samples (default: shipped)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
@@ -449,14 +492,15 @@ def toy_data(
 @toy_app.command("clip")
 def toy_clip(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the CLIPModel (+ tokenizer, preprocessor)."),
-    seed: int = typer.Option(0, "--seed"),
-    hidden: int = typer.Option(64, "--hidden", min=8),
-    layers: int = typer.Option(3, "--layers", min=1),
-    patch: int = typer.Option(4, "--patch", min=1, help="Patch size on the 32x32 images."),
+    seed: int = typer.Option(0, "--seed", callback=_SEED),
+    hidden: int = typer.Option(64, "--hidden", callback=_number(min=8), help="Width (a multiple of the 4 heads)."),
+    layers: int = typer.Option(3, "--layers", callback=_COUNT),
+    patch: int = typer.Option(4, "--patch", callback=_COUNT, help="Patch size on the 32x32 images (divides 32)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ):
     """Write a randomly initialised tiny CLIP (the tiny backbone's tokenizer) as the starting point of
     the tiny world's preference models: `spobench train-spm --backbone tiny --init <out>`."""
+    _tiny_clip_shape(hidden, patch)  # before the imports: transformers takes seconds to load
     from spobench.backbones.tiny import tiny_tokenizer
     from spobench.generate import prepare_out_dir
     from spobench.spm import make_tiny_clip_folder
@@ -471,12 +515,12 @@ def toy_clip(
 def toy_pickscore(
     pairs: Path = typer.Option(..., "--pairs", help="Pick-a-Pic-format parquet (or a folder of them), e.g. `spobench toy data`'s pairs.parquet."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: model/ (a CLIPModel folder), log.jsonl, metrics.json."),
-    steps: int = typer.Option(3000, "--steps", min=0, help="Optimizer steps (0: evaluate --init only)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Pairs per step."),
-    lr: float = typer.Option(1e-3, "--lr", help="AdamW peak learning rate (warm-up, then cosine decay)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random initial CLIP and of the data order."),
+    steps: int = typer.Option(3000, "--steps", callback=_number(min=0), help="Optimizer steps (0: evaluate --init only)."),
+    batch_size: int = typer.Option(32, "--batch-size", callback=_COUNT, help="Pairs per step."),
+    lr: float = typer.Option(1e-3, "--lr", callback=_number(gt=0), help="AdamW peak learning rate (warm-up, then cosine decay)."),
+    seed: int = typer.Option(0, "--seed", callback=_SEED, help="Seed of the random initial CLIP and of the data order."),
     init: Optional[Path] = typer.Option(None, "--init", help="A CLIP folder to start from (default: a random tiny CLIP as `spobench toy clip` writes)."),
-    val_fraction: float = typer.Option(0.1, "--val-fraction", min=0.0, max=0.99, help="Share of captions held out."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", callback=_number(min=0, max=0.99), help="Share of captions held out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
 ):
     """Train the tiny world's PickScore (the `toy_pickscore` metric): a tiny CLIP trained with PickScore's

@@ -4,11 +4,19 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 
 from spobench.errors import InputError
 
 MAX_PROMPT_CHARS = 2000  # CLIP sees 77 tokens; a line far longer than that is a broken file
+
+
+def _visible(ch: str) -> bool:
+    """A character that shows: letters, digits, punctuation, symbols. Not spaces, separators,
+    combining marks on their own, controls or format characters (zero-width space/joiners, BOMs,
+    bidi marks), which a tokenizer drops or turns into nothing a model was trained on."""
+    return unicodedata.category(ch)[0] in "LNPS"
 
 
 def _check(prompt: object, where: str) -> str:
@@ -17,6 +25,12 @@ def _check(prompt: object, where: str) -> str:
     prompt = prompt.strip()
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InputError(f"{where}: prompt is {len(prompt)} characters long (limit {MAX_PROMPT_CHARS})")
+    control = next((c for c in prompt if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None)
+    if control is not None:
+        raise InputError(f"{where}: prompt contains the control character U+{ord(control):04X}")
+    if prompt and not any(_visible(c) for c in prompt):
+        codes = " ".join(f"U+{ord(c):04X}" for c in prompt[:4])
+        raise InputError(f"{where}: prompt has no visible characters ({codes}{' ...' if len(prompt) > 4 else ''})")
     return prompt
 
 
@@ -25,9 +39,14 @@ def load_prompt_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: prompt file not found")
-    raw = path.read_bytes()
-    if b"\x00" in raw[:8192]:
-        raise InputError(f"{path}: looks binary (NUL bytes), not a prompt file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the prompt file ({e.strerror})") from None
+    nul = raw.find(b"\x00")  # anywhere: a text file glued to binary data is still not a prompt file
+    if nul >= 0:
+        line = raw[:nul].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: looks binary (NUL bytes), not a prompt file")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

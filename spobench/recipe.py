@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import sys
 import types
@@ -154,6 +155,8 @@ def _coerce(ctx: Ctx, where: str, tp, value: Any) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML has nan and inf; no recipe number means either
+                raise ctx.error(where, f"must be a finite number (got {value!r})")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -164,13 +167,11 @@ def _coerce(ctx: Ctx, where: str, tp, value: Any) -> Any:
 
 
 def _check_bounds(ctx: Ctx, where: str, meta, v) -> None:
-    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
-        return
-    for key, bad, word in (("min", lambda b: v < b, ">="), ("max", lambda b: v > b, "<="),
-                           ("gt", lambda b: v <= b, ">"), ("lt", lambda b: v >= b, "<")):
-        b = meta.get(key)
-        if b is not None and bad(b):
-            raise ctx.error(where, f"must be {word} {b} (got {v!r})")
+    from spobench.checks import number_problem
+
+    problem = number_problem(v, min=meta.get("min"), max=meta.get("max"), gt=meta.get("gt"), lt=meta.get("lt"))
+    if problem:
+        raise ctx.error(where, problem)
 
 
 def _unknown(ctx: Ctx, where: str, key: str, known) -> InputError:
@@ -341,6 +342,12 @@ class ToyClipInput:
     layers: int = spec(3, "", min=1)
     patch: int = spec(4, "", min=1)
 
+    def check(self, ctx: Ctx, where: str) -> None:
+        from spobench.checks import tiny_clip_problem
+
+        for key, problem in tiny_clip_problem(hidden=self.hidden, patch=self.patch):
+            raise ctx.error(f"{where}.{key}", problem)
+
 
 @dataclass(kw_only=True)
 class SPMInput:
@@ -507,14 +514,35 @@ class PaperSpec:
         return "—" if value is None else f"{value:.{self.digits[col]}f}"
 
 
+# a Hugging Face repo id: [owner/]name, letters, digits, '-', '_', '.' (the hub's own rule, without '--'/'..')
+_HUB_ID = re.compile(r"^(?!.*(\.\.|--))[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+                     r"(?:/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?)?$")
+
+
 def check_model(ctx: Ctx, where: str, value: str) -> None:
-    if value == "default" or value.startswith("hub:"):
+    if value == "default":
+        return
+    if value.startswith("hub:"):
+        check_hub_id(ctx, where, value)
         return
     if value.startswith("random:"):
         if not value.removeprefix("random:").isdigit():
             raise ctx.error(where, f"{value!r}: expected random:<seed> (a non-negative integer)")
         return
     check_path(ctx, where, value)
+
+
+def check_hub_id(ctx: Ctx, where: str, value: str) -> None:
+    """``hub:<id>`` must be a hub id and nothing else: the model loaders take any existing folder
+    for a source, so ``hub:/abs/path`` or ``hub:../x`` would read outside the recipe's roots, and an id
+    that is also a folder in the current directory would load that folder instead of the hub's."""
+    hub_id = value.removeprefix("hub:")
+    if not _HUB_ID.match(hub_id):
+        raise ctx.error(where, f"{value!r}: not a hub id (expected hub:<owner>/<name>, e.g. "
+                               "hub:runwayml/stable-diffusion-v1-5; folders are written as paths)")
+    if Path(hub_id).exists():
+        raise ctx.error(where, f"{value!r}: {Path(hub_id).resolve()} exists in the current directory and would "
+                               "be loaded instead of the hub model; run from another directory")
 
 
 # -- the recipe ------------------------------------------------------------------------------------------
@@ -753,6 +781,26 @@ def cell_settings(recipe: Recipe, cell: CellSpec) -> dict:
     return merge(recipe.train, cell.train)
 
 
+def _check_free_strings(config_cls, settings: dict) -> None:
+    """A free-text trainer setting (a path or a name: prompts, scorer, reward, pairs) holding a bare
+    name would be opened relative to the current directory by the trainer, outside the recipe's roots;
+    in a recipe it must be a reference, a registered prompt set (``prompts``) or a path."""
+    from spobench import catalog
+
+    hints = typing.get_type_hints(config_cls)
+    for key, value in settings.items():
+        tp = hints.get(key)
+        free = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+        if not free or not isinstance(value, str) or value.startswith(("input:", "metric:")) or is_pathlike(value):
+            continue
+        if key == "prompts" and value in catalog.PROMPT_SETS:
+            continue
+        known = " or a registered prompt set (spobench ls prompt-sets)" if key == "prompts" else ""
+        raise InputError(f"setting {key!r} {value!r} is a bare name, which would be read from the current directory; "
+                         f"write ./{value} for a path in the run directory, {{data}}/{value}, input:<name>, "
+                         f"metric:<name>{known}")
+
+
 def validate_settings(recipe: Recipe, cells: list[CellSpec] | None = None) -> dict[str, Any]:
     """Check every trained cell's settings with its trainer's typed config; returns cell id -> config.
 
@@ -772,8 +820,9 @@ def validate_settings(recipe: Recipe, cells: list[CellSpec] | None = None) -> di
         settings = cell_settings(recipe, cell)
         try:
             out[cell.id] = cls.Config.from_dict(settings, source=where)
+            _check_free_strings(cls.Config, settings)
         except InputError as e:
-            msg = str(e)
+            msg = str(e).removeprefix(f"{where}: ")
             m = re.match(r"^setting '([^']+)' (.*)$", msg)
             if m:
                 raise ctx.error(f"{where}.{m.group(1)}", m.group(2)) from None

@@ -82,18 +82,49 @@ class SPMTrainConfig:
         return coerce_config(cls, d, "SPM training")
 
 
+# Bounds of the preference-model trainers' settings, by name (SPMTrainConfig and the toy PickScore's
+# config share most names; 0 turns max_grad_norm, save_every and log_every off); every other number of
+# theirs only has to be finite.
+CONFIG_BOUNDS = {
+    "steps": {"min": 0}, "batch_size": {"min": 1}, "lr": {"gt": 0}, "weight_decay": {"min": 0},
+    "max_grad_norm": {"min": 0}, "seed": {"min": 0}, "time_lr_mult": {"min": 0}, "guidance_scale": {"min": 0},
+    "resolution": {"min": 8}, "val_fraction": {"min": 0, "lt": 1}, "val_max": {"min": 1},
+    "eval_batch_size": {"min": 1}, "eval_seed": {"min": 0}, "backbone_chunk": {"min": 1}, "save_every": {"min": 0},
+    "log_every": {"min": 0}, "warmup": {"min": 0}, "hidden": {"min": 8}, "layers": {"min": 1}, "patch": {"min": 1},
+}
+
+
 def coerce_config(cls, config, what: str):
-    """``None``, a dict or a ``cls`` instance -> a checked ``cls`` (unknown keys are named), for the
-    preference-model trainers' configs (``steps`` and ``batch_size`` fields)."""
+    """``None``, a dict or a ``cls`` instance -> a checked ``cls`` (unknown keys are named, with the
+    closest known one), for the preference-model trainers' configs: types, finiteness and bounds."""
+    import difflib
+    import typing
+
+    from spobench.checks import check_number, tiny_clip_problem
+
+    names = [f.name for f in fields(cls)]
     if config is None:
         config = cls()
     elif isinstance(config, dict):
-        unknown = set(config) - {f.name for f in fields(cls)}
-        if unknown:
-            raise InputError(f"unknown {what} setting(s): {', '.join(sorted(unknown))}")
+        for key in config:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+                raise InputError(f"unknown {what} setting {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         config = cls(**config)
-    if config.steps < 0 or config.batch_size < 1:
-        raise InputError(f"steps must be >= 0 and batch_size >= 1 (got {config.steps}, {config.batch_size})")
+    hints = typing.get_type_hints(cls)
+    for name in names:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        tp = hints[name]
+        want = {int, float} if float in (tp, *typing.get_args(tp)) else {int} if int in (tp, *typing.get_args(tp)) else None
+        if want and (isinstance(value, bool) or type(value) not in want):
+            raise InputError(f"{what} setting {name!r} must be {'a number' if float in want else 'an integer'} "
+                             f"(got {value!r})")
+        check_number(f"{what} setting {name!r}", value, **CONFIG_BOUNDS.get(name, {}))
+    if hasattr(config, "patch") and hasattr(config, "hidden"):  # the toy PickScore's random CLIP
+        for name, problem in tiny_clip_problem(hidden=config.hidden, patch=config.patch):
+            raise InputError(f"{what} setting {name!r} {problem}")
     return config
 
 

@@ -202,6 +202,32 @@ def test_config_rejects_unknown_settings():
     assert SPMTrainConfig(lr=0.5).lr_for("sdxl") == 0.5
 
 
+@pytest.mark.parametrize("values, message", [
+    ({"lr": -1.0}, "SPM training setting 'lr' must be > 0 (got -1.0)"),  # gradient ascent
+    ({"lr": float("nan")}, "SPM training setting 'lr' must be a finite number (got nan)"),
+    ({"time_lr_mult": float("inf")}, "setting 'time_lr_mult' must be a finite number"),
+    ({"max_grad_norm": -1.0}, "setting 'max_grad_norm' must be >= 0"),
+    ({"val_fraction": 1.0}, "setting 'val_fraction' must be < 1"),
+    ({"steps": -1}, "setting 'steps' must be >= 0 (got -1)"),
+    ({"steps": 2.5}, "setting 'steps' must be an integer (got 2.5)"),
+    ({"lr": "fast"}, "setting 'lr' must be a number (got 'fast')"),
+    ({"learning_rat": 1e-4}, "unknown SPM training setting 'learning_rat'"),
+])
+def test_config_checks_every_number(values, message):
+    with pytest.raises(InputError) as e:
+        SPMTrainConfig.from_dict(values)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_toy_pickscore_config_checks_the_clip_shape():
+    from spobench.toyworld.pickscore_train import ToyPickScoreConfig
+
+    with pytest.raises(InputError, match="setting 'patch' must divide the image size 32 \\(got 64\\)"):
+        ToyPickScoreConfig.from_dict({"patch": 64})
+    with pytest.raises(InputError, match="setting 'lr' must be a finite number"):
+        ToyPickScoreConfig.from_dict({"lr": float("nan")})
+
+
 def test_time_lr_mult_speeds_up_only_the_time_conditioning(world, tmp_path):
     init = StepAwarePreferenceModel.from_clip(world["clip"])
     start = {n: p.detach().clone() for n, p in init.named_parameters()}

@@ -100,10 +100,28 @@ def _coerce(name: str, tp, value: Any) -> Any:
             return float(value)
         raise InputError(f"setting {name!r} must be a number (got {value!r})")
     if tp is str:
+        if isinstance(value, str) and not value.strip():  # `--set prompts=` would mean the folder "."
+            raise InputError(f"setting {name!r} is empty (give a value, or none for the default)")
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise InputError(f"setting {name!r} must be a string (got {value!r})")
     raise TypeError(f"unsupported config type {tp!r} for {name}")
+
+
+# Names a user brings from another trainer or from other tools, which difflib cannot match by spelling
+# (D3PO/DDPO judge x_0 with a `reward`, SPO scores pools with a `scorer`).
+SAME_MEANING = {"scorer": ("reward",), "reward": ("scorer",), "learning_rate": ("lr",), "rank": ("lora_rank",),
+                "batch_size": ("train_batch_size", "rollout_batch"), "steps": ("num_steps",),
+                "cfg": ("guidance_scale",), "guidance": ("guidance_scale",), "epoch": ("epochs",)}
+
+
+def _did_you_mean(key: str, known) -> str:
+    """`` (did you mean 'x'?)`` for an unknown setting: a known name of the same meaning, else the
+    closest spelling; '' when nothing is close."""
+    known = list(known)
+    close = [k for k in SAME_MEANING.get(key, ()) if k in known]
+    close = close or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _parse_value(text: str) -> Any:
@@ -157,14 +175,15 @@ class TrainerConfig:
         hints = typing.get_type_hints(cls)
         known = cls.fields()
         kwargs = dataclasses.asdict(base) if base is not None else {}
-        for key, value in values.items():
-            if key not in known:
-                close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise InputError(f"{source}: unknown setting {key!r}{hint}")
-            kwargs[key] = _coerce(key, hints[key], value)
-        cfg = cls(**kwargs)
-        cfg.validate()
+        try:
+            for key, value in values.items():
+                if key not in known:
+                    raise InputError(f"unknown setting {key!r}{_did_you_mean(key, known)}")
+                kwargs[key] = _coerce(key, hints[key], value)
+            cfg = cls(**kwargs)
+            cfg.validate()
+        except InputError as e:  # every error about these values names where they came from
+            raise (e if str(e).startswith(f"{source}: ") else InputError(f"{source}: {e}")) from None
         return cfg
 
     @classmethod
@@ -177,13 +196,19 @@ class TrainerConfig:
             if not path.is_file():
                 raise InputError(f"{path}: config file not found")
             try:
-                values = tomllib.loads(path.read_text())
+                raw = path.read_bytes()
+            except OSError as e:
+                raise InputError(f"{path}: cannot read the config file ({e.strerror})") from None
+            try:
+                text = raw.decode("utf-8-sig")  # TOML is UTF-8; a UTF-16 file (Windows editors) is not
+            except UnicodeDecodeError as e:
+                line = raw[: e.start].count(b"\n") + 1
+                raise InputError(f"{path}:{line}: not valid UTF-8 (TOML files are UTF-8; re-save it as UTF-8)") from None
+            try:
+                values = tomllib.loads(text)
             except tomllib.TOMLDecodeError as e:
                 raise InputError(f"{path}: invalid TOML ({e})") from None
-            try:
-                cfg = cls.from_dict(values, str(path), cfg)
-            except InputError as e:  # name the file in every error about its values
-                raise (e if str(e).startswith(str(path)) else InputError(f"{path}: {e}")) from None
+            cfg = cls.from_dict(values, str(path), cfg)
         sets = {}
         for item in overrides:
             key, eq, text = item.partition("=")
@@ -193,19 +218,14 @@ class TrainerConfig:
         return cls.from_dict(sets, "--set", cfg) if (sets or cfg is None) else cfg
 
     def validate(self) -> None:
-        """Range checks from the field metadata; subclasses add cross-field checks."""
+        """Range checks from the field metadata (every number must also be finite: NaN passes any
+        ``v < bound``); subclasses add cross-field checks."""
+        from spobench.checks import check_number
+
         for name, f in self.fields().items():
-            v = getattr(self, name)
-            if v is None or not isinstance(v, (int, float)) or isinstance(v, bool):
-                continue
             m = f.metadata
-            bad = ((m.get("min") is not None and v < m["min"], f">= {m.get('min')}"),
-                   (m.get("max") is not None and v > m["max"], f"<= {m.get('max')}"),
-                   (m.get("gt") is not None and v <= m["gt"], f"> {m.get('gt')}"),
-                   (m.get("lt") is not None and v >= m["lt"], f"< {m.get('lt')}"))
-            for failed, what in bad:
-                if failed:
-                    raise InputError(f"setting {name!r} must be {what} (got {v!r})")
+            check_number(f"setting {name!r}", getattr(self, name), min=m.get("min"), max=m.get("max"),
+                         gt=m.get("gt"), lt=m.get("lt"))
 
     def resolve(self, defaults) -> "TrainerConfig":
         """Fill None fields that have a per-backbone default from ``defaults`` (BackboneDefaults)."""
@@ -269,12 +289,18 @@ def derive_seed(*parts: int) -> int:
 
 
 def load_prompts(spec: str, limit: int | None = None) -> list[str]:
-    """A prompt file path or a registered prompt set name -> list of prompt strings."""
+    """A prompt file path or a registered prompt set name -> list of prompt strings. A registered name
+    always means the set, so a file of that name in the current folder cannot stand in for it
+    (``./name`` reads the file)."""
     from spobench import catalog
     from spobench.prompts import load_prompt_file
 
+    if not str(spec).strip():
+        raise InputError("setting 'prompts' is empty: give a prompt file or a prompt set name")
+    if spec == "file":  # the registry's entry for files takes the file itself
+        raise InputError("setting 'prompts' 'file': give the prompt file's path (e.g. prompts=./prompts.txt)")
     path = Path(spec)
-    if path.suffix in (".txt", ".json", ".jsonl") or path.exists():
+    if spec not in catalog.PROMPT_SETS and (path.suffix in (".txt", ".json", ".jsonl") or path.exists()):
         items = load_prompt_file(path)
     else:
         items = catalog.PROMPT_SETS.get(spec)()

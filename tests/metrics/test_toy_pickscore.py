@@ -150,6 +150,6 @@ def test_training_config_names_unknown_and_bad_settings(tmp_path):
     with pytest.raises(InputError, match="unknown toy_pickscore training setting.*bogus"):
         ToyPickScoreConfig.from_dict({"bogus": 1, "lr": 1e-3})
     assert ToyPickScoreConfig.from_dict({"lr": 0.5}).lr == 0.5
-    with pytest.raises(InputError, match="batch_size >= 1"):
+    with pytest.raises(InputError, match="'batch_size' must be >= 1"):
         train_toy_pickscore(tmp_path / "none.parquet", tmp_path / "out", {"batch_size": 0})
     assert not (tmp_path / "out").exists()

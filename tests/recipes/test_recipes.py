@@ -146,6 +146,33 @@ BAD = [
      "inputs.a: inputs use each other in a cycle (a -> b -> a)"),
     ('[cells.base]', '[inputs.a]\nkind = "toy-pairs"\nn = 1\n[cells.base]', "inputs.a.n: must be >= 2 (got 1)"),
     ('[cells.base]', '[inputs.a]\nkind = "weights"\n[cells.base]', "inputs.a.kind: must be one of"),
+    # NaN/inf pass every range check; TOML writes them as nan/inf, and no recipe number means either
+    ('limit = 2', 'limit = 2\ncfg = nan', "generate.cfg: must be a finite number (got nan)"),
+    ('limit = 2', 'limit = 2\neta = -inf', "generate.eta: must be a finite number (got -inf)"),
+    ('limit = 2', 'limit = 2\nsteps = nan', "generate.steps: must be an integer (got nan)"),
+    ('beta = 10.0,', 'beta = nan,', "cells.spo.train.beta: must be a finite number (got nan)"),
+    ('beta = 10.0,', 'threshold = inf,', "cells.spo.train.threshold: must be a finite number (got inf)"),
+    ('max_rounds = 1', 'max_rounds = 1\nlr = nan', "cells.spo.train.lr: must be a finite number (got nan)"),
+    ('title = "t"', 'title = "t"\nablation = { param = "beta", values = [1.0, nan] }',
+     "ablation.values[1]: must be a finite number (got nan)"),
+    ('name = "bad"', 'name = "bad"\npaper = { backbone = "SD-1.5", columns = ["A"], digits = [2], rows = [{ row = "x", values = [nan] }] }',
+     "paper.rows[0].values[0]: must be a finite number"),
+    ('[cells.base]', '[inputs.a]\nkind = "toy-pairs"\nbase_samples = nan\n[cells.base]', "inputs.a.base_samples: must be a finite"),
+    ('[cells.base]', '[inputs.a]\nkind = "spm"\npairs = "p.parquet"\ninit = "c"\nlr = nan\n[cells.base]',
+     "inputs.a.lr: must be a finite number"),
+    # a tiny CLIP whose patches do not tile the 32x32 image, or whose width the 4 heads do not divide
+    ('[cells.base]', '[inputs.a]\nkind = "toy-clip"\npatch = 64\n[cells.base]', "inputs.a.patch: must divide the image size 32 (got 64)"),
+    ('[cells.base]', '[inputs.a]\nkind = "toy-clip"\npatch = 5\n[cells.base]', "inputs.a.patch: must divide the image size 32"),
+    ('[cells.base]', '[inputs.a]\nkind = "toy-clip"\nhidden = 10\n[cells.base]', "inputs.a.hidden: must be a multiple of the 4"),
+    # confinement: hub ids are hub ids (the loaders take any existing folder as a source), and a bare
+    # name in a path-or-name trainer setting would be opened relative to the current directory
+    ('model = "random:0"', 'model = "hub:/etc"', "model: 'hub:/etc': not a hub id"),
+    ('model = "random:0"', 'model = "hub:../models/x"', "model: 'hub:../models/x': not a hub id"),
+    ('model = "random:0"', 'model = "hub:~/models"', "not a hub id"),
+    ('model = "random:0"', 'model = "hub:a/b/c"', "not a hub id"),
+    ('[cells.base]\nmethod = "base"', '[cells.base]\nmethod = "external"\nmodel = "hub:/tmp/x"', "cells.base.model: 'hub:/tmp/x': not a hub id"),
+    ('scorer = "metric:toy_aesthetic"', 'scorer = "myspm"', "cells.spo.train.scorer: 'myspm' is a bare name"),
+    ('prompts = "tiny-train"', 'prompts = "myprompts"', "train.prompts: 'myprompts' is a bare name"),
 ]
 
 
@@ -187,3 +214,24 @@ def test_paths_resolve_inside_the_run_directory(tmp_path, monkeypatch):
     (run / "link").symlink_to(tmp_path)  # a symlink inside the run folder that points out of it
     with pytest.raises(InputError, match="outside the run directory"):
         resolve_path("link/secret.txt", run)
+
+
+def test_hub_id_that_is_a_local_folder_is_refused(tmp_path, monkeypatch):
+    """`hub:org/name` with a folder org/name in the current directory: the loader would read the folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    path = _write(tmp_path, GOOD.replace('model = "random:0"', 'model = "hub:org/name"', 1))
+    with pytest.raises(InputError, match=r"model: 'hub:org/name': .* exists in the current directory"):
+        load_recipe(path)
+    path = _write(tmp_path, GOOD.replace('model = "random:0"', 'model = "hub:org/other"', 1))
+    assert load_recipe(path, "sd15").model == "default"  # the base table's hub id itself is fine
+
+
+def test_good_hub_ids_and_relative_paths_pass(tmp_path):
+    for model in ("hub:runwayml/stable-diffusion-v1-5", "hub:gpt2", "hub:stabilityai/sdxl-vae_fp16.fix",
+                  "models/tiny", "./tiny"):
+        path = _write(tmp_path, GOOD.replace('model = "random:0"', f'model = "{model}"', 1))
+        assert load_recipe(path, "tiny").model == model
+    for scorer in ("./spm", "{assets}/tiny-spm", "metric:toy_aesthetic"):
+        path = _write(tmp_path, GOOD.replace('scorer = "metric:toy_aesthetic"', f'scorer = "{scorer}"', 1))
+        _load_and_validate(path)

@@ -298,6 +298,17 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     (["eta=0"], "setting 'eta' must be > 0 (got 0.0)"),
     (["t_min=800"], "setting 't_min' must be <= kappa (750) (got 800)"),
     (["k"], "--set 'k': expected key=value"),
+    # NaN and inf pass every `v < bound` check; each number must be finite first
+    (["threshold=nan"], "--set: setting 'threshold' must be a finite number (got nan)"),
+    (["lr=nan"], "--set: setting 'lr' must be a finite number (got nan)"),
+    (["beta=inf"], "setting 'beta' must be a finite number (got inf)"),
+    (["guidance_scale=-inf"], "setting 'guidance_scale' must be a finite number (got -inf)"),
+    (["max_grad_norm=nan"], "setting 'max_grad_norm' must be a finite number"),
+    (["k=nan"], "setting 'k' must be an integer (got nan)"),
+    (["prompts="], "setting 'prompts' is empty"),
+    (["scorer= "], "setting 'scorer' is empty"),
+    (["reward=metric:toy_aesthetic"], "unknown setting 'reward' (did you mean 'scorer'?)"),
+    (["learning_rate=1e-4"], "unknown setting 'learning_rate' (did you mean 'lr'?)"),
 ])
 def test_bad_settings_name_the_field(sets, message):
     with pytest.raises(InputError) as e:
@@ -314,6 +325,36 @@ def test_config_file_then_overrides(tmp_path):
     bad.write_text("beta = -1\n")
     with pytest.raises(InputError, match="setting 'beta' must be > 0"):
         SPOConfig.load(bad)
+
+
+def test_config_files_name_file_and_field(tmp_path):
+    f = tmp_path / "nan.toml"
+    f.write_text("beta = nan\n")
+    with pytest.raises(InputError, match=r"nan.toml: setting 'beta' must be a finite number \(got nan\)"):
+        SPOConfig.load(f)
+    f = tmp_path / "utf16.toml"
+    f.write_bytes("k = 3\n".encode("utf-16"))
+    with pytest.raises(InputError, match=r"utf16.toml:1: not valid UTF-8"):
+        SPOConfig.load(f)
+    f = tmp_path / "bom.toml"
+    f.write_bytes("k = 3\n".encode("utf-8-sig"))  # a UTF-8 BOM is still UTF-8
+    assert SPOConfig.load(f).k == 3
+    with pytest.raises(InputError, match=r"ckpt/config.json: setting 'kappa' must be < 1000"):
+        SPOConfig.from_dict({"kappa": 5000}, "ckpt/config.json")
+
+
+def test_validate_checks_values_set_in_code():
+    cfg = SPOConfig()
+    cfg.eta = float("nan")
+    with pytest.raises(InputError, match="setting 'eta' must be a finite number"):
+        cfg.validate()
+
+
+def test_d3po_names_its_reward():
+    from spobench.trainers.d3po import D3POConfig
+
+    with pytest.raises(InputError, match=r"unknown setting 'scorer' \(did you mean 'reward'\?\)"):
+        D3POConfig.load(None, ["scorer=metric:toy_aesthetic"])
 
 
 def test_backbone_defaults_fill_unset_fields():
