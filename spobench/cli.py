@@ -213,10 +213,16 @@ def eval_(
 @app.command()
 def reproduce(
     recipe: str = typer.Argument(..., help="A recipe name, e.g. table1 (see `spobench ls recipes`), or a recipe .toml file."),
-    backbone: str = typer.Option("tiny", "--backbone", "-b", help="tiny | sd15 | sdxl"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="tiny | sd15 | sdxl (default: tiny; "
+                                           "with --released: the released checkpoints' backbone)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<recipe>-<backbone>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a run in --out: finished cells are reused, "
                                 "unfinished ones continue from their last checkpoint."),
+    released: bool = typer.Option(False, "--released", help="Evaluate the published checkpoints of the paper's "
+                                  "rows (the recipe's [released] cells: full models, UNet-only fine-tunes, LoRAs, "
+                                  "VAE overrides; from folders or the local Hugging Face cache) instead of training."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Generate and score only the first N prompts (a "
+                                        "quick check; the report records the prompt count)."),
     cells: Optional[str] = typer.Option(None, "--cells", help="Comma-separated cell ids: run only these."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (generation and metrics; trainers "
                                "use the GPU when there is one)."),
@@ -233,7 +239,8 @@ def reproduce(
 
     only = [c.strip() for c in cells.split(",") if c.strip()] if cells else None
     data = run(recipe, backbone=backbone, out=out, resume=resume, device=device, cells=only, console=err_console,
-               compile=compile)
+               compile=compile, released=released, limit=limit)
+    backbone = data["backbone"]["name"]
     table = Table(title=f"{data['recipe']['name']} on {backbone}", title_justify="left", show_edge=False)
     table.add_column("cell")
     for m in data["metrics"]:
@@ -242,7 +249,19 @@ def reproduce(
         table.add_row(c["label"], *[f"{c['metrics'][m]['mean']:.4f}" if m in c["metrics"] else "-"
                                     for m in data["metrics"]])
     console.print(table)
-    where = out if out is not None else Path("runs") / f"{data['recipe']['name']}-{backbone}"
+    from spobench.report import paper_comparison_table
+
+    versus = paper_comparison_table(data)
+    if versus:  # the paper's rows beside ours, with the difference and its CI
+        t = Table(title=f"beside the paper (Table {data['recipe']['paper_table']})", title_justify="left",
+                  show_edge=False)
+        for col in versus[0]:
+            t.add_column(col)
+        for row in versus[1]:
+            t.add_row(*row)
+        console.print(t)
+    where = out if out is not None else \
+        Path("runs") / f"{data['recipe']['name']}-{backbone}{'-released' if released else ''}"
     console.print(f"report: {where / 'report.md'} and {where / 'report.html'}")
 
 
