@@ -17,7 +17,7 @@ Layout (every key is optional unless marked; unknown keys are errors)::
     model = "random:0"                   # default | random:<seed> (tiny) | hub:<id> | a path
 
     [train]          # trainer settings every trained cell gets (a cell's own [cells.x.train] wins)
-    [generate]       # prompt_set, limit, seed, images_per_prompt, steps, cfg, eta, batch_size, dtype
+    [generate]       # prompt_set, limit, seed, images_per_prompt, steps, cfg, eta, batch_size, resolution, dtype
     [evaluate]       # metrics = [...], weights = {metric = path}, compare_to = "base"
     [report]         # grid_prompts, grid_tile, plot_metrics
     [inputs.<name>]  # prepared before training: kind = toy-pairs | toy-clip | spm | path | metric
@@ -290,6 +290,8 @@ class GenerateSpec:
     cfg: float = spec(5.0, "classifier-free guidance scale (paper: 5)", min=0)
     eta: float = spec(0.0, "DDIM eta at inference (0: deterministic)", min=0, max=1)
     batch_size: int = spec(8, "images per generation batch", min=1)
+    resolution: int | None = spec(None, "image side in pixels (default: the backbone's, 512 SD-1.5 / 1024 SDXL)",
+                                  min=8, max=4096)
     dtype: Literal["fp32", "bf16", "fp16"] = spec("fp32", "dtype of the frozen model while generating")
 
     def check(self, ctx: Ctx, where: str) -> None:

@@ -567,7 +567,7 @@ class Runner:
             return done | {"reused": True}
         t0 = time.perf_counter()
         bb = self.load_backbone(cell.model, cell.lora_dir, unet=cell.unet, vae=cell.vae)
-        sampler = SamplerConfig(num_steps=g.steps, guidance_scale=g.cfg, eta=g.eta)
+        sampler = SamplerConfig(num_steps=g.steps, guidance_scale=g.cfg, eta=g.eta, resolution=g.resolution)
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), TimeRemainingColumn(), console=self.console) as bar:
             task = bar.add_task(f"generating {cell.spec.label}", total=n)
