@@ -464,6 +464,11 @@ def _sections(data: dict) -> list[tuple[str, str, Any]]:
         if data["paper"].get("note"):
             notes.append(data["paper"]["note"])
     s.append(("", "text", notes))
+    points = [c for c in data["cells"] if c.get("checkpoint")]
+    if points:  # released checkpoints: which files each row is
+        keys = [k for k in ("model", "unet", "vae", "lora") if any(k in c["checkpoint"] for c in points)]
+        s.append(("Released checkpoints", "table", (["cell"] + keys, [[c["label"]] + [
+            c["checkpoint"].get(k, "(the recipe's model)" if k == "model" else "—") for k in keys] for c in points])))
     versus = paper_comparison_table(data)
     if versus:
         scaled = [f"{c} x{k:g}" for c, k in zip(data["paper"]["columns"], data["paper"].get("scale") or [])
