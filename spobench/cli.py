@@ -510,7 +510,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except SpobenchError as e:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+        from rich.markup import escape  # "table2.toml [released]: ..." is text, not a style tag
+
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
