@@ -85,7 +85,8 @@ def _load_prompts(prompts: Optional[Path], prompt_set: Optional[str], limit: Opt
     return list(items)
 
 
-def _backbone(name: str, model: Optional[str], device: str, dtype: str, lora: Optional[Path] = None):
+def _backbone(name: str, model: Optional[str], device: str, dtype: str, lora: Optional[Path] = None,
+              unet: Optional[str] = None, vae: Optional[str] = None):
     import torch
 
     from spobench.backbones import load_backbone
@@ -93,7 +94,7 @@ def _backbone(name: str, model: Optional[str], device: str, dtype: str, lora: Op
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in dtypes:
         raise InputError(f"--dtype must be one of {', '.join(dtypes)} (got {dtype!r})")
-    bb = load_backbone(name, model, device=device, dtype=dtypes[dtype])
+    bb = load_backbone(name, model, device=device, dtype=dtypes[dtype], unet=unet, vae=vae)
     if lora is not None:
         bb.load_lora(lora)
     return bb
@@ -107,6 +108,10 @@ def generate(
     backbone: str = typer.Option("tiny", "--backbone", "-b", help="tiny | sd15 | sdxl"),
     model: Optional[str] = typer.Option(None, "--model", help="Model folder or hub id (default: the backbone's own)."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="A LoRA folder/file in diffusers' format."),
+    unet: Optional[str] = typer.Option(None, "--unet", help="A released UNet-only folder or hub id replacing the "
+                                       "model's (e.g. mhdang/dpo-sd1.5-text2image-v1)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="A VAE-only folder or hub id replacing the model's (e.g. "
+                                      "madebyollin/sdxl-vae-fp16-fix)."),
     seed: int = typer.Option(0, "--seed", help="Base seed; image n uses seed + n."),
     images_per_prompt: int = typer.Option(1, "--images-per-prompt", "-n", min=1),
     steps: int = typer.Option(20, "--steps", min=1, help="DDIM steps."),
@@ -129,7 +134,7 @@ def generate(
 
     items = _load_prompts(prompts, prompt_set, limit)
     check_out_dir(out, resume, overwrite)  # before minutes of model loading
-    bb = _backbone(backbone, model, device, dtype, lora)
+    bb = _backbone(backbone, model, device, dtype, lora, unet=unet, vae=vae)
     sampler = SamplerConfig(num_steps=steps, guidance_scale=cfg, eta=eta)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False) as bar:
@@ -219,7 +224,7 @@ def reproduce(
     resume: bool = typer.Option(False, "--resume", help="Continue a run in --out: finished cells are reused, "
                                 "unfinished ones continue from their last checkpoint."),
     released: bool = typer.Option(False, "--released", help="Evaluate the published checkpoints of the paper's "
-                                  "rows (the recipe's [released] cells: full models, UNet-only fine-tunes, LoRAs, "
+                                  "rows (the recipe's released cells: full models, UNet-only fine-tunes, LoRAs, "
                                   "VAE overrides; from folders or the local Hugging Face cache) instead of training."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Generate and score only the first N prompts (a "
                                         "quick check; the report records the prompt count)."),

@@ -57,7 +57,7 @@ def _reshape(pattern: str):
 def models(tmp_path_factory):
     """An SD-1.5-shaped folder, broken copies of it, and LoRA files for it (and one for SDXL)."""
     from spobench.backbones import load_backbone
-    from spobench.backbones.testing import make_lora_file, make_sd15_folder, make_sdxl_folder
+    from spobench.backbones.testing import make_lora_file, make_sd15_folder, make_sdxl_folder, make_unet_folder
 
     root = tmp_path_factory.mktemp("bad-models")
     good = make_sd15_folder(root / "sd15")
@@ -85,6 +85,9 @@ def models(tmp_path_factory):
                                     torch.zeros(4, 32)}))
     (root / "lora-pickle").mkdir()
     torch.save({}, root / "lora-pickle" / "pytorch_lora_weights.bin")
+    make_unet_folder(root / "unet-nan", good, layout="unet")
+    keys["unet-nan"] = _edit(root / "unet-nan" / "unet" / "diffusion_pytorch_model.safetensors", _nan("conv_out"))
+    make_unet_folder(root / "unet-top", good, layout="top")
     (root / "p.txt").write_text("a red cat\n")
     return root, keys
 
@@ -121,6 +124,20 @@ def test_bad_model_or_lora_in_generate(case, models, tmp_path):
     assert r.returncode == 2
     if case in keys and case not in ("missing-key-unet", "wrong-shape-unet"):
         assert keys[case] in line
+
+
+@pytest.mark.parametrize("flag,target,names", [
+    ("--unet", "unet-nan", ["unet-nan/unet/diffusion_pytorch_model.safetensors", "NaN"]),
+    ("--vae", "unet-top", ["vae override", "UNet2DConditionModel, not a AutoencoderKL"]),
+    ("--unet", "mhdang/dpo-sd1.5-text2image-v1", ["mhdang/dpo-sd1.5-text2image-v1", "HF_HUB_OFFLINE"]),
+])
+def test_bad_released_component_in_generate(flag, target, names, models, tmp_path):
+    root, keys = models
+    value = root / target if (root / target).exists() else target
+    r = run(*_generate(root, tmp_path), flag, value, env={"HF_HUB_CACHE": str(tmp_path / "hf")})
+    line = assert_clean_failure(r.returncode, r.stderr, names, tmp_path / "o", None)
+    if target in keys:
+        assert keys[target] in line
 
 
 # -- `reproduce --released`: what is missing is named before anything is written ---------------------
