@@ -19,6 +19,11 @@ Stages, in order:
 6. **Report** (:mod:`spobench.report`): ``report.md``, ``report.json``, ``grid.png``, plots,
    ``report.html``.
 
+``--released`` runs the recipe's ``[released]`` cells instead: the paper's rows from the published
+checkpoints (full models, UNet-only fine-tunes, LoRAs, VAE overrides; folders or hub ids from the
+local Hugging Face cache), evaluated only, so stage 3 is empty; preflight resolves every part (and
+reads every LoRA) before anything is written. ``--limit N`` scores the first N prompts only.
+
 ``plan.json`` records what the run is (backbone, model, generation settings, every cell's
 resolved settings); ``--resume`` refuses a recipe that changed under a finished cell.
 """
