@@ -122,7 +122,8 @@ def _load_prompts(prompts: Optional[Path], prompt_set: Optional[str], limit: Opt
     return list(items)
 
 
-def _backbone(name: str, model: Optional[str], device: str, dtype: str, lora: Optional[Path] = None):
+def _backbone(name: str, model: Optional[str], device: str, dtype: str, lora: Optional[Path] = None,
+              unet: Optional[str] = None, vae: Optional[str] = None):
     import torch
 
     from spobench.backbones import load_backbone
@@ -130,7 +131,7 @@ def _backbone(name: str, model: Optional[str], device: str, dtype: str, lora: Op
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in dtypes:
         raise InputError(f"--dtype must be one of {', '.join(dtypes)} (got {dtype!r})")
-    bb = load_backbone(name, model, device=device, dtype=dtypes[dtype])
+    bb = load_backbone(name, model, device=device, dtype=dtypes[dtype], unet=unet, vae=vae)
     if lora is not None:
         bb.load_lora(lora)
     return bb
@@ -144,6 +145,10 @@ def generate(
     backbone: str = typer.Option("tiny", "--backbone", "-b", help="tiny | sd15 | sdxl"),
     model: Optional[str] = typer.Option(None, "--model", help="Model folder or hub id (default: the backbone's own)."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="A LoRA folder/file in diffusers' format."),
+    unet: Optional[str] = typer.Option(None, "--unet", help="A released UNet-only folder or hub id replacing the "
+                                       "model's (e.g. mhdang/dpo-sd1.5-text2image-v1)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="A VAE-only folder or hub id replacing the model's (e.g. "
+                                      "madebyollin/sdxl-vae-fp16-fix)."),
     seed: int = typer.Option(0, "--seed", callback=_SEED, help="Base seed; image n uses seed + n."),
     images_per_prompt: int = typer.Option(1, "--images-per-prompt", "-n", callback=_COUNT),
     steps: int = typer.Option(20, "--steps", callback=_COUNT, help="DDIM steps."),
@@ -167,7 +172,7 @@ def generate(
 
     items = _load_prompts(prompts, prompt_set, limit)
     check_out_dir(out, resume, overwrite)  # before minutes of model loading
-    bb = _backbone(backbone, model, device, dtype, lora)
+    bb = _backbone(backbone, model, device, dtype, lora, unet=unet, vae=vae)
     sampler = SamplerConfig(num_steps=steps, guidance_scale=cfg, eta=eta)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False) as bar:
@@ -251,10 +256,16 @@ def eval_(
 @app.command()
 def reproduce(
     recipe: str = typer.Argument(..., help="A recipe name, e.g. table1 (see `spobench ls recipes`), or a recipe .toml file."),
-    backbone: str = typer.Option("tiny", "--backbone", "-b", help="tiny | sd15 | sdxl"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="tiny | sd15 | sdxl (default: tiny; "
+                                           "with --released: the released checkpoints' backbone)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<recipe>-<backbone>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a run in --out: finished cells are reused, "
                                 "unfinished ones continue from their last checkpoint."),
+    released: bool = typer.Option(False, "--released", help="Evaluate the published checkpoints of the paper's "
+                                  "rows (the recipe's released cells: full models, UNet-only fine-tunes, LoRAs, "
+                                  "VAE overrides; from folders or the local Hugging Face cache) instead of training."),
+    limit: Optional[int] = typer.Option(None, "--limit", callback=_COUNT, help="Generate and score only the first N prompts (a "
+                                        "quick check; the report records the prompt count)."),
     cells: Optional[str] = typer.Option(None, "--cells", help="Comma-separated cell ids: run only these."),
     device: str = typer.Option("auto", "--device", callback=_device(allow_auto=True),
                                help="auto | cpu | cuda (generation and metrics; trainers "
@@ -272,7 +283,8 @@ def reproduce(
 
     only = [c.strip() for c in cells.split(",") if c.strip()] if cells else None
     data = run(recipe, backbone=backbone, out=out, resume=resume, device=device, cells=only, console=err_console,
-               compile=compile)
+               compile=compile, released=released, limit=limit)
+    backbone = data["backbone"]["name"]
     table = Table(title=f"{data['recipe']['name']} on {backbone}", title_justify="left", show_edge=False)
     table.add_column("cell")
     for m in data["metrics"]:
@@ -281,7 +293,19 @@ def reproduce(
         table.add_row(c["label"], *[f"{c['metrics'][m]['mean']:.4f}" if m in c["metrics"] else "-"
                                     for m in data["metrics"]])
     console.print(table)
-    where = out if out is not None else Path("runs") / f"{data['recipe']['name']}-{backbone}"
+    from spobench.report import paper_comparison_table
+
+    versus = paper_comparison_table(data)
+    if versus:  # the paper's rows beside ours, with the difference and its CI
+        t = Table(title=f"beside the paper (Table {data['recipe']['paper_table']})", title_justify="left",
+                  show_edge=False)
+        for col in versus[0]:
+            t.add_column(col)
+        for row in versus[1]:
+            t.add_row(*row)
+        console.print(t)
+    where = out if out is not None else \
+        Path("runs") / f"{data['recipe']['name']}-{backbone}{'-released' if released else ''}"
     console.print(f"report: {where / 'report.md'} and {where / 'report.html'}")
 
 
@@ -555,7 +579,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except SpobenchError as e:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+        from rich.markup import escape  # "table2.toml [released]: ..." is text, not a style tag
+
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")

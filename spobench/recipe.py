@@ -17,17 +17,27 @@ Layout (every key is optional unless marked; unknown keys are errors)::
     model = "random:0"                   # default | random:<seed> (tiny) | hub:<id> | a path
 
     [train]          # trainer settings every trained cell gets (a cell's own [cells.x.train] wins)
-    [generate]       # prompt_set, limit, seed, images_per_prompt, steps, cfg, eta, batch_size, dtype
+    [generate]       # prompt_set, limit, seed, images_per_prompt, steps, cfg, eta, batch_size, resolution, dtype
     [evaluate]       # metrics = [...], weights = {metric = path}, compare_to = "base"
     [report]         # grid_prompts, grid_tile, plot_metrics
     [inputs.<name>]  # prepared before training: kind = toy-pairs | toy-clip | spm | path | metric
     [cells.<id>]     # label, method (a trainer, "base" or "external"), train = {...}, paper_row,
-                     # model/lora (external)
+                     # model/unet/vae/lora (external: a released checkpoint, evaluated only)
     [ablation]       # param, setting, method, values = [...], labels = [...], train, chosen
     [paper]          # backbone, columns, digits, metrics, note, rows = [{row, values}]
 
     [tiny] / [sd15] / [sdxl]   # per-backbone overrides of model, budget, description, train,
                                # generate, evaluate, report, inputs, cells, ablation
+
+    [released]       # `reproduce <name> --released`: the paper's rows from published checkpoints
+                     # backbone = "sd15" | "sdxl" (required), then overrides as above; its cells
+                     # replace the recipe's cells whole (base / external cells only: nothing trains)
+
+An ``external`` cell is a released checkpoint, evaluated only: ``model`` (a full diffusers folder or
+hub id), ``unet`` (a UNet-only folder or hub id: config.json + diffusion_pytorch_model.safetensors at
+its top or under unet/), ``vae`` (likewise, e.g. ``hub:madebyollin/sdxl-vae-fp16-fix``) and ``lora``
+(a LoRA folder or file, or hub id), each ``hub:<org>/<name>`` or a recipe path. What it does not
+replace comes from the recipe's ``model``.
 
 Overrides are merged key by key into the tables above (lists are replaced; an ``inputs.<name>``
 entry is replaced whole, since its kind decides its keys).
@@ -281,6 +291,8 @@ class GenerateSpec:
     cfg: float = spec(5.0, "classifier-free guidance scale (paper: 5)", min=0)
     eta: float = spec(0.0, "DDIM eta at inference (0: deterministic)", min=0, max=1)
     batch_size: int = spec(8, "images per generation batch", min=1)
+    resolution: int | None = spec(None, "image side in pixels (default: the backbone's, 512 SD-1.5 / 1024 SDXL)",
+                                  min=8, max=4096)
     dtype: Literal["fp32", "bf16", "fp16"] = spec("fp32", "dtype of the frozen model while generating")
 
     def check(self, ctx: Ctx, where: str) -> None:
@@ -410,8 +422,10 @@ class CellSpec:
     label: str = spec("", "row label in the report (default: the id)")
     paper_row: str | None = spec(None, "the paper's row shown beside this cell (default: the label)")
     train: dict[str, Any] = spec(None, "trainer settings (spobench train <method> --help)", factory=dict)
-    model: str | None = spec(None, "external: a model folder (path rules) or hub:<id>")
-    lora: str | None = spec(None, "external: a LoRA folder", path=True)
+    model: str | None = spec(None, "external: a full model folder (path rules) or hub:<id>")
+    unet: str | None = spec(None, "external: a UNet-only folder or hub:<id> replacing the model's UNet")
+    vae: str | None = spec(None, "external: a VAE-only folder or hub:<id> replacing the model's VAE")
+    lora: str | None = spec(None, "external: a LoRA folder or file, or hub:<id>")
     ablation_value: Any = spec(None, "(set by the ablation grid)")
     where: str = field(default="", init=False)  # where its settings come from, for error messages
 
@@ -425,12 +439,18 @@ class CellSpec:
             raise ctx.error(f"{where}.method", f"unknown method {self.method!r}{hint} (known: {', '.join(known)})")
         if self.method in BUILTIN_METHODS and self.train:
             raise ctx.error(f"{where}.train", f"method {self.method!r} trains nothing; remove its settings")
-        if self.method == "external" and not (self.model or self.lora):
-            raise ctx.error(where, "method 'external' needs model = ... and/or lora = ...")
-        if self.method != "external" and (self.model or self.lora):
-            raise ctx.error(f"{where}.{'model' if self.model else 'lora'}", "only 'external' cells take a model/lora")
+        given = [k for k in ("model", "unet", "vae", "lora") if getattr(self, k) is not None]
+        if self.method == "external" and not given:
+            raise ctx.error(where, "method 'external' needs model = ..., unet = ..., vae = ... and/or lora = ...")
+        if self.method != "external" and given:
+            raise ctx.error(f"{where}.{given[0]}", "only 'external' cells take a model/unet/vae/lora")
         if self.model is not None:
             check_model(ctx, f"{where}.model", self.model)
+            if self.model.startswith("random:"):
+                raise ctx.error(f"{where}.model", "an external cell is a released model, not random:<seed>")
+        for key in ("unet", "vae", "lora"):
+            if getattr(self, key) is not None:
+                check_source(ctx, f"{where}.{key}", getattr(self, key))
         if not self.label:
             self.label = self.id
         if self.paper_row is None:
@@ -491,6 +511,8 @@ class PaperSpec:
     columns: list[str] = spec(dataclasses.MISSING, "column names as printed")
     digits: list[int] = spec(dataclasses.MISSING, "decimals printed per column", min=0, max=8)
     metrics: list[str] = spec(None, "our metric per column (sd15/sdxl), '' for none", factory=list)
+    scale: list[float] | None = spec(None, "per column: the paper's number = ours x scale (HPSv2 and GenEval "
+                                           "print x100)", gt=0)
     rows: list[PaperRow] = spec(None, "", factory=list)
     note: str = spec("", "caveats (what the paper's text lacks, how a column is computed)")
 
@@ -500,6 +522,8 @@ class PaperSpec:
             raise ctx.error(f"{where}.digits", f"has {len(self.digits)} entries for {n} columns")
         if self.metrics and len(self.metrics) != n:
             raise ctx.error(f"{where}.metrics", f"has {len(self.metrics)} entries for {n} columns")
+        if self.scale is not None and len(self.scale) != n:
+            raise ctx.error(f"{where}.scale", f"has {len(self.scale)} entries for {n} columns")
         for i, r in enumerate(self.rows):
             if len(r.values) != n:
                 raise ctx.error(f"{where}.rows[{i}].values", f"has {len(r.values)} numbers for {n} columns")
@@ -545,6 +569,14 @@ def check_hub_id(ctx: Ctx, where: str, value: str) -> None:
                                "be loaded instead of the hub model; run from another directory")
 
 
+def check_source(ctx: Ctx, where: str, value: str) -> None:
+    """An external cell's ``unet``/``vae``/``lora``: ``hub:<id>`` or a recipe path."""
+    if value.startswith("hub:"):
+        check_hub_id(ctx, where, value)
+    else:
+        check_path(ctx, where, value)
+
+
 # -- the recipe ------------------------------------------------------------------------------------------
 OVERRIDABLE = ("model", "budget", "description", "train", "generate", "evaluate", "report", "inputs", "cells",
                "ablation")
@@ -570,10 +602,12 @@ class Recipe:
     tiny: dict[str, Any] | None = spec(None, "overrides for --backbone tiny")
     sd15: dict[str, Any] | None = spec(None, "overrides for --backbone sd15")
     sdxl: dict[str, Any] | None = spec(None, "overrides for --backbone sdxl")
+    released: dict[str, Any] | None = spec(None, "overrides for --released (published checkpoints)")
 
     # set by load_recipe
     file: str = field(default="", init=False)
     backbone: str = field(default="", init=False)
+    is_released: bool = field(default=False, init=False)
     cell_list: list = field(default_factory=list, init=False)
     input_specs: dict = field(default_factory=dict, init=False)
 
@@ -632,9 +666,22 @@ def header(path: Path) -> dict:
             "paper_table": raw.get("paper_table")}
 
 
-def load_recipe(path: str | Path, backbone: str = "tiny") -> Recipe:
-    """Read and validate a recipe file for ``backbone`` (its overrides merged). Pure Python: trainer
-    settings are checked by :func:`validate_settings`."""
+def released_backbone(path: str | Path) -> str:
+    """The backbone of a recipe's ``[released]`` table (``--released`` without ``--backbone``)."""
+    path = Path(path)
+    rel = read_toml(path).get("released")
+    if not isinstance(rel, dict):
+        raise InputError(f"{path}: the recipe has no [released] table (no published checkpoints to evaluate)")
+    b = rel.get("backbone")
+    if b not in BACKBONE_NAMES or b == "tiny":
+        raise InputError(f"{path}: released.backbone: must be 'sd15' or 'sdxl' (got {b!r})")
+    return b
+
+
+def load_recipe(path: str | Path, backbone: str = "tiny", released: bool = False) -> Recipe:
+    """Read and validate a recipe file for ``backbone`` (its overrides merged; with ``released``, the
+    ``[released]`` table merged last). Pure Python: trainer settings are checked by
+    :func:`validate_settings`."""
     path = Path(path)
     ctx = Ctx(str(path))
     raw = read_toml(path)
@@ -658,18 +705,57 @@ def load_recipe(path: str | Path, backbone: str = "tiny") -> Recipe:
             raise ctx.error(b, f"overrides a backbone the recipe does not support (backbones = {base.backbones})")
     for b in base.backbones:  # every backbone's merged view must be valid, not only the one run now
         _resolve(raw, b, ctx)
+    if base.released is not None:
+        _resolve_released(raw, ctx)
+    if released:
+        if base.released is None:
+            raise InputError(f"{path}: recipe {base.name!r} has no [released] table (no published checkpoints "
+                             "to evaluate); run it without --released")
+        return _resolve_released(raw, ctx, backbone)
     if backbone not in base.backbones:
         raise InputError(f"{path}: recipe {base.name!r} supports --backbone {', '.join(base.backbones)} "
                          f"(not {backbone!r})")
     return _resolve(raw, backbone, ctx)
 
 
-def _resolve(raw: dict, backbone: str, ctx: Ctx) -> Recipe:
-    over = raw.get(backbone) or {}
-    merged = merge({k: v for k, v in raw.items() if k not in BACKBONE_NAMES}, over)
-    r = build(Recipe, merged, Ctx(f"{ctx.file} [{backbone}]"))
+def _resolve_released(raw: dict, ctx: Ctx, backbone: str | None = None) -> Recipe:
+    """The recipe as ``--released`` runs it: the backbone's overrides, then ``[released]`` (its cells
+    replace the recipe's whole: released checkpoints are evaluated, never trained)."""
+    rel = dict(raw["released"])
+    b = rel.pop("backbone", None)
+    if b not in ("sd15", "sdxl"):
+        raise ctx.error("released.backbone", f"must be 'sd15' or 'sdxl' (got {b!r}): the checkpoints' backbone")
+    for k in rel:
+        if k not in OVERRIDABLE:
+            raise _unknown(ctx, "released", k, (*OVERRIDABLE, "backbone"))
+    if "cells" not in rel:
+        raise ctx.error("released.cells", "is required (the published checkpoints to evaluate)")
+    if backbone is not None and backbone != b:
+        raise InputError(f"{ctx.file}: released.backbone: the released checkpoints are {b} models; run "
+                         f"--released with --backbone {b} (or without --backbone), not {backbone!r}")
+    over = raw.get(b) or {}
+    merged = merge({k: v for k, v in raw.items() if k not in (*BACKBONE_NAMES, "released")}, over)
+    merged.pop("cells", None)
+    merged = merge(merged, rel)
+    c = Ctx(f"{ctx.file} [released]")
+    for cid, cell in (rel.get("cells") or {}).items():
+        if isinstance(cell, dict) and cell.get("method") not in BUILTIN_METHODS:
+            raise c.error(f"cells.{cid}.method", "released cells are 'base' or 'external' (evaluated, not trained)")
+    r = _resolve(merged, b, Ctx(ctx.file), label="released")
+    r.is_released = True
+    return r
+
+
+def _resolve(raw: dict, backbone: str, ctx: Ctx, label: str | None = None) -> Recipe:
+    """``label``: the recipe is already merged (``[released]``); errors name that view."""
+    if label is None:
+        over = raw.get(backbone) or {}
+        merged = merge({k: v for k, v in raw.items() if k not in (*BACKBONE_NAMES, "released")}, over)
+    else:
+        merged = raw
+    c = Ctx(f"{ctx.file} [{label or backbone}]")
+    r = build(Recipe, merged, c)
     r.file, r.backbone = ctx.file, backbone
-    c = Ctx(f"{ctx.file} [{backbone}]")
     check_model(c, "model", r.model)
     if r.model.startswith("random:") and backbone != "tiny":
         raise c.error("model", "random:<seed> weights exist only for the tiny backbone")

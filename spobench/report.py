@@ -90,6 +90,57 @@ def _paper_value(paper: dict, i: int, row: dict | None) -> str:
     return "—" if v is None else f"{v:.{paper['digits'][i]}f}"
 
 
+def _measured(c: dict, metric: str) -> tuple[float | None, list | None]:
+    """A cell's mean and 95% CI of ``metric``; ``name:tag`` is a per-tag mean (``overall``: the
+    unweighted mean of the tags), which has no CI."""
+    name, _, tag = metric.partition(":")
+    m = c["metrics"].get(name) or {}
+    if not tag:
+        return m.get("mean"), m.get("ci95")
+    return (m.get("overall") if tag == "overall" else (m.get("per_tag") or {}).get(tag)), None
+
+
+def paper_comparison(data: dict) -> list[dict]:
+    """Every (cell, paper column) with a paper number: ours on the paper's scale, the paper's value,
+    ours - paper and its 95% CI. The CI is our bootstrap CI shifted by the paper's number: the paper
+    prints no uncertainty, so only ours is in it."""
+    paper = data.get("paper")
+    if not paper or not paper.get("metrics"):
+        return []
+    prow = _paper_rows(data)
+    scale = paper.get("scale") or [1.0] * len(paper["columns"])
+    out = []
+    for c in data["cells"]:
+        pr = prow.get(c.get("paper_row"))
+        if pr is None:
+            continue
+        for j, (col, metric) in enumerate(zip(paper["columns"], paper["metrics"])):
+            pv = pr["values"][j]
+            if not metric or pv is None:
+                continue
+            mean, ci = _measured(c, metric)
+            ours = None if mean is None else mean * scale[j]
+            ci = None if not ci or ci[0] is None else [ci[0] * scale[j], ci[1] * scale[j]]
+            out.append({"cell": c["label"], "paper_row": pr["row"], "column": col, "metric": metric,
+                        "ours": ours, "ours_ci95": ci, "paper": pv, "digits": paper["digits"][j],
+                        "diff": None if ours is None else ours - pv,
+                        "diff_ci95": None if ci is None else [ci[0] - pv, ci[1] - pv]})
+    return out
+
+
+def paper_comparison_table(data: dict) -> tuple[list[str], list[list[str]]] | None:
+    rows = paper_comparison(data)
+    if not rows:
+        return None
+    head = ["cell", "paper row", "column", "ours [95% CI]", "paper", "ours - paper [95% CI]"]
+    body = []
+    for r in rows:
+        d = r["digits"]
+        body.append([r["cell"], r["paper_row"], r["column"], _ci_text(r["ours"], r["ours_ci95"], d),
+                     f"{r['paper']:.{d}f}", _ci_text(r["diff"], r["diff_ci95"], d)])
+    return head, body
+
+
 def per_tag_tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     out = []
     for m in data["metrics"]:
@@ -413,6 +464,19 @@ def _sections(data: dict) -> list[tuple[str, str, Any]]:
         if data["paper"].get("note"):
             notes.append(data["paper"]["note"])
     s.append(("", "text", notes))
+    points = [c for c in data["cells"] if c.get("checkpoint")]
+    if points:  # released checkpoints: which files each row is
+        keys = [k for k in ("model", "unet", "vae", "lora") if any(k in c["checkpoint"] for c in points)]
+        s.append(("Released checkpoints", "table", (["cell"] + keys, [[c["label"]] + [
+            c["checkpoint"].get(k, "(the recipe's model)" if k == "model" else "—") for k in keys] for c in points])))
+    versus = paper_comparison_table(data)
+    if versus:
+        scaled = [f"{c} x{k:g}" for c, k in zip(data["paper"]["columns"], data["paper"].get("scale") or [])
+                  if k != 1]
+        s.append((f"Ours beside the paper (Table {r.get('paper_table')})", "table", versus))
+        s.append(("", "text", ["Ours on the paper's scale" + (f" ({', '.join(scaled)})" if scaled else "")
+                               + "; the CI of the difference is our bootstrap CI (the paper prints none). "
+                               "Per-tag numbers have no CI."]))
     for m, head, rows in per_tag_tables(data):
         s.append((f"{m} per tag", "table", (head, rows)))
     cmp = compare_table(data)

@@ -19,6 +19,11 @@ Stages, in order:
 6. **Report** (:mod:`spobench.report`): ``report.md``, ``report.json``, ``grid.png``, plots,
    ``report.html``.
 
+``--released`` runs the recipe's ``[released]`` cells instead: the paper's rows from the published
+checkpoints (full models, UNet-only fine-tunes, LoRAs, VAE overrides; folders or hub ids from the
+local Hugging Face cache), evaluated only, so stage 3 is empty; preflight resolves every part (and
+reads every LoRA) before anything is written. ``--limit N`` scores the first N prompts only.
+
 ``plan.json`` records what the run is (backbone, model, generation settings, every cell's
 resolved settings); ``--resume`` refuses a recipe that changed under a finished cell.
 """
@@ -82,8 +87,10 @@ class CellPlan:
     dir: Path
     settings: dict = field(default_factory=dict)  # resolved trainer settings (references replaced)
     trainer: Any = None  # the trainer class
-    model: str | None = None  # external cells: model source
-    lora: Path | None = None
+    model: str | None = None  # external cells: model source (a folder or hub id)
+    unet: str | None = None  # external cells: a UNet-only folder or hub id
+    vae: str | None = None  # external cells: a VAE-only folder or hub id
+    lora: Path | None = None  # external cells: the LoRA weights file (from a folder or hub snapshot)
 
     @property
     def id(self) -> str:
@@ -127,7 +134,9 @@ class Plan:
                 "generate": g, "prompts": self.prompt_info.get("version"),
                 "inputs": {n: asdict(s) for n, s in self.inputs.items()},
                 "cells": {c.id: {"method": c.spec.method, "settings": c.settings, "model": c.model,
-                                 "lora": str(c.lora) if c.lora else None} for c in self.cells}}
+                                 "lora": str(c.lora) if c.lora else None,
+                                 **{k: getattr(c, k) for k in ("unet", "vae") if getattr(c, k)}}
+                          for c in self.cells}}
 
 
 def _input_value(name: str, spec, out: Path) -> str:
@@ -329,21 +338,55 @@ def preflight(recipe: Recipe, cells: list[CellSpec], out: Path, device: str) -> 
                 hook(cfg)
             cp.settings, cp.trainer = settings, cls
         elif cell.method == "external":
-            if cell.model:
-                cp.model = cell.model.removeprefix("hub:") if cell.model.startswith("hub:") else \
-                    str(resolve_path(cell.model, out))
-                folder, _, _ = bb_cls._resolve(cp.model)
-                bb_cls.check_folder(folder, cp.model)
-            if cell.lora:
-                cp.lora = resolve_path(cell.lora, out)
-                if not cp.lora.exists():
-                    raise MissingWeightsError(f"{where}: cells.{cell.id}.lora: {cp.lora} not found")
+            _check_external(cp, bb_cls, out, where)
         plans.append(cp)
     prompts, info = _load_generation_prompts(recipe, out)
     del torch
     return Plan(recipe=recipe, out=out, device=device, model_source=source, model_identity=identity, cells=plans,
                 prompts=prompts, prompt_info=info, metrics=metrics,
                 inputs={n: recipe.input_specs[n] for n in order}, input_values=values, random_model=random_seed)
+
+
+def _source(value: str, out: Path) -> str:
+    """A recipe's ``hub:<id>`` or path as what the loaders take (a hub id or an absolute folder)."""
+    return value.removeprefix("hub:") if value.startswith("hub:") else str(resolve_path(value, out))
+
+
+def _check_external(cp: CellPlan, bb_cls, out: Path, where: str) -> None:
+    """A released checkpoint's parts exist and are in a layout we load (reads only; a hub id must be
+    in the local cache when HF_HUB_OFFLINE is set). Errors name the cell's field."""
+    from spobench.backbones.base import lora_file, read_lora
+    from spobench.errors import SpobenchError
+
+    cell = cp.spec
+
+    def check(key: str) -> None:
+        value = getattr(cell, key)
+        if key == "model":
+            cp.model = _source(value, out)
+            folder, _, _ = bb_cls._resolve(cp.model)
+            bb_cls.check_folder(folder, cp.model, skip=tuple(k for k in ("unet", "vae") if getattr(cell, k)))
+        elif key in ("unet", "vae"):
+            if not hasattr(bb_cls, "resolve_component"):
+                raise InputError(f"the {bb_cls.name} backbone takes no released {key}")
+            setattr(cp, key, _source(value, out))
+            bb_cls.resolve_component(key, getattr(cp, key))
+        elif value.startswith("hub:"):  # lora
+            hub_id = value.removeprefix("hub:")
+            folder, _, _ = bb_cls._from_hub(hub_id, patterns=["*.safetensors", "*.json"],
+                                            hint=f'hf download {hub_id} --include "*.safetensors" "*.json"')
+            cp.lora = lora_file(folder)
+        else:
+            cp.lora = lora_file(resolve_path(value, out))
+        if key == "lora":
+            read_lora(cp.lora, bb_cls.pipeline_class)  # readable, finite, a UNet LoRA in a known layout
+
+    for key in ("model", "unet", "vae", "lora"):
+        if getattr(cell, key):
+            try:
+                check(key)
+            except SpobenchError as e:
+                raise type(e)(f"{where}: cells.{cell.id}.{key}: {e}") from None
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
@@ -418,11 +461,12 @@ class Runner:
 
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.plan.recipe.generate.dtype]
 
-    def load_backbone(self, model: str | None = None, lora: Path | None = None):
+    def load_backbone(self, model: str | None = None, lora: Path | None = None, unet: str | None = None,
+                      vae: str | None = None):
         from spobench.backbones import load_backbone
 
         bb = load_backbone(self.plan.recipe.backbone, model or self.plan.model_source, device=self.plan.device,
-                           dtype=self.dtype())
+                           dtype=self.dtype(), unet=unet, vae=vae)
         if lora is not None:
             bb.load_lora(lora)
         return bb
@@ -527,8 +571,8 @@ class Runner:
         if done is not None and done.get("spec") == want["spec"] and len(read_manifest(cell.images)) == n:
             return done | {"reused": True}
         t0 = time.perf_counter()
-        bb = self.load_backbone(cell.model, cell.lora_dir)
-        sampler = SamplerConfig(num_steps=g.steps, guidance_scale=g.cfg, eta=g.eta)
+        bb = self.load_backbone(cell.model, cell.lora_dir, unet=cell.unet, vae=cell.vae)
+        sampler = SamplerConfig(num_steps=g.steps, guidance_scale=g.cfg, eta=g.eta, resolution=g.resolution)
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), TimeRemainingColumn(), console=self.console) as bar:
             task = bar.add_task(f"generating {cell.spec.label}", total=n)
@@ -585,16 +629,29 @@ def check_out(out: Path, resume: bool) -> None:
         raise InputError(f"{out}: not a `spobench reproduce` run folder (no {PLAN}); choose another --out")
 
 
-def reproduce(recipe_ref: str | Path, backbone: str = "tiny", out: str | Path | None = None, resume: bool = False,
-              device: str = "auto", cells: list[str] | None = None, console=None, compile: bool = False) -> dict:
-    """Run a recipe end to end; returns the report data (also ``<out>/report.json``)."""
+def reproduce(recipe_ref: str | Path, backbone: str | None = None, out: str | Path | None = None,
+              resume: bool = False, device: str = "auto", cells: list[str] | None = None, console=None,
+              compile: bool = False, released: bool = False, limit: int | None = None) -> dict:
+    """Run a recipe end to end; returns the report data (also ``<out>/report.json``).
+
+    ``released``: the recipe's ``[released]`` cells (published checkpoints, evaluated only) instead of
+    its trained ones; ``backbone`` defaults to theirs (else ``tiny``). ``limit``: generate and score
+    only the first N prompts (a quick check; the report says so)."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console(stderr=True)
     t_start = time.perf_counter()
     path = find_recipe(recipe_ref)
-    recipe = load_recipe(path, backbone)
+    if backbone is None:
+        from spobench.recipe import released_backbone
+
+        backbone = released_backbone(path) if released else "tiny"
+    recipe = load_recipe(path, backbone, released=released)
+    if limit is not None:
+        if limit < 1:
+            raise InputError(f"--limit: must be >= 1 (got {limit})")
+        recipe.generate.limit = min(limit, recipe.generate.limit or limit)
     chosen = recipe.cell_list
     if cells:
         ids = [c.id for c in recipe.cell_list]
@@ -602,7 +659,7 @@ def reproduce(recipe_ref: str | Path, backbone: str = "tiny", out: str | Path | 
         if bad:
             raise InputError(f"--cells: {bad[0]!r} is not a cell of {recipe.name} (cells: {', '.join(ids)})")
         chosen = [c for c in recipe.cell_list if c.id in cells]
-    out = Path(out) if out is not None else Path("runs") / f"{recipe.name}-{backbone}"
+    out = Path(out) if out is not None else Path("runs") / f"{recipe.name}-{backbone}{'-released' if released else ''}"
     check_out(out, resume)
     device = _default_device() if device == "auto" else device
     plan = preflight(recipe, chosen, out, device)
@@ -688,6 +745,8 @@ def report_data(plan: Plan, inputs: dict, train_info: dict, gen_info: dict, eval
                    for m, v in compares[c.id]["metrics"].items()}
         cells.append({
             "id": c.id, "label": c.spec.label, "method": c.spec.method, "paper_row": c.spec.paper_row,
+            "checkpoint": {k: v for k, v in (("model", c.model), ("unet", c.unet), ("vae", c.vae),
+                                             ("lora", str(c.lora) if c.lora else None)) if v} or None,
             "ablation_value": c.spec.ablation_value, "settings": c.settings,
             "images": str(c.images.relative_to(plan.out)), "n_images": res.get("n_images"),
             "train": train,
@@ -698,7 +757,7 @@ def report_data(plan: Plan, inputs: dict, train_info: dict, gen_info: dict, eval
     g = asdict(r.generate)
     return {
         "recipe": {"name": r.name, "title": r.title, "paper_table": r.paper_table, "file": r.file,
-                   "description": r.description, "budget": r.budget},
+                   "description": r.description, "budget": r.budget, "released": r.is_released},
         "backbone": {"name": r.backbone, "model": plan.model_identity},
         "generate": g | {"prompts": plan.prompt_info},
         "metrics": list(plan.metrics),

@@ -10,15 +10,19 @@ if TYPE_CHECKING:  # importing torch/diffusers here would make `import spobench.
     from spobench.backbones.base import Backbone
 
 
-def load_backbone(name: str, source: str | None = None, device="cpu", dtype: torch.dtype | None = None) -> Backbone:
+def load_backbone(name: str, source: str | None = None, device="cpu", dtype: torch.dtype | None = None, *,
+                  unet: str | None = None, vae: str | None = None) -> Backbone:
     """Load the backbone registered as ``name`` from ``source`` (a diffusers folder or hub id;
-    None = the backbone's default). Errors are :class:`spobench.errors.ModelLoadError` (bad
-    source) or the registry's unknown-name error, each one line for the CLI."""
+    None = the backbone's default), with ``unet`` / ``vae`` replaced by a released component (a
+    UNet-only or VAE-only folder or hub id) when given. Errors are
+    :class:`spobench.errors.ModelLoadError` (bad source) or the registry's unknown-name error, each
+    one line for the CLI."""
     import torch
 
     from spobench.catalog import BACKBONES
 
-    return BACKBONES.get(name).load(source, device=device, dtype=dtype or torch.float32)
+    overrides = {k: v for k, v in (("unet", unet), ("vae", vae)) if v is not None}
+    return BACKBONES.get(name).load(source, device=device, dtype=dtype or torch.float32, **overrides)
 
 
 __all__ = ["load_backbone"]

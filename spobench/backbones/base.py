@@ -14,6 +14,7 @@ encoder(s), VAE, DDIM scheduler). The engine only talks to this interface:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 from dataclasses import dataclass
@@ -248,14 +249,19 @@ class Backbone:
 
     # -- LoRA --------------------------------------------------------------------------------
     def add_lora(self, rank: int | None = None, alpha: float | None = None,
-                 targets: Sequence[str] = DEFAULT_LORA_TARGETS, seed: int = 0) -> list[torch.nn.Parameter]:
-        """Attach a peft LoRA adapter to the UNet; only its parameters require grad. Returns them."""
+                 targets: Sequence[str] = DEFAULT_LORA_TARGETS, seed: int = 0, rank_pattern: dict | None = None,
+                 alpha_pattern: dict | None = None) -> list[torch.nn.Parameter]:
+        """Attach a peft LoRA adapter to the UNet; only its parameters require grad. Returns them.
+
+        ``rank_pattern`` / ``alpha_pattern``: per-module exceptions (published LoRAs whose modules
+        differ in rank or kohya alpha), as peft's ``LoraConfig`` takes them."""
         from peft import LoraConfig
 
         rank = rank or self.defaults.lora_rank
         self.unet.requires_grad_(False)
         cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                         target_modules=list(targets))
+                         target_modules=list(targets), rank_pattern=dict(rank_pattern or {}),
+                         alpha_pattern=dict(alpha_pattern or {}))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.unet.add_adapter(cfg)
@@ -321,68 +327,45 @@ class Backbone:
         return Path(directory) / LORA_WEIGHT_NAME
 
     def load_lora(self, path: str | Path, rank: int | None = None) -> None:
-        """Load a LoRA saved by :meth:`save_lora` (or any diffusers-format UNet LoRA) into the UNet.
+        """Load a UNet LoRA into the UNet: a file saved by :meth:`save_lora`, or any published one
+        in the key layouts diffusers' loaders read (see :func:`read_lora`): ``save_lora_weights``'
+        ``unet.<module>.lora.down.weight`` / ``lora_A``, the older attention-processor names
+        (``unet.<...>.processor.to_q_lora.down.weight``, with or without the ``unet.`` prefix) and
+        kohya's ``lora_unet_<module>.lora_down.weight`` + ``.alpha``.
 
-        Rank, alpha and target modules come from the file's adapter metadata when it has some (else
-        rank from the weights, alpha = rank, default targets). Keys and shapes are checked against
-        the adapter BEFORE anything is copied, so a LoRA for another backbone raises
-        :class:`ModelLoadError` and leaves the UNet as it was (an adapter added by this call is
-        removed again).
+        Rank, alpha and target modules come from the file's adapter metadata when it has some, else
+        from the weights (rank from each ``lora_B``, alpha from kohya's ``.alpha`` or = rank, targets
+        = the modules the file covers). Keys and shapes are checked against the adapter BEFORE
+        anything is copied, so a LoRA for another backbone raises :class:`ModelLoadError` and leaves
+        the UNet as it was (an adapter added by this call is removed again); so do NaN/inf weights.
         """
-        import json
-
-        from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
         from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
 
         from spobench.errors import ModelLoadError
+        from spobench.weights import mismatch_message
 
-        path = Path(path)
-        file = path / LORA_WEIGHT_NAME if path.is_dir() else path
-        if not file.exists():
-            raise ModelLoadError(f"no LoRA weights at {file}")
-        try:
-            state = load_file(str(file))
-            with safe_open(str(file), "pt") as f:
-                metadata = f.metadata() or {}
-        except (OSError, SafetensorError) as err:
-            raise ModelLoadError(f"{file}: not a readable safetensors LoRA file ({type(err).__name__}: {err})") from None
-        state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-        if not state:
-            raise ModelLoadError(f"{file}: holds no UNet LoRA weights")
-        try:
-            packed = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-        except ValueError:
-            packed = {}
-        config = {k.removeprefix("unet."): v for k, v in packed.items() if k.startswith("unet.")}
-        state = convert_unet_state_dict_to_peft(state)
-        if rank is None:
-            rank = config.get("r") or next((v.shape[0] for k, v in state.items() if "lora_A" in k), None)
+        file, state, config = read_lora(path, self.pipeline_class, self.unet.config)
         added = not self.has_lora
-        if added:
-            self.add_lora(rank, alpha=config.get("lora_alpha"),
-                          targets=tuple(config.get("target_modules") or DEFAULT_LORA_TARGETS))
+        try:
+            if added:
+                self.add_lora(rank or config["r"], alpha=config["lora_alpha"], targets=tuple(config["target_modules"]),
+                              rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"))
+        except (ValueError, KeyError, TypeError) as err:  # peft: "Target modules ... not found in the base model"
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ModelLoadError(f"{file}: LoRA does not fit the {self.name} UNet ({first}); was it trained on "
+                                 "another backbone?") from None
         expected = {k: v.shape for k, v in get_peft_model_state_dict(self.unet).items()}
-        problem = None
         unexpected = sorted(set(state) - set(expected))
         missing = sorted(set(expected) - set(state))
-        mismatched = sorted(k for k in state if k in expected and state[k].shape != expected[k])
-        if unexpected:
-            problem = f"unexpected key {unexpected[0]!r}"
-        elif mismatched:
-            k = mismatched[0]
-            problem = f"shape {tuple(state[k].shape)} != {tuple(expected[k])} for {k!r}"
-        elif missing:
-            problem = f"no weights for {missing[0]!r}"
+        mismatched = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k])}" for k in state
+                            if k in expected and state[k].shape != expected[k])
+        problem = mismatch_message(str(file), missing, unexpected, mismatched)
         if problem:
             if added:
                 self.unet.delete_adapters("default")
                 self.lora_rank = None
                 self._tuner_layers = None
-            raise ModelLoadError(f"{file}: LoRA does not fit the {self.name} UNet ({problem}, "
-                                 f"{len(unexpected)} unexpected / {len(mismatched)} mismatched / {len(missing)} "
-                                 "missing keys); was it trained on another backbone or with another rank?")
+            raise ModelLoadError(f"{problem}; is it a LoRA for the {self.name} UNet (another backbone or rank?)")
         set_peft_model_state_dict(self.unet, state)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -410,3 +393,106 @@ class Backbone:
         if self.vae is not None:
             mods["vae"] = self.vae
         return mods
+
+
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_")
+
+
+def lora_file(path: str | Path) -> Path:
+    """The weights file of a LoRA folder (``pytorch_lora_weights.safetensors``, or its only
+    ``*.safetensors``) or the file itself."""
+    from spobench.errors import ModelLoadError
+
+    path = Path(path)
+    if not path.is_dir():
+        if not path.exists():
+            raise ModelLoadError(f"no LoRA weights at {path}")
+        return path
+    if (path / LORA_WEIGHT_NAME).exists():
+        return path / LORA_WEIGHT_NAME
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) == 1:
+        return found[0]
+    pickled = sorted(p.name for p in path.glob("*.bin"))
+    why = (f"{len(found)} .safetensors files and no {LORA_WEIGHT_NAME}" if found else
+           f"no {LORA_WEIGHT_NAME}" + (f" (only pickle {pickled[0]}; spobench loads safetensors only)" if pickled else ""))
+    raise ModelLoadError(f"{path}: {why}")
+
+
+def read_lora(path: str | Path, pipeline_class, unet_config=None) -> tuple[Path, dict, dict]:
+    """A UNet LoRA file -> (file, peft-keyed state dict, LoraConfig kwargs).
+
+    The key layouts are the ones diffusers' loaders convert (diffusers 0.42
+    ``utils/state_dict_utils.py`` ``UNET_TO_DIFFUSERS`` and ``loaders/lora_conversion_utils.py``
+    ``_convert_non_diffusers_lora_to_diffusers``); their conversions are used as they are, on a dict
+    read here from safetensors (never a pickle). Refuses NaN/inf weights, text-encoder LoRA weights
+    (spobench applies UNet LoRAs only: dropping them silently would evaluate another model) and files
+    holding no UNet LoRA."""
+    import json
+
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    from spobench.errors import ModelLoadError
+    from spobench.weights import check_finite
+
+    file = lora_file(path)
+    try:
+        state = load_file(str(file))
+        with safe_open(str(file), "pt") as f:
+            metadata = f.metadata() or {}
+    except (OSError, SafetensorError) as err:
+        raise ModelLoadError(f"{file}: not a readable safetensors LoRA file ({type(err).__name__}: {err})") from None
+    if not state:
+        raise ModelLoadError(f"{file}: holds no tensors")
+    check_finite(state, str(file))
+    text = sorted(k for k in state if k.startswith(_TEXT_PREFIXES))
+    if text:
+        raise ModelLoadError(f"{file}: holds text-encoder LoRA weights ({text[0]}, {len(text)} keys); spobench "
+                             "applies UNet LoRAs only")
+    alphas: dict = {}
+    if all(k.startswith(_KOHYA_PREFIXES) for k in state):
+        try:
+            state, alphas = pipeline_class.lora_state_dict(dict(state), unet_config=unet_config)
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ModelLoadError(f"{file}: unreadable kohya-style LoRA keys ({first})") from None
+        alphas = {k.removeprefix("unet."): v for k, v in (alphas or {}).items() if k.startswith("unet.")}
+    if any(k.startswith("unet.") for k in state):
+        other = sorted(k for k in state if not k.startswith("unet."))
+        if other:
+            raise ModelLoadError(f"{file}: key {other[0]!r} is neither a unet. nor a text-encoder LoRA key")
+        state = {k.removeprefix("unet."): v for k, v in state.items()}
+    # else: the oldest layout (save_attn_procs), UNet keys without a prefix
+    bad = sorted(k for k in state if "lora" not in k)
+    if bad:
+        raise ModelLoadError(f"{file}: key {bad[0]!r} is not a LoRA weight")
+    state = convert_unet_state_dict_to_peft(state)
+    alphas = {k2: v for k, v in alphas.items() for k2 in convert_unet_state_dict_to_peft({k: None})}
+    if not any(".lora_A." in k for k in state) or not any(".lora_B." in k for k in state):
+        raise ModelLoadError(f"{file}: holds no UNet LoRA weights (no lora down/up pairs)")
+    try:
+        packed = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    except ValueError:
+        raise ModelLoadError(f"{file}: its lora_adapter_metadata is not valid JSON") from None
+    config = {k.removeprefix("unet."): v for k, v in packed.items() if k.startswith("unet.")} \
+        if isinstance(packed, dict) else {}
+    ranks = {k: v.shape[1] for k, v in state.items() if ".lora_B." in k and v.ndim > 1}
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    modules = sorted({k.split(".lora_")[0] for k in state})
+    if config.get("r"):  # the file says how it was made (spobench's save_lora, recent diffusers)
+        out = {"r": config["r"], "lora_alpha": config.get("lora_alpha") or config["r"],
+               "target_modules": sorted(config.get("target_modules") or DEFAULT_LORA_TARGETS),
+               "rank_pattern": config.get("rank_pattern") or {}, "alpha_pattern": config.get("alpha_pattern") or {}}
+        return file, state, out
+    # rank per module from lora_B; kohya alphas per module, else alpha = rank (scale 1, diffusers' rule)
+    rank_of = {k.split(".lora_B.")[0]: n for k, n in ranks.items()}
+    alpha_of = {k.split(".lora_A.")[0].removesuffix(".alpha"): float(v) for k, v in alphas.items()}
+    alpha = collections.Counter(alpha_of.values()).most_common(1)[0][0] if alpha_of else r
+    out = {"r": r, "lora_alpha": alpha, "target_modules": modules,
+           "rank_pattern": {m: n for m, n in rank_of.items() if n != r},
+           "alpha_pattern": ({m: a for m, a in alpha_of.items() if a != alpha} if alpha_of else
+                             {m: n for m, n in rank_of.items() if n != r})}
+    return file, state, out

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 import logging
 import os
 from collections.abc import Sequence
@@ -36,11 +37,11 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from safetensors import SafetensorError
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from spobench.backbones.base import Backbone, BackboneDefaults, Conditioning
 from spobench.errors import ModelLoadError, SpobenchError
+from spobench.weights import load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,26 @@ def _weights_variant(directory: Path, stem: str, dtype: torch.dtype) -> tuple[bo
     return False, None
 
 
+@dataclass(frozen=True)
+class ComponentSource:
+    """Where an overriding UNet/VAE lives: ``root`` (a folder or hub snapshot) and its subfolder."""
+
+    root: Path
+    subfolder: str | None
+    model_id: str
+    revision: str | None = None
+
+    def identity(self) -> str:
+        return f"{self.model_id}@{self.revision}" if self.revision else self.model_id
+
+
+def _config_class(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 class SD15Backbone(Backbone):
     """Stable Diffusion 1.5: CLIP ViT-L text encoder (last hidden state), 4-channel VAE latents.
 
@@ -119,6 +140,7 @@ class SD15Backbone(Backbone):
         self.model_id = model_id or source
         self.revision = revision
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.overrides: dict[str, str] = {}  # component -> the released checkpoint that replaced it
         # The base model is frozen: LoRA (add_lora) is the only thing trained, and frozen text
         # encoders never need an autograd graph.
         for module in self.modules().values():
@@ -153,6 +175,8 @@ class SD15Backbone(Backbone):
     def identity(self) -> dict:
         ident = super().identity()
         ident.update(model_id=self.model_id, revision=self.revision)
+        if self.overrides:
+            ident["overrides"] = dict(self.overrides)
         return ident
 
     # -- prompts -----------------------------------------------------------------------------
@@ -197,8 +221,14 @@ class SD15Backbone(Backbone):
         return f'hf download {hub_id} --include "*.json" "*.txt" {weights}'
 
     @classmethod
-    def load(cls, source: str | os.PathLike | None = None, device="cpu", dtype: torch.dtype = torch.float32):
+    def load(cls, source: str | os.PathLike | None = None, device="cpu", dtype: torch.dtype = torch.float32,
+             *, unet: str | os.PathLike | None = None, vae: str | os.PathLike | None = None):
         """Load from a diffusers folder or a hub id (default: the official weights' hub id).
+
+        ``unet`` / ``vae``: a component that replaces the base model's, as released checkpoints ship
+        them (Diffusion-DPO's and MaPO's UNet-only repos, ``madebyollin/sdxl-vae-fp16-fix``): a folder
+        or hub id holding ``config.json`` + ``diffusion_pytorch_model.safetensors`` at its top level or
+        under ``unet/`` / ``vae/``. The base folder then needs no component of its own for it.
 
         Raises :class:`ModelLoadError` (one line: the folder or id, what is missing, how to get it)
         for a missing folder, a hub id that is not cached while offline, a missing component, or a
@@ -207,10 +237,51 @@ class SD15Backbone(Backbone):
         if source is None:
             source = cls.default_source
         source = str(source)
+        overrides = {}
+        for comp, value in (("unet", unet), ("vae", vae)):
+            if value is not None:
+                overrides[comp] = cls.resolve_component(comp, str(value))
         folder, model_id, revision = cls._resolve(source)
-        cls.check_folder(folder, source)
-        bb = cls._from_folder(folder, dtype=dtype, source=source, model_id=model_id, revision=revision)
+        cls.check_folder(folder, source, skip=tuple(overrides))
+        bb = cls._from_folder(folder, dtype=dtype, source=source, model_id=model_id, revision=revision,
+                              overrides=overrides)
         return bb.to(device=device, dtype=dtype)
+
+    @classmethod
+    def resolve_component(cls, comp: str, source: str) -> "ComponentSource":
+        """A UNet or VAE override -> where its config and weights are. Layouts accepted (the
+        released repos use both): ``config.json`` + ``diffusion_pytorch_model[.fp16].safetensors`` at
+        the top (``mapo-t2i/mapo-beta``, ``madebyollin/sdxl-vae-fp16-fix``) or under ``<comp>/``
+        (``mhdang/dpo-sd1.5-text2image-v1``, ``mhdang/dpo-sdxl-text2image-v1``)."""
+        stem = "diffusion_pytorch_model"
+        path = Path(source).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise ModelLoadError(f"{cls.name}: {comp} override {source} is a file, not a folder with config.json "
+                                     f"and {stem}.safetensors")
+            root, model_id, revision = path.resolve(), str(path.resolve()), None
+        elif _looks_like_path(source):
+            raise ModelLoadError(f"{cls.name}: {comp} override folder {source} does not exist")
+        else:
+            patterns = [p for d in ("", f"{comp}/") for p in (f"{d}config.json", f"{d}{stem}.safetensors",
+                                                                f"{d}{stem}.fp16.safetensors",
+                                                                f"{d}{stem}.safetensors.index.json",
+                                                                f"{d}{stem}-*-of-*.safetensors")]
+            hint = f'hf download {source} --include "config.json" "{stem}.safetensors" "{comp}/*"'
+            root, model_id, revision = cls._from_hub(source, patterns=patterns, hint=hint)
+        for sub in ("", comp):
+            d = root / sub if sub else root
+            if (d / "config.json").exists() and _weights_variant(d, stem, torch.float32)[0]:
+                klass = _config_class(d / "config.json")
+                want = "UNet2DConditionModel" if comp == "unet" else "AutoencoderKL"
+                if klass not in (None, want):
+                    raise ModelLoadError(f"{cls.name}: {comp} override {source}: {d / 'config.json'} is a {klass}, "
+                                         f"not a {want}")
+                return ComponentSource(root=root, subfolder=sub or None, model_id=model_id, revision=revision)
+        pickled = any(root.glob("*.bin")) or any(root.glob(f"{comp}/*.bin"))
+        raise ModelLoadError(f"{cls.name}: {comp} override {source} holds no config.json + {stem}.safetensors "
+                             f"(looked in {root} and {root / comp})"
+                             + ("; only pickle .bin weights there, spobench loads safetensors only" if pickled else ""))
 
     @classmethod
     def _resolve(cls, source: str) -> tuple[Path, str, str | None]:
@@ -227,7 +298,8 @@ class SD15Backbone(Backbone):
         return cls._from_hub(source)
 
     @classmethod
-    def _from_hub(cls, hub_id: str) -> tuple[Path, str, str | None]:
+    def _from_hub(cls, hub_id: str, patterns: list[str] | None = None,
+                  hint: str | None = None) -> tuple[Path, str, str | None]:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
             GatedRepoError,
@@ -238,9 +310,9 @@ class SD15Backbone(Backbone):
         )
 
         offline = hub_offline()
-        hint = cls.download_hint(hub_id)
+        hint = hint or cls.download_hint(hub_id)
         try:
-            snap = snapshot_download(hub_id, allow_patterns=cls.hub_patterns(), local_files_only=offline)
+            snap = snapshot_download(hub_id, allow_patterns=patterns or cls.hub_patterns(), local_files_only=offline)
         except HFValidationError:
             raise ModelLoadError(f"{cls.name}: {hub_id!r} is neither an existing folder nor a valid hub id") from None
         except LocalEntryNotFoundError as err:
@@ -265,7 +337,7 @@ class SD15Backbone(Backbone):
         return snap, hub_id, snap.name if snap.parent.name == "snapshots" else None
 
     @classmethod
-    def check_folder(cls, folder: Path, source: str | None = None) -> None:
+    def check_folder(cls, folder: Path, source: str | None = None, skip: tuple[str, ...] = ()) -> None:
         """Refuse a folder for another backbone or with missing components, naming them.
 
         Why up front: diffusers/transformers report a missing file deep inside ``from_pretrained``
@@ -294,6 +366,8 @@ class SD15Backbone(Backbone):
 
         missing: list[str] = []
         for comp, stem in cls.model_components():
+            if comp in skip:  # replaced by an override (a released UNet, a fixed VAE)
+                continue
             d = folder / comp
             if not d.is_dir():
                 missing.append(f"{comp}/")
@@ -325,28 +399,37 @@ class SD15Backbone(Backbone):
         return DDIMScheduler.from_config(config)
 
     @classmethod
-    def _from_folder(cls, folder: Path, *, dtype: torch.dtype, source: str, model_id: str, revision: str | None):
-        kw = {"local_files_only": True, "use_safetensors": True}
-        component = "scheduler"
+    def _from_folder(cls, folder: Path, *, dtype: torch.dtype, source: str, model_id: str, revision: str | None,
+                     overrides: dict | None = None):
+        overrides = overrides or {}
         try:
             scheduler = cls.ddim_from_config(DDIMScheduler.load_config(str(folder), subfolder="scheduler",
                                                                        local_files_only=True))
-            loaded: dict = {}
-            for component, _stem in cls.model_components():
-                variant = _weights_variant(folder / component, _stem, dtype)[1]
-                if component in ("unet", "vae"):
-                    klass = UNet2DConditionModel if component == "unet" else AutoencoderKL
-                    loaded[component] = klass.from_pretrained(str(folder), subfolder=component, torch_dtype=dtype,
-                                                              variant=variant, **kw)
-                else:
-                    klass = cls.text_encoder_classes[cls.text_encoder_names.index(component)]
-                    loaded[component] = klass.from_pretrained(str(folder), subfolder=component, dtype=dtype,
-                                                              variant=variant, **kw)
-            tokenizers = []
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ModelLoadError(f"{cls.name}: cannot load scheduler/ from {source}: {_first_line(err)}") from None
+        loaded: dict = {}
+        for component, _stem in cls.model_components():
+            # every weight goes through spobench.weights: missing/unexpected/wrong-shape keys and NaN refused
+            root, sub = folder, component
+            if component in overrides:
+                root, sub = overrides[component].root, overrides[component].subfolder
+            variant = _weights_variant(root / sub if sub else root, _stem, dtype)[1]
+            if component in ("unet", "vae"):
+                klass = UNet2DConditionModel if component == "unet" else AutoencoderKL
+                loaded[component] = load_pretrained(klass, root, subfolder=sub, torch_dtype=dtype, variant=variant,
+                                                    what=f"{cls.name} {component}")
+            else:
+                klass = cls.text_encoder_classes[cls.text_encoder_names.index(component)]
+                # position_ids: a buffer older transformers saved and current ones rebuild
+                loaded[component] = load_pretrained(klass, root, subfolder=sub, dtype=dtype, variant=variant,
+                                                    what=f"{cls.name} {component}",
+                                                    ignore_unexpected=("text_model.embeddings.position_ids",))
+        tokenizers = []
+        try:
             for component in cls.tokenizer_names:
                 tokenizers.append(CLIPTokenizer.from_pretrained(str(folder), subfolder=component,
                                                                 local_files_only=True))
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError) as err:
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
             raise ModelLoadError(f"{cls.name}: cannot load {component}/ from {source}: {_first_line(err)}") from None
         force_zeros = True
         if (folder / "model_index.json").exists():
@@ -359,7 +442,8 @@ class SD15Backbone(Backbone):
                  text_encoders=[loaded[n] for n in cls.text_encoder_names], tokenizers=tokenizers,
                  scheduler=scheduler, source=source, model_id=model_id, revision=revision,
                  force_zeros_for_empty_prompt=force_zeros)
-        bb.check_shapes(where=source)
+        bb.overrides = {c: o.identity() for c, o in overrides.items()}
+        bb.check_shapes(where=source + "".join(f" + {c} {o.model_id}" for c, o in overrides.items()))
         return bb
 
     def check_shapes(self, where: str) -> None:

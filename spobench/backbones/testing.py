@@ -123,3 +123,117 @@ def make_tiny_folder(path: str | Path, seed: int = 0) -> Path:
     from spobench.backbones.tiny import TinyBackbone
 
     return TinyBackbone.build(seed).save_pretrained(path)
+
+
+# -- released checkpoints in their published layouts ------------------------------------------------------
+def make_unet_folder(path: str | Path, model: str | Path, layout: str = "top", seed: int = 1) -> Path:
+    """A UNet-only folder like a released fine-tune: the UNet of ``model`` (a folder written above) with
+    fresh random weights of the same shapes. ``layout="unet"``: ``unet/config.json`` +
+    ``unet/diffusion_pytorch_model.safetensors`` (``mhdang/dpo-sd1.5-text2image-v1``,
+    ``mhdang/dpo-sdxl-text2image-v1``); ``"top"``: both files at the top (``mapo-t2i/mapo-beta``)."""
+    from diffusers import UNet2DConditionModel
+
+    path = Path(path)
+    config = UNet2DConditionModel.load_config(str(model), subfolder="unet")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(config)
+    unet.save_pretrained(path / "unet" if layout == "unet" else path, safe_serialization=True)
+    return path
+
+
+def make_vae_folder(path: str | Path, model: str | Path, seed: int = 2, layout: str = "top") -> Path:
+    """A VAE-only folder like ``madebyollin/sdxl-vae-fp16-fix`` (config.json +
+    diffusion_pytorch_model.safetensors at the top, ``force_upcast`` false as that repo ships it): the
+    VAE of ``model`` with fresh random weights."""
+    from diffusers import AutoencoderKL
+
+    path = Path(path)
+    config = dict(AutoencoderKL.load_config(str(model), subfolder="vae"))
+    config["force_upcast"] = False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL.from_config(config)
+    vae.save_pretrained(path / "vae" if layout == "vae" else path, safe_serialization=True)
+    return path
+
+
+LORA_KEY_STYLES = ("diffusers", "peft", "attn-procs", "attn-procs-unprefixed", "kohya")
+
+
+def make_lora_file(path: str | Path, backbone, style: str = "diffusers", rank: int = 4, seed: int = 3,
+                   metadata: bool = False) -> Path:
+    """``pytorch_lora_weights.safetensors`` for ``backbone``'s UNet (non-zero up AND down weights, so a
+    loaded LoRA changes the output), in one of the key layouts published LoRAs use:
+
+    * ``diffusers``: ``unet.<module>.lora.down.weight`` / ``.lora.up.weight``, what
+      ``save_lora_weights`` writes from ``convert_state_dict_to_diffusers`` (the SPO LoRAs);
+    * ``peft``: ``unet.<module>.lora_A.weight`` / ``.lora_B.weight``;
+    * ``attn-procs``: ``unet.<...>.attn1.processor.to_q_lora.down.weight`` (diffusers < 0.21);
+    * ``attn-procs-unprefixed``: the same without ``unet.`` (``save_attn_procs``, diffusers < 0.17);
+    * ``kohya``: ``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up.weight`` + ``.alpha``.
+
+    ``metadata``: also write diffusers' ``lora_adapter_metadata`` (rank, alpha, targets). Returns the
+    file. The peft module names are those of ``add_lora``'s default targets."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from spobench.backbones.base import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME
+
+    if style not in LORA_KEY_STYLES:
+        raise ValueError(f"style must be one of {LORA_KEY_STYLES}")
+    probe = copy_unet(backbone)
+    from peft import LoraConfig
+
+    probe.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(DEFAULT_LORA_TARGETS)))
+    g = torch.Generator().manual_seed(seed)
+    peft_sd = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in sorted(get_peft_model_state_dict(probe).items())}
+    out: dict[str, torch.Tensor] = {}
+    for k, v in peft_sd.items():
+        module, _, rest = k.partition(".lora_")  # "<module>", "A.weight"
+        down = rest.startswith("A")
+        if style == "peft":
+            out[f"unet.{k}"] = v
+        elif style == "diffusers":
+            out[f"unet.{module}.lora.{'down' if down else 'up'}.weight"] = v
+        elif style.startswith("attn-procs"):
+            parent, _, leaf = module.rpartition(".")  # "...attn1", "to_q" | "...attn1.to_out", "0"
+            if leaf == "0":
+                parent, leaf = parent.rpartition(".")[0], "to_out"
+            name = f"{parent}.processor.{leaf}_lora.{'down' if down else 'up'}.weight"
+            out[name if style.endswith("unprefixed") else f"unet.{name}"] = v
+        else:  # kohya
+            stem = "lora_unet_" + module.replace(".", "_")
+            out[f"{stem}.lora_{'down' if down else 'up'}.weight"] = v
+            out[f"{stem}.alpha"] = torch.tensor(float(rank))
+    meta = {"format": "pt"}
+    if metadata:
+        import json
+
+        meta["lora_adapter_metadata"] = json.dumps({"unet.r": rank, "unet.lora_alpha": rank,
+                                                    "unet.target_modules": list(DEFAULT_LORA_TARGETS)})
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path / LORA_WEIGHT_NAME), metadata=meta)
+    return path / LORA_WEIGHT_NAME
+
+
+def copy_unet(backbone):
+    """A fresh UNet of ``backbone``'s config (random weights; for building files only)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_config(backbone.unet.config)
+
+
+def fake_hub_cache(cache: str | Path, repo_id: str, folder: str | Path, commit: str = "0" * 40) -> Path:
+    """Put ``folder``'s files into ``cache`` laid out as huggingface_hub's cache holds a downloaded repo
+    (``models--org--name/snapshots/<commit>/...`` and ``refs/main``), so that hub ids resolve offline
+    (``HF_HUB_OFFLINE=1``, ``HF_HUB_CACHE=cache``) exactly as after ``hf download``."""
+    import shutil
+
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    shutil.copytree(folder, snap, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snap
