@@ -9,13 +9,13 @@ one batch and never leaves a half-written file.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from spobench import outdir
 from spobench.errors import InputError
 from spobench.io import atomic_file, atomic_write_text, provenance
 
@@ -43,38 +43,59 @@ def plan(prompts: Sequence[str], seed: int, images_per_prompt: int = 1) -> list[
     return jobs
 
 
-def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a non-empty output folder unless asked to resume or overwrite it (changes nothing)."""
-    out = Path(out)
-    if resume and overwrite:
-        raise InputError("give only one of --resume and --overwrite")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise InputError(f"{out}: output folder exists and is not empty; pass --resume or --overwrite")
-
-
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """``check_out_dir``, then empty the folder for ``overwrite`` and create it."""
-    out = Path(out)
-    check_out_dir(out, resume, overwrite)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def read_manifest(out: Path) -> list[dict]:
-    path = out / MANIFEST
+    path = Path(out) / MANIFEST
     if not path.exists():
         return []
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read the manifest ({e})") from None
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 raise InputError(f"{path}:{n}: corrupt manifest line") from None
+            if not (isinstance(row, dict) and isinstance(row.get("index"), int) and isinstance(row.get("file"), str)
+                    and isinstance(row.get("seed"), int) and isinstance(row.get("prompt"), str)):
+                raise InputError(f"{path}:{n}: a manifest row needs index, file, prompt and seed")
+            rows.append(row)
     return rows
+
+
+def _first_difference(a, b, name: str) -> tuple[str, object, object] | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _first_difference(a.get(k), b.get(k), f"{name}.{k}")
+            if d:
+                return d
+        return None
+    return None if a == b else (name, a, b)
+
+
+def check_resume(out: Path, jobs: Sequence[ImageJob], common: dict | None = None) -> None:
+    """``--resume`` continues the SAME run: every image the manifest holds must be the one this run
+    plans at its index (prompt, seed) and, given ``common``, made with the same sampler, backbone and
+    LoRA. Otherwise the old images would be kept and reported as the new run's."""
+    path = Path(out) / MANIFEST
+    planned = {j.index: j for j in jobs}
+    again = "resume with the same prompts, --limit, --seed, --images-per-prompt and model, or choose another --out"
+    wanted = json.loads(json.dumps(common, default=str)) if common is not None else None
+    for row in read_manifest(out):
+        job = planned.get(row["index"])
+        if job is None:
+            raise InputError(f"{path}: {row['file']} is not one of the {len(jobs)} images this run plans; {again}")
+        for key, mine in (("file", job.file), ("prompt", job.prompt), ("seed", job.seed)):
+            if row.get(key) != mine:
+                raise InputError(f"{path}: {row['file']} was made with {key} {row.get(key)!r}, this run gives "
+                                 f"{mine!r} there; {again}")
+        for key in (wanted or {}):
+            diff = _first_difference(row.get(key), wanted[key], key)
+            if diff:
+                raise InputError(f"{path}: {row['file']} was made with {diff[0]} {diff[1]!r}, this run uses "
+                                 f"{diff[2]!r}; {again}")
 
 
 def to_uint8(images) -> np.ndarray:
@@ -99,29 +120,32 @@ def generate(backbone, prompts: Sequence[str], out: str | Path, *, seed: int = 0
     from spobench.engine.rollout import RolloutEngine, SamplerConfig, make_generators
 
     out = Path(out)
-    prepare_out_dir(out, resume, overwrite)
     sampler = sampler or SamplerConfig(eta=0.0)
-    engine = RolloutEngine(backbone, sampler)
     jobs = plan(prompts, seed, images_per_prompt)
-    rows = {r["index"]: r for r in read_manifest(out) if (out / r["file"]).exists()}
-    todo = [j for j in jobs if j.index not in rows]
-    common = {"sampler": asdict(sampler) | {"name": "ddim"}, "backbone": backbone.identity(), "lora": lora,
-              **provenance()}
-    done = len(jobs) - len(todo)
-    if progress:
-        progress(done, len(jobs))
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        with torch.no_grad():
-            traj = engine.sample([j.prompt for j in batch], make_generators([j.seed for j in batch]),
-                                 keep_latents=False)
-            pixels = to_uint8(backbone.decode(traj.x0))
-        for job, arr in zip(batch, pixels):
-            save_png(out / job.file, arr)
-            rows[job.index] = {"index": job.index, "file": job.file, "prompt": job.prompt,
-                               "prompt_index": job.prompt_index, "seed": job.seed, **common}
-        atomic_write_text(out / MANIFEST, "".join(json.dumps(rows[i]) + "\n" for i in sorted(rows)))
-        done += len(batch)
+    common = {"sampler": asdict(sampler) | {"name": "ddim"}, "backbone": backbone.identity(), "lora": lora}
+    with outdir.claim(out, command="generate", resume=resume, overwrite=overwrite,
+                      keep=lambda: (out / MANIFEST).exists()):  # whole images are kept for --resume
+        if resume:
+            check_resume(out, jobs, common)
+        engine = RolloutEngine(backbone, sampler)
+        rows = {r["index"]: r for r in read_manifest(out) if (out / r["file"]).exists()}
+        todo = [j for j in jobs if j.index not in rows]
+        common |= provenance()
+        done = len(jobs) - len(todo)
         if progress:
             progress(done, len(jobs))
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            with torch.no_grad():
+                traj = engine.sample([j.prompt for j in batch], make_generators([j.seed for j in batch]),
+                                     keep_latents=False)
+                pixels = to_uint8(backbone.decode(traj.x0))
+            for job, arr in zip(batch, pixels):
+                save_png(out / job.file, arr)
+                rows[job.index] = {"index": job.index, "file": job.file, "prompt": job.prompt,
+                                   "prompt_index": job.prompt_index, "seed": job.seed, **common}
+            atomic_write_text(out / MANIFEST, "".join(json.dumps(rows[i]) + "\n" for i in sorted(rows)))
+            done += len(batch)
+            if progress:
+                progress(done, len(jobs))
     return [rows[i] for i in sorted(rows)]

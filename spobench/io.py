@@ -89,6 +89,8 @@ def _output_error(err: OSError, path: Path, tmp) -> Exception:
     if tmp is not None and name.startswith(str(tmp)):  # a file inside the temp (or the temp): its final name
         name = str(path) + name[len(str(tmp)):]
     name = _TEMP_NAME.sub(r"\1", name)
+    if isinstance(err, (FileExistsError, NotADirectoryError)) and name != str(path) and Path(name).is_file():
+        return OutputError(f"{path}: cannot write it: {name} is a file, not a folder")
     what = f" ({name})" if name != str(path) else ""
     return OutputError(f"{path}: cannot write it{what}: {err.strerror or err}")
 
