@@ -3,7 +3,9 @@
 Image ``i`` of prompt ``p`` uses seed ``seed + p * images_per_prompt + i`` and its own generator,
 so an image does not depend on the batch it was drawn in. Every PNG and the manifest are written
 atomically, and ``resume`` skips images the manifest already holds: a killed run loses at most
-one batch and never leaves a half-written file.
+one batch and never leaves a half-written file. ``resume`` refuses a manifest whose images were
+made with other prompts, seeds, sampler, backbone or LoRA (:func:`check_resume`): their images
+would otherwise be kept and reported as this run's. The folder is claimed with ``spobench.outdir``.
 """
 
 from __future__ import annotations

@@ -725,9 +725,10 @@ class Trainer:
         from spobench.backbones import load_backbone
         from spobench.io import atomic_write_json
 
-        # --out is claimed (locked, emptied for --overwrite) only once the backbone, the prompts/pairs and
-        # the checkpoint have loaded, so bad input leaves it as it was; a fresh run that fails later
-        # (undecodable image, non-finite loss, full disk) before its first checkpoint is removed again.
+        # --out is claimed (spobench.outdir: locked for the run, --overwrite's old run set aside) once the
+        # backbone and the prompts/pairs have loaded; a fresh run that fails later (undecodable image,
+        # non-finite loss, full disk) before its first checkpoint is removed again (an overwritten one
+        # comes back), and a resume that fails (a corrupt checkpoint) leaves the folder as it was.
         bb = load_backbone(backbone, model)
         trainer = cls(cfg, bb, out, accelerator=acc, console=console)
         acc.wait_for_everyone()  # every process has checked --out before the main one touches it
