@@ -74,7 +74,16 @@ def _first_difference(a, b, name: str) -> tuple[str, object, object] | None:
             if d:
                 return d
         return None
+    if isinstance(a, str) and isinstance(b, str) and a != b and _same_path(a, b):
+        return None  # one folder spelled two ways (runs/x/lora, /abs/runs/x/lora)
     return None if a == b else (name, a, b)
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return Path(a).exists() and Path(a).resolve() == Path(b).resolve()
+    except (OSError, ValueError):
+        return False
 
 
 def check_resume(out: Path, jobs: Sequence[ImageJob], common: dict | None = None) -> None:

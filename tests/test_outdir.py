@@ -246,3 +246,29 @@ def test_a_saved_lora_has_the_same_sha256_in_every_process(tmp_path):
         subprocess.run([sys.executable, "-c", SAVE_LORA, str(out)], check=True, env=env, capture_output=True)
         digests.add(hashlib.sha256((out / "pytorch_lora_weights.safetensors").read_bytes()).hexdigest())
     assert len(digests) == 1
+
+
+# -- generate --resume: the same run or a refusal -------------------------------------------------------
+def test_generate_resume_check_names_the_first_difference(tmp_path):
+    from spobench.generate import MANIFEST, check_resume, plan
+
+    jobs = plan(["a red circle", "a blue square"], seed=3)
+    common = {"sampler": {"num_steps": 2, "guidance_scale": 5.0}, "backbone": {"backbone": "tiny"},
+              "lora": str(tmp_path / "lora")}
+    (tmp_path / "lora").mkdir()
+    rows = [{"index": j.index, "file": j.file, "prompt": j.prompt, "seed": j.seed, **common} for j in jobs]
+    (tmp_path / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    check_resume(tmp_path, jobs, common)
+    moved = common | {"lora": str(tmp_path / "x" / ".." / "lora")}  # the same folder, spelled another way
+    check_resume(tmp_path, jobs, moved)
+    with pytest.raises(InputError, match=r"00000.png was made with seed 3, this run gives 4 there"):
+        check_resume(tmp_path, plan(["a red circle", "a blue square"], seed=4))
+    with pytest.raises(InputError, match=r"00000.png was made with prompt 'a red circle'"):
+        check_resume(tmp_path, plan(["a green star", "a blue square"], seed=3))
+    with pytest.raises(InputError, match=r"00001.png is not one of the 1 images"):
+        check_resume(tmp_path, plan(["a red circle"], seed=3))
+    with pytest.raises(InputError, match=r"sampler.guidance_scale 5.0, this run uses 7.0"):
+        check_resume(tmp_path, jobs, common | {"sampler": {"num_steps": 2, "guidance_scale": 7.0}})
+    (tmp_path / MANIFEST).write_text('{"index": 0}\n')
+    with pytest.raises(InputError, match=rf"{MANIFEST}:1: a manifest row needs index, file, prompt and seed"):
+        check_resume(tmp_path, jobs)
