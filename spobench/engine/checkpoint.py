@@ -102,7 +102,12 @@ def prune_checkpoints(run_dir: str | Path, keep: int | None) -> list[Path]:
     found = list_checkpoints(run_dir)
     old = found[: max(len(found) - keep, 0)]
     for p in old:
-        shutil.rmtree(p, ignore_errors=True)
+        # renamed first: a kill in the middle of rmtree would leave a checkpoint that still has its
+        # manifest but lacks files; a kill now leaves a stale ``.NAME.old`` that the next run removes
+        gone = p.with_name(f".{p.name}.old")
+        shutil.rmtree(gone, ignore_errors=True)
+        os.replace(p, gone)
+        shutil.rmtree(gone, ignore_errors=True)
     return old
 
 
