@@ -247,8 +247,11 @@ def claim(out: str | Path, *, command: str, resume: bool = False, overwrite: boo
             if not is_marked(out):
                 _write_marker(out, command)
                 added_marker = True
-        except BaseException:
-            _put_back(out, aside)
+        except BaseException:  # undo only this call's own steps: what is in the folder may be another run's
+            if added_marker:
+                (out / MARKER).unlink(missing_ok=True)
+            if aside.is_dir() and overwrite:
+                _put_back(out, aside)
             if created:
                 shutil.rmtree(top, ignore_errors=True)
             raise
