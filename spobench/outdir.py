@@ -231,7 +231,7 @@ def claim(out: str | Path, *, command: str, resume: bool = False, overwrite: boo
         raise
     st = os.fstat(fd)
     key = (st.st_dev, st.st_ino)
-    added_marker = False
+    added_marker = moved = False
     aside = out / REPLACED
     c = Claim(out, fresh=True, fd=fd)
     try:
@@ -241,6 +241,7 @@ def claim(out: str | Path, *, command: str, resume: bool = False, overwrite: boo
             remove_stale_temps(out)
             if overwrite and any(out.iterdir()):  # set aside, not deleted: a run that fails gets it back
                 aside.mkdir()
+                moved = True
                 for p in list(out.iterdir()):
                     if p != aside:
                         os.rename(p, aside / p.name)
@@ -250,7 +251,7 @@ def claim(out: str | Path, *, command: str, resume: bool = False, overwrite: boo
         except BaseException:  # undo only this call's own steps: what is in the folder may be another run's
             if added_marker:
                 (out / MARKER).unlink(missing_ok=True)
-            if aside.is_dir() and overwrite:
+            if moved:
                 _put_back(out, aside)
             if created:
                 shutil.rmtree(top, ignore_errors=True)
@@ -262,7 +263,7 @@ def claim(out: str | Path, *, command: str, resume: bool = False, overwrite: boo
             if c.fresh and not (keep is not None and _safe(keep)):
                 if created:
                     shutil.rmtree(top, ignore_errors=True)
-                else:
+                else:  # it was empty, or its old contents are aside: only this run's files are removed
                     _put_back(out, aside)
             elif added_marker and not c.fresh:
                 (out / MARKER).unlink(missing_ok=True)
@@ -271,7 +272,8 @@ def claim(out: str | Path, *, command: str, resume: bool = False, overwrite: boo
             raise
         finally:
             _HELD.pop(key, None)
-            shutil.rmtree(aside, ignore_errors=True)  # the replaced run, once the new one stands (or it is back)
+            if moved:  # the replaced run, once the new one stands (or it is back)
+                shutil.rmtree(aside, ignore_errors=True)
     finally:
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)
