@@ -168,10 +168,13 @@ def generate(
     from spobench.engine.rollout import SamplerConfig
     from spobench.generate import generate as run
 
-    from spobench.generate import check_out_dir
+    from spobench import outdir
+    from spobench.generate import check_resume, plan
 
     items = _load_prompts(prompts, prompt_set, limit)
-    check_out_dir(out, resume, overwrite)  # before minutes of model loading
+    outdir.check(out, resume=resume, overwrite=overwrite)  # before minutes of model loading
+    if resume:
+        check_resume(out, plan(items, seed, images_per_prompt))
     bb = _backbone(backbone, model, device, dtype, lora, unet=unet, vae=vae)
     sampler = SamplerConfig(num_steps=steps, guidance_scale=cfg, eta=eta)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
@@ -352,11 +355,8 @@ def train_spm_cmd(
     def show(rec: dict) -> None:
         typer.echo(f"step {rec['step']}/{steps}  loss {rec['loss']:.4f}  ({rec['elapsed_s']:.0f}s)", err=True)
 
-    from spobench.io import removed_on_error
-
-    # a fresh run that fails (missing columns, undecodable image...) before its checkpoint leaves nothing
-    with removed_on_error(out, keep=lambda: (Path(out) / spm_train.CHECKPOINT / "state.json").exists()):
-        result = train_spm(bb, pairs, init, out, config, resume=resume, overwrite=overwrite, progress=show)
+    # train_spm claims --out: a fresh run that fails before its checkpoint leaves nothing
+    result = train_spm(bb, pairs, init, out, config, resume=resume, overwrite=overwrite, progress=show)
     ev = result["eval"]
     typer.echo(f"{result['variant']}: held-out pair accuracy ({ev['n_pairs']} non-tie pairs)")
     for t, acc in ev["accuracy"].items():
@@ -381,9 +381,12 @@ def eval_spm_cmd(
 ):
     """Pair accuracy of preference models per timestep on the same held-out pairs and noise, with each
     model's paired difference to the first (bootstrap 95% CI over captions, McNemar's exact test)."""
-    from spobench import spm_train
+    from spobench import outdir, spm_train
     from spobench.io import atomic_write_json
     from spobench.spm_eval import compare_spms
+
+    if out is not None:
+        outdir.check_file(out)  # before the scoring, whose result would be lost
 
     try:
         ts = [int(x) for x in timesteps.split(",") if x.strip()]
@@ -466,19 +469,20 @@ def toy_pretrain(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from spobench.backbones.tiny import TinyBackbone
-    from spobench.generate import prepare_out_dir
+    from spobench import outdir
     from spobench.toyworld.pretrain import PretrainConfig, Pretrainer, toy_batch
 
-    prepare_out_dir(out, resume, overwrite)
     cfg = PretrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every)
-    trainer = Pretrainer(TinyBackbone.build(seed), cfg, toy_batch, out)
-    if resume and trainer.load_checkpoint():
-        console.print(f"resumed at step {trainer.step}")
-    with Progress("pretraining", BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as bar:
-        task = bar.add_task("pretrain", total=steps, completed=trainer.step, loss=float("nan"))
-        trainer.run(progress=lambda s, loss: bar.update(task, completed=s, loss=loss))
-    folder = trainer.export(out / "model")
+    with outdir.claim(out, command="toy pretrain", resume=resume, overwrite=overwrite,
+                      keep=lambda: (out / "checkpoint").exists()):
+        trainer = Pretrainer(TinyBackbone.build(seed), cfg, toy_batch, out)
+        if resume and trainer.load_checkpoint():
+            console.print(f"resumed at step {trainer.step}")
+        with Progress("pretraining", BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+                      TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as bar:
+            task = bar.add_task("pretrain", total=steps, completed=trainer.step, loss=float("nan"))
+            trainer.run(progress=lambda s, loss: bar.update(task, completed=s, loss=loss))
+        folder = trainer.export(out / "model")
     console.print(f"wrote {folder} (EMA weights, step {trainer.step})")
 
 
@@ -495,14 +499,15 @@ def toy_data(
 ):
     """Write the tiny world's generic preference data in Pick-a-Pic's format (pairs.parquet), the
     training prompt list in the official 4k file's format and the 500 validation prompts."""
-    from spobench.generate import prepare_out_dir
+    from spobench import outdir
     from spobench.toyworld.pairs import backbone_generator, make_dataset
 
-    prepare_out_dir(out, False, overwrite)
+    outdir.check(out, overwrite=overwrite, resumable=False)
     extra = None
     if base_samples > 0:
         extra = backbone_generator(_backbone("tiny", model, "cpu", "fp32"))
-    with console.status(f"drawing {pairs} pairs"):
+    with outdir.claim(out, command="toy data", overwrite=overwrite, resumable=False), \
+            console.status(f"drawing {pairs} pairs"):
         stats = make_dataset(out, n_pairs=pairs, seed=seed, extra_generator=extra, p_extra=base_samples)
     table = Table(title=f"tiny-world pairs in {out}", show_edge=False)
     table.add_column("statistic")
@@ -526,12 +531,12 @@ def toy_clip(
     the tiny world's preference models: `spobench train-spm --backbone tiny --init <out>`."""
     _tiny_clip_shape(hidden, patch)  # before the imports: transformers takes seconds to load
     from spobench.backbones.tiny import tiny_tokenizer
-    from spobench.generate import prepare_out_dir
+    from spobench import outdir
     from spobench.spm import make_tiny_clip_folder
 
-    prepare_out_dir(out, False, overwrite)
-    make_tiny_clip_folder(out, seed=seed, image_size=32, patch_size=patch, hidden=hidden, layers=layers,
-                          heads=4, projection_dim=32, tokenizer=tiny_tokenizer(model_max_length=77))
+    with outdir.claim(out, command="toy clip", overwrite=overwrite, resumable=False):
+        make_tiny_clip_folder(out, seed=seed, image_size=32, patch_size=patch, hidden=hidden, layers=layers,
+                              heads=4, projection_dim=32, tokenizer=tiny_tokenizer(model_max_length=77))
     console.print(f"wrote a random tiny CLIP to {out}")
 
 
@@ -558,12 +563,10 @@ def toy_pickscore(
     def show(rec: dict) -> None:
         typer.echo(f"step {rec['step']}/{steps}  loss {rec['loss']:.4f}  ({rec['elapsed_s']:.0f}s)", err=True)
 
-    from spobench.io import removed_on_error
-
     command = shlex.join(["spobench", *sys.argv[1:]])  # recorded in metrics.json and beside the weights
-    with removed_on_error(out):  # a fresh run that fails (bad parquet, NaN loss...) leaves no partial folder
-        result = train_toy_pickscore(pairs, out, config, init=init, overwrite=overwrite, command=command,
-                                     progress=show)
+    # train_toy_pickscore claims --out: a fresh run that fails (bad parquet, NaN loss...) leaves nothing
+    result = train_toy_pickscore(pairs, out, config, init=init, overwrite=overwrite, command=command,
+                                 progress=show)
     for line in summary_lines(result):
         typer.echo(line)
     typer.echo(f"model: {result['model']}  metrics: {Path(out) / METRICS}  ({result['train_s']:.0f}s training)")

@@ -3,19 +3,21 @@
 Image ``i`` of prompt ``p`` uses seed ``seed + p * images_per_prompt + i`` and its own generator,
 so an image does not depend on the batch it was drawn in. Every PNG and the manifest are written
 atomically, and ``resume`` skips images the manifest already holds: a killed run loses at most
-one batch and never leaves a half-written file.
+one batch and never leaves a half-written file. ``resume`` refuses a manifest whose images were
+made with other prompts, seeds, sampler, backbone or LoRA (:func:`check_resume`): their images
+would otherwise be kept and reported as this run's. The folder is claimed with ``spobench.outdir``.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from spobench import outdir
 from spobench.errors import InputError
 from spobench.io import atomic_file, atomic_write_text, provenance
 
@@ -41,26 +43,6 @@ def plan(prompts: Sequence[str], seed: int, images_per_prompt: int = 1) -> list[
             n = p * images_per_prompt + i
             jobs.append(ImageJob(n, p, prompt, seed + n))
     return jobs
-
-
-def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a non-empty output folder unless asked to resume or overwrite it (changes nothing)."""
-    out = Path(out)
-    if resume and overwrite:
-        raise InputError("give only one of --resume and --overwrite")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise InputError(f"{out}: output folder exists and is not empty; pass --resume or --overwrite")
-
-
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """``check_out_dir``, then empty the folder for ``overwrite`` and create it."""
-    out = Path(out)
-    check_out_dir(out, resume, overwrite)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def read_manifest(out: Path) -> list[dict]:
@@ -128,6 +110,48 @@ def _check_manifest_row(row, at: str, root: Path) -> None:
                          "inside the folder)")
 
 
+def _first_difference(a, b, name: str) -> tuple[str, object, object] | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _first_difference(a.get(k), b.get(k), f"{name}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(a, str) and isinstance(b, str) and a != b and _same_path(a, b):
+        return None  # one folder spelled two ways (runs/x/lora, /abs/runs/x/lora)
+    return None if a == b else (name, a, b)
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return Path(a).exists() and Path(a).resolve() == Path(b).resolve()
+    except (OSError, ValueError):
+        return False
+
+
+def check_resume(out: Path, jobs: Sequence[ImageJob], common: dict | None = None) -> None:
+    """``--resume`` continues the SAME run: every image the manifest holds must be the one this run
+    plans at its index (prompt, seed) and, given ``common``, made with the same sampler, backbone and
+    LoRA. Otherwise the old images would be kept and reported as the new run's."""
+    path = Path(out) / MANIFEST
+    planned = {j.index: j for j in jobs}
+    again = "resume with the same prompts, --limit, --seed, --images-per-prompt and model, or choose another --out"
+    wanted = json.loads(json.dumps(common, default=str)) if common is not None else None
+    for row in read_manifest(out):
+        job = planned.get(row["index"])
+        if job is None:
+            raise InputError(f"{path}: {row['file']} is not one of the {len(jobs)} images this run plans; {again}")
+        for key, mine in (("file", job.file), ("prompt", job.prompt), ("seed", job.seed)):
+            if row.get(key) != mine:
+                raise InputError(f"{path}: {row['file']} was made with {key} {row.get(key)!r}, this run gives "
+                                 f"{mine!r} there; {again}")
+        for key in (wanted or {}):
+            diff = _first_difference(row.get(key), wanted[key], key)
+            if diff:
+                raise InputError(f"{path}: {row['file']} was made with {diff[0]} {diff[1]!r}, this run uses "
+                                 f"{diff[2]!r}; {again}")
+
+
 def to_uint8(images) -> np.ndarray:
     """(B, 3, H, W) floats in [0, 1] -> (B, H, W, 3) uint8."""
     arr = images.detach().float().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
@@ -150,29 +174,32 @@ def generate(backbone, prompts: Sequence[str], out: str | Path, *, seed: int = 0
     from spobench.engine.rollout import RolloutEngine, SamplerConfig, make_generators
 
     out = Path(out)
-    prepare_out_dir(out, resume, overwrite)
     sampler = sampler or SamplerConfig(eta=0.0)
-    engine = RolloutEngine(backbone, sampler)
     jobs = plan(prompts, seed, images_per_prompt)
-    rows = {r["index"]: r for r in read_manifest(out) if (out / r["file"]).exists()}
-    todo = [j for j in jobs if j.index not in rows]
-    common = {"sampler": asdict(sampler) | {"name": "ddim"}, "backbone": backbone.identity(), "lora": lora,
-              **provenance()}
-    done = len(jobs) - len(todo)
-    if progress:
-        progress(done, len(jobs))
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        with torch.no_grad():
-            traj = engine.sample([j.prompt for j in batch], make_generators([j.seed for j in batch]),
-                                 keep_latents=False)
-            pixels = to_uint8(backbone.decode(traj.x0))
-        for job, arr in zip(batch, pixels):
-            save_png(out / job.file, arr)
-            rows[job.index] = {"index": job.index, "file": job.file, "prompt": job.prompt,
-                               "prompt_index": job.prompt_index, "seed": job.seed, **common}
-        atomic_write_text(out / MANIFEST, "".join(json.dumps(rows[i]) + "\n" for i in sorted(rows)))
-        done += len(batch)
+    common = {"sampler": asdict(sampler) | {"name": "ddim"}, "backbone": backbone.identity(), "lora": lora}
+    with outdir.claim(out, command="generate", resume=resume, overwrite=overwrite,
+                      keep=lambda: (out / MANIFEST).exists()):  # whole images are kept for --resume
+        if resume:
+            check_resume(out, jobs, common)
+        engine = RolloutEngine(backbone, sampler)
+        rows = {r["index"]: r for r in read_manifest(out) if (out / r["file"]).exists()}
+        todo = [j for j in jobs if j.index not in rows]
+        common |= provenance()
+        done = len(jobs) - len(todo)
         if progress:
             progress(done, len(jobs))
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            with torch.no_grad():
+                traj = engine.sample([j.prompt for j in batch], make_generators([j.seed for j in batch]),
+                                     keep_latents=False)
+                pixels = to_uint8(backbone.decode(traj.x0))
+            for job, arr in zip(batch, pixels):
+                save_png(out / job.file, arr)
+                rows[job.index] = {"index": job.index, "file": job.file, "prompt": job.prompt,
+                                   "prompt_index": job.prompt_index, "seed": job.seed, **common}
+            atomic_write_text(out / MANIFEST, "".join(json.dumps(rows[i]) + "\n" for i in sorted(rows)))
+            done += len(batch)
+            if progress:
+                progress(done, len(jobs))
     return [rows[i] for i in sorted(rows)]

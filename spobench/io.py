@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -19,8 +20,11 @@ from typing import Any, Iterator
 def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[Any]:
     """Open a temp file beside ``path``; on success fsync and rename over it, on error remove it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _output_error(e, path, None) from e
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -30,7 +34,7 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[Any]:
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        _raise_if_disk_full(e, path)
+        _reraise_as_output_error(e, path, tmp)
         raise
 
 
@@ -45,10 +49,15 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temp directory beside ``path``; on success it replaces ``path`` (old one removed)."""
+    """Yield a temp directory beside ``path``; on success it replaces ``path`` (old one removed).
+    A killed process leaves ``.NAME.xxxxxxxx.tmp`` (or ``.NAME.old``) behind: ``spobench.outdir``
+    removes those when the run folder is next claimed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise _output_error(e, path, None) from e
     try:
         yield tmp
         if path.exists():
@@ -61,45 +70,75 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        _raise_if_disk_full(e, path)
+        _reraise_as_output_error(e, path, tmp)
         raise
 
 
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
-def _raise_if_disk_full(err: BaseException, path: Path) -> None:
-    """A full disk is the user's to fix: one line naming the file or folder being written (whose
-    temp file is already gone; a file inside an ``atomic_dir`` is reported as the folder)."""
+def _output_error(err: OSError, path: Path, tmp) -> Exception:
+    """An OSError while writing ``path`` (full disk, read-only file system, a folder where the file
+    goes...) as one line naming ``path``; the temp file it happened in is already gone."""
     from spobench.errors import OutputError
 
-    cause = err.__cause__ if isinstance(err, OutputError) else err
-    if isinstance(cause, OSError) and cause.errno in DISK_FULL:
-        raise OutputError(f"{path}: cannot write it: {os.strerror(cause.errno)}; nothing partial was left "
-                          "behind; free some space and run again (--resume continues a run)") from cause
+    if err.errno in DISK_FULL:
+        return OutputError(f"{path}: cannot write it: {os.strerror(err.errno)}; nothing partial was left "
+                           "behind; free some space and run again (--resume continues a run)")
+    name = str(err.filename) if err.filename else str(path)
+    if tmp is not None and name.startswith(str(tmp)):  # a file inside the temp (or the temp): its final name
+        name = str(path) + name[len(str(tmp)):]
+    name = _TEMP_NAME.sub(r"\1", name)
+    if isinstance(err, (FileExistsError, NotADirectoryError)) and name != str(path) and Path(name).is_file():
+        return OutputError(f"{path}: cannot write it: {name} is a file, not a folder")
+    what = f" ({name})" if name != str(path) else ""
+    return OutputError(f"{path}: cannot write it{what}: {err.strerror or err}")
 
 
-@contextlib.contextmanager
-def removed_on_error(path: str | Path, *, fresh: bool | None = None, keep=None, enabled: bool = True) -> Iterator[None]:
-    """Around the part of a command that writes the run folder ``path``: when the block raises a
-    ``SpobenchError`` (bad input found late, non-finite loss, full disk...) and the run is fresh
-    (``fresh``; None: ``path`` is absent or empty when the block begins, and is then left so), what
-    the block wrote is removed, so a failed fresh run leaves no partial output behind. ``keep()``
-    true (e.g. a checkpoint was written) keeps it for ``--resume``."""
-    from spobench.errors import SpobenchError
+_TEMP_NAME = re.compile(r"\.([^/]+)\.[A-Za-z0-9_]{8}\.tmp(?=/|$)")
 
-    path = Path(path)
-    was_empty_dir = path.is_dir() and not any(path.iterdir())
-    if fresh is None:
-        fresh = not path.exists() or was_empty_dir
-    try:
-        yield
-    except SpobenchError:
-        if enabled and fresh and path.is_dir() and not (keep is not None and keep()):
-            shutil.rmtree(path, ignore_errors=True)
-            if was_empty_dir:
-                path.mkdir(exist_ok=True)
-        raise
+
+def _reraise_as_output_error(err: BaseException, path: Path, tmp) -> None:
+    """An OSError in a writer - or one an inner writer already turned into an OutputError about its
+    temp path - is raised again naming the outer ``path``."""
+    from spobench.errors import OutputError
+
+    cause = err if isinstance(err, OSError) else err.__cause__ if isinstance(err, OutputError) else None
+    if isinstance(cause, OSError):
+        raise _output_error(cause, path, tmp) from cause
+
+
+def save_torch(path: str | Path, obj: Any) -> None:
+    """``torch.save`` through :func:`atomic_file`: given a path, torch reports a full disk as a
+    RuntimeError from its C++ writer; given a file object the OSError comes through."""
+    import torch
+
+    with atomic_file(path) as f:
+        torch.save(obj, f)
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header sorted and compact, so that the same tensors
+    and metadata always give the same bytes: safetensors' writer orders the ``__metadata__`` keys by
+    a per-process hash, and two identical runs gave LoRA files with different sha256. The data
+    bytes are untouched (layout per the safetensors format: a little-endian u64 header length, the
+    JSON header padded with spaces to a multiple of 8, then the data)."""
+    import struct
+
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
+
+
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` atomically, in :func:`canonical_safetensors` form."""
+    from safetensors.torch import save
+
+    blob = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    with atomic_file(path) as f:
+        f.write(canonical_safetensors(blob))
 
 
 @lru_cache(maxsize=1)

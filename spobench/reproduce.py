@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from spobench import outdir
 from spobench.errors import InputError, MissingWeightsError, NotImplementedYet
 from spobench.io import atomic_dir, atomic_write_json, provenance
 from spobench.recipe import (
@@ -619,13 +620,12 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+HOW = "pass --resume to continue it (finished cells are reused) or choose another --out"
+
+
 def check_out(out: Path, resume: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise InputError(f"{out}: run folder exists and is not empty; pass --resume to continue it (finished cells "
-                         "are reused) or choose another --out")
-    if resume and out.exists() and any(out.iterdir()) and not (out / PLAN).exists():
+    outdir.check(out, resume=resume, how=HOW)
+    if resume and outdir.entries(out) and not (out / PLAN).exists():
         raise InputError(f"{out}: not a `spobench reproduce` run folder (no {PLAN}); choose another --out")
 
 
@@ -669,7 +669,15 @@ def reproduce(recipe_ref: str | Path, backbone: str | None = None, out: str | Pa
         check_resume(plan, stored)
 
     # -- nothing has been written so far ------------------------------------------------------------
-    out.mkdir(parents=True, exist_ok=True)
+    with outdir.claim(out, command=f"reproduce {recipe.name}", resume=resume, how=HOW,
+                      keep=lambda: (out / PLAN).exists()):  # from the plan on, a failed run is resumable
+        return _run(recipe, backbone, path, out, plan, stored, console, t_start)
+
+
+def _run(recipe, backbone: str, path: Path, out: Path, plan: Plan, stored: dict | None, console, t_start: float) -> dict:
+    """The stages of :func:`reproduce` once its --out is claimed."""
+    from rich.table import Table
+
     identity = json.loads(json.dumps(plan.identity(), default=str))
     if stored is not None:  # keep cells of earlier sessions that this one does not run
         identity["cells"] = stored.get("cells", {}) | identity["cells"]

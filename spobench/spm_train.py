@@ -295,8 +295,17 @@ def train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | N
 
     ``out`` receives ``spm/`` (the final model, loadable with ``StepAwarePreferenceModel.load``),
     ``checkpoint/`` (model + optimizer + step, for ``resume``), ``log.jsonl`` and ``metrics.json``.
+    ``out`` is claimed (``spobench.outdir``) for the whole run.
     """
-    from spobench.generate import prepare_out_dir
+    from spobench import outdir
+
+    with outdir.claim(out, command="train-spm", resume=resume, overwrite=overwrite,
+                      keep=lambda: (Path(out) / CHECKPOINT / "state.json").exists()):
+        return _train_spm(backbone, pairs_path, init, out, config, resume=resume, progress=progress)
+
+
+def _train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | None = None, *,
+               resume: bool = False, progress: Callable[[dict], None] | None = None) -> dict:
     from spobench.io import atomic_dir, atomic_write_json, provenance
     from spobench.spm import StepAwarePreferenceModel
 
@@ -304,7 +313,6 @@ def train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | N
     if not config.time_lr_mult > 0:
         raise InputError(f"time_lr_mult must be > 0 (got {config.time_lr_mult})")
     out = Path(out)
-    prepare_out_dir(out, resume, overwrite)
     t_start = time.perf_counter()
     pairs = PairTable(pairs_path)
     usable, counts = pairs.usable(KEEP_TIES)

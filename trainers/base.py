@@ -270,14 +270,25 @@ def check_compile_toolchain(device) -> None:
 
 
 def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse an existing non-empty --out unless resuming or overwriting (reads only)."""
-    if resume and overwrite:
-        raise InputError("give only one of --resume and --overwrite")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise InputError(f"{out}: run folder exists and is not empty; pass --resume to continue it or "
-                         "--overwrite to replace it")
+    """Refuse an --out this run may not write (reads only): ``spobench.outdir.check``, and a
+    ``--resume`` that cannot continue - a folder whose checkpoints are gone but which holds a
+    finished run's results (summary, final LoRA) or once held checkpoints: starting over would
+    delete its log and replace its LoRA. A folder with no checkpoint ever (a run killed before
+    its first one) starts over: the same rounds are redone identically."""
+    from spobench import outdir
+    from spobench.engine.checkpoint import CHECKPOINTS, latest_checkpoint
+
+    outdir.check(out, resume=resume, overwrite=overwrite)
+    if not resume or latest_checkpoint(out) is not None:
+        return
+    ckpts = out / CHECKPOINTS
+    held = [p.name for p in (out / "summary.json", out / "lora") if p.exists()]
+    if ckpts.is_dir() and any(not outdir.is_temp(p.name) for p in ckpts.iterdir()):
+        held.append(f"{CHECKPOINTS}/ without a complete checkpoint")
+    if held:
+        raise InputError(f"{out}: --resume cannot continue this run: it has no complete checkpoint in "
+                         f"{ckpts} (it holds {', '.join(held)}); starting over would replace them; "
+                         "pass --overwrite to start again, or choose another --out")
 
 
 def derive_seed(*parts: int) -> int:
@@ -723,42 +734,46 @@ class Trainer:
         cfg = cls.Config.load(config, overrides)
         check_run_dir(out, resume, overwrite)
         ckpt = latest_checkpoint(out) if resume else None
-        if ckpt is not None:
-            stored = cls.Config.from_dict(read_checkpoint(ckpt).config, f"{ckpt}/config.json")
+        # the run's own config: its checkpoint's, or (killed before its first checkpoint) the one it started with
+        where = ckpt / "config.json" if ckpt is not None else out / "config.json"
+        if resume and where.is_file():
+            try:
+                values = read_checkpoint(ckpt).config if ckpt is not None else _read_config_json(where)
+                stored = cls.Config.from_dict(values, str(where))
+            except InputError as e:  # a bad value there names the file it is in
+                raise (e if str(where) in str(e) else InputError(f"{where}: {e}")) from None
             cfg = cls.Config.load(config, overrides, base=stored)
             cfg.check_resume(stored)
         cfg = cls.prepare_config(cfg, backbone, bb_cls.defaults)
 
         acc = Accelerator(cpu=not torch.cuda.is_available())
+        from spobench import outdir
         from spobench.backbones import load_backbone
-        from spobench.io import removed_on_error
+        from spobench.io import atomic_write_json
 
-        # --out is touched only once the backbone, the prompts/pairs and the checkpoint have loaded, so
-        # bad input leaves it as it was; a fresh run that fails later (undecodable image, non-finite
-        # loss, full disk) before its first checkpoint is removed again.
+        # --out is claimed (spobench.outdir: locked for the run, --overwrite's old run set aside) once the
+        # backbone and the prompts/pairs have loaded; a fresh run that fails later (undecodable image,
+        # non-finite loss, full disk) before its first checkpoint is removed again (an overwritten one
+        # comes back), and a resume that fails (a corrupt checkpoint) leaves the folder as it was.
         bb = load_backbone(backbone, model)
         trainer = cls(cfg, bb, out, accelerator=acc, console=console)
-        if ckpt is not None:
-            trainer.restore(ckpt)
-        fresh = ckpt is None and (overwrite or not out.exists() or not any(out.iterdir()))
         acc.wait_for_everyone()  # every process has checked --out before the main one touches it
-        if acc.is_main_process:
-            if overwrite and out.exists():
-                shutil.rmtree(out)
-            out.mkdir(parents=True, exist_ok=True)
-            if ckpt is None:
-                for stale in ("log.jsonl", "summary.json"):
-                    (out / stale).unlink(missing_ok=True)
-                shutil.rmtree(out / "tb", ignore_errors=True)
-            from spobench.io import atomic_write_json
-
-            atomic_write_json(out / "config.json", cfg.to_dict())
-        acc.wait_for_everyone()
-        if ckpt is not None and console is not None and acc.is_main_process:
-            console.print(f"resuming from {ckpt} (round {trainer.progress.rounds_done}, "
-                          f"step {trainer.progress.step})")
-        with removed_on_error(out, fresh=fresh, enabled=acc.is_main_process,
-                              keep=lambda: latest_checkpoint(out) is not None):
+        with outdir.claim(out, command=f"train {cls.name}", resume=resume, overwrite=overwrite,
+                          enabled=acc.is_main_process, keep=lambda: latest_checkpoint(out) is not None):
+            if resume and latest_checkpoint(out) != ckpt:  # another run changed it while this one loaded
+                raise InputError(f"{out}: its checkpoints changed while this run was loading; run again")
+            if ckpt is not None:
+                trainer.restore(ckpt)  # under the lock: it also trims log.jsonl to the checkpoint
+            if acc.is_main_process:
+                if ckpt is None:
+                    for stale in ("log.jsonl", "summary.json"):
+                        (out / stale).unlink(missing_ok=True)
+                    shutil.rmtree(out / "tb", ignore_errors=True)
+                atomic_write_json(out / "config.json", cfg.to_dict())
+            acc.wait_for_everyone()
+            if ckpt is not None and console is not None and acc.is_main_process:
+                console.print(f"resuming from {ckpt} (round {trainer.progress.rounds_done}, "
+                              f"step {trainer.progress.step})")
             summary = trainer.train()
         if console is not None and acc.is_main_process:
             c = summary["counters"]
@@ -778,6 +793,16 @@ class Trainer:
                 raise InputError("setting 'prompts' is required: a prompt file or a prompt set name "
                                  "(e.g. --set prompts=pickapic_4k.json)")
         return cfg.resolve(defaults)
+
+
+def _read_config_json(path: Path) -> dict:
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: corrupt run config ({getattr(e, 'msg', None) or e})") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{path}: corrupt run config (expected a JSON object)")
+    return values
 
 
 def _log_row(line: str) -> dict:

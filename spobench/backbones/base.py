@@ -312,18 +312,23 @@ class Backbone:
     def lora_config(self) -> dict:
         """The adapter's peft ``LoraConfig`` as a dict (rank, alpha, targets): saved beside the
         weights so that ``load_lora_weights`` and :meth:`load_lora` rebuild the same scaling
-        (without it diffusers assumes ``lora_alpha == r``)."""
-        return self.unet.peft_config["default"].to_dict()
+        (without it diffusers assumes ``lora_alpha == r``). Sets (peft's ``target_modules``) become
+        sorted lists: diffusers lists a set in hash order, which differs between processes."""
+        cfg = self.unet.peft_config["default"].to_dict()
+        return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in cfg.items()}
 
     def save_lora(self, directory: str | Path) -> Path:
-        """Write ``pytorch_lora_weights.safetensors`` in diffusers' format (atomic: temp dir + rename)."""
-        from spobench.io import atomic_dir
+        """Write ``pytorch_lora_weights.safetensors`` in diffusers' format (atomic: temp dir + rename),
+        byte-identical for identical weights (sorted header: ``io.canonical_safetensors``)."""
+        from spobench.io import atomic_dir, canonical_safetensors
 
         with atomic_dir(directory) as tmp:
             self.pipeline_class.save_lora_weights(
                 tmp, unet_lora_layers=self.lora_state_dict(), weight_name=LORA_WEIGHT_NAME, safe_serialization=True,
                 unet_lora_adapter_metadata=self.lora_config(),
             )
+            file = tmp / LORA_WEIGHT_NAME
+            file.write_bytes(canonical_safetensors(file.read_bytes()))
         return Path(directory) / LORA_WEIGHT_NAME
 
     def load_lora(self, path: str | Path, rank: int | None = None) -> None:

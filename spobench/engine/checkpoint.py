@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from spobench.errors import InputError, ModelLoadError
-from spobench.io import atomic_dir, atomic_write_json, provenance
+from spobench.io import atomic_dir, atomic_write_json, provenance, save_torch
 
 FORMAT = "spobench-checkpoint"
 VERSION = 1
@@ -102,7 +102,12 @@ def prune_checkpoints(run_dir: str | Path, keep: int | None) -> list[Path]:
     found = list_checkpoints(run_dir)
     old = found[: max(len(found) - keep, 0)]
     for p in old:
-        shutil.rmtree(p, ignore_errors=True)
+        # renamed first: a kill in the middle of rmtree would leave a checkpoint that still has its
+        # manifest but lacks files; a kill now leaves a stale ``.NAME.old`` that the next run removes
+        gone = p.with_name(f".{p.name}.old")
+        shutil.rmtree(gone, ignore_errors=True)
+        os.replace(p, gone)
+        shutil.rmtree(gone, ignore_errors=True)
     return old
 
 
@@ -151,10 +156,10 @@ def save_checkpoint(run_dir: str | Path, index: int, *, backbone, optimizer, sch
     remove_stale_temps(run_dir)
     with atomic_dir(path) as tmp:
         backbone.save_lora(tmp / "lora")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict() if scheduler is not None else {}, tmp / "scheduler.pt")
+        save_torch(tmp / "optimizer.pt", optimizer.state_dict())  # a full disk: one line, not torch's C++ error
+        save_torch(tmp / "scheduler.pt", scheduler.state_dict() if scheduler is not None else {})
         for rank, state in enumerate(rng_states):
-            torch.save(state, tmp / f"rng_rank{rank}.pt")
+            save_torch(tmp / f"rng_rank{rank}.pt", state)
         atomic_write_json(tmp / "progress.json", progress)
         atomic_write_json(tmp / "config.json", config)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
@@ -204,13 +209,47 @@ def check_compatible(manifest: dict, backbone, trainer: str | None = None, where
         raise ModelLoadError(f"{where}: checkpoint was written by trainer {manifest.get('trainer')!r}, not {trainer!r}")
 
 
+PROGRESS_KEYS = ("epoch", "round", "rounds_done", "step")
+
+
+def _read_json_object(file: Path) -> dict:
+    """A checkpoint's JSON sidecar as a dict, or one InputError naming the file."""
+    try:
+        value = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{file}: missing from the checkpoint; resume from another one or start a new --out") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{file}: corrupt checkpoint file ({getattr(e, 'msg', None) or e})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{file}: corrupt checkpoint file (expected a JSON object)")
+    return value
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """The manifest, progress and config of a checkpoint (no tensors loaded)."""
+    """The manifest, progress and config of a checkpoint (no tensors loaded); a malformed sidecar
+    is one InputError naming its file."""
     path = Path(path)
     manifest = read_manifest(path)
-    progress = json.loads((path / "progress.json").read_text())
-    config = json.loads((path / "config.json").read_text())
+    progress = _read_json_object(path / "progress.json")
+    bad = [k for k in PROGRESS_KEYS if not (isinstance(progress.get(k), int) and progress[k] >= 0)]
+    if bad:
+        raise InputError(f"{path / 'progress.json'}: corrupt checkpoint file ({bad[0]!r} must be a count >= 0)")
+    if not isinstance(progress.get("counters", {}), dict) or not isinstance(progress.get("trainer_state", {}), dict):
+        raise InputError(f"{path / 'progress.json'}: corrupt checkpoint file (counters/trainer_state must be objects)")
+    config = _read_json_object(path / "config.json")
     return Checkpoint(path, manifest, progress, config)
+
+
+def _load_tensors(file: Path):
+    """``torch.load(weights_only=True)`` of a checkpoint file; a truncated or foreign file is one
+    InputError naming it (torch says 'PytorchStreamReader failed ...' or an unpickling error)."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{file}: missing from the checkpoint; resume from another one or start a new --out") from None
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{file}: corrupt checkpoint file ({first[:200]})") from None
 
 
 def load_checkpoint(path: str | Path, *, backbone, optimizer, scheduler, trainer: str | None = None,
@@ -221,10 +260,17 @@ def load_checkpoint(path: str | Path, *, backbone, optimizer, scheduler, trainer
     path = ckpt.path
     check_compatible(ckpt.manifest, backbone, trainer, where=path)
     backbone.load_lora(path / "lora", rank=backbone.lora_rank)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    if scheduler is not None:
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    for name, target in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler)):
+        if target is None:
+            continue
+        try:
+            target.load_state_dict(_load_tensors(path / name))
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:  # loads, but not for this run
+            raise InputError(f"{path / name}: does not fit this run ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
     rng = path / f"rng_rank{rank}.pt"
     if rng.is_file():
-        restore_rng(torch.load(rng, map_location="cpu", weights_only=True))
+        try:
+            restore_rng(_load_tensors(rng))
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise InputError(f"{rng}: corrupt checkpoint file ({type(e).__name__}: {e})"[:300]) from None
     return ckpt

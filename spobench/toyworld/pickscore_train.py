@@ -220,14 +220,22 @@ def train_toy_pickscore(pairs_path: str | Path, out: str | Path, config: ToyPick
                         progress: Callable[[dict], None] | None = None) -> dict:
     """Train the tiny world's PickScore; writes ``out/model/`` (a CLIPModel folder), ``log.jsonl`` and
     ``metrics.json`` (held-out accuracy before and after training) and returns the metrics.
-    ``command``: the command line that ran this, recorded with the results."""
-    from spobench.generate import prepare_out_dir
+    ``command``: the command line that ran this, recorded with the results. ``out`` is claimed
+    (``spobench.outdir``) for the whole run; a run that fails leaves nothing."""
+    from spobench import outdir
+
+    with outdir.claim(out, command="toy pickscore", overwrite=overwrite, resumable=False):
+        return _train_toy_pickscore(pairs_path, out, config, init=init, command=command, progress=progress)
+
+
+def _train_toy_pickscore(pairs_path: str | Path, out: str | Path, config: ToyPickScoreConfig | dict | None = None,
+                         *, init: str | Path | None = None, command: str | None = None,
+                         progress: Callable[[dict], None] | None = None) -> dict:
     from spobench.io import atomic_write_json, provenance
     from spobench.spm_train import BatchOrder, PairTable, coerce_config, pair_loss, split_rows
 
     config = coerce_config(ToyPickScoreConfig, config, "toy_pickscore training")
     out = Path(out)
-    prepare_out_dir(out, False, overwrite)
     t0 = time.perf_counter()
     pairs = PairTable(pairs_path)
     columns = read_columns(pairs, ORACLE_COLUMNS + ("has_label",))
