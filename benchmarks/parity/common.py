@@ -130,6 +130,8 @@ def script_main(metric: str, reference: str, spobench_side, reference_side) -> N
     ap.add_argument("--venv", default=str(DEFAULT_VENV))
     args = ap.parse_args()
     if args.side == "reference":
+        # the scripts are named after the metrics (hpsv2.py): their folder must not shadow the packages
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
         sys.path.insert(0, str(FIXTURES))
         reference_side(Path(args.work))
         return

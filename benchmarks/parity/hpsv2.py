@@ -14,6 +14,7 @@ HPSv2's tokenizer vs the metric's on the full BPE vocabulary (the file the hpsv2
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,9 +25,20 @@ import common  # noqa: E402
 
 METRIC = "hpsv2"
 REFERENCE = "hpsv2 (tgxs002/HPSv2: img_score + its open_clip copy)"
-REQUIREMENTS = ("hpsv2==1.2.0",)
+REQUIREMENTS = ("hpsv2==1.2.0", "open_clip_torch")  # open_clip only for the BPE file (see add_missing_bpe)
+# hpsv2 1.2.0's wheel lacks its tokenizer's BPE file (hpsv2/src/open_clip/bpe_simple_vocab_16e6.txt.gz,
+# present in the repository); the usual fix is to copy open_clip's, which is the same OpenAI CLIP file.
+ADD_BPE = """
+import pathlib, shutil, open_clip, importlib.util
+dst = pathlib.Path(importlib.util.find_spec("hpsv2").submodule_search_locations[0]) / "src/open_clip"
+name = "bpe_simple_vocab_16e6.txt.gz"
+if not (dst / name).exists():
+    shutil.copy(pathlib.Path(open_clip.__file__).parent / name, dst / name)
+    print("copied")
+"""
 WORDS = [["a", "red", "cat"], ["the", "green", "tree", "on", "a", "photo"], ["painting"], ["a"] * 75,
          ["a", "blue", "car", "on", "the", "tree"]]
+TEXT = {"width": 64, "layers": 2, "heads": 1, "context": 77, "mlp": 256}  # clip_fixtures.TEXT, mlp_ratio 4
 SIZES = [(640, 480), (480, 640), (224, 224), (100, 50), (333, 777), (1024, 1024), (225, 224), (48, 40)]
 TOKEN_PROMPTS = [
     "a photo of a red cat on the green tree",
@@ -55,14 +67,14 @@ def reference_side(work: Path) -> None:
     from hpsv2.src.open_clip import factory, image_transform
     from PIL import Image
 
-    v, t = cf.VISION, cf.TEXT
+    v, t = cf.VISION, TEXT
     factory._MODEL_CONFIGS["tiny-ViT"] = {  # ViT-H-14.json's fields at the fixture's sizes
         "embed_dim": cf.EMBED,
         "vision_cfg": {"image_size": v["image"], "layers": v["layers"], "width": v["width"],
                        "head_width": v["width"] // v["heads"], "mlp_ratio": v["mlp"] / v["width"],
                        "patch_size": v["patch"]},
         "text_cfg": {"context_length": t["context"], "vocab_size": cf.vocab_size(), "width": t["width"],
-                     "heads": t["heads"], "layers": t["layers"], "mlp_ratio": t["mlp"] / t["width"]},
+                     "heads": t["heads"], "layers": t["layers"], },
     }
     kwargs = dict(precision="amp", device="cpu", jit=False, force_quick_gelu=False, force_custom_text=False,
                   force_patch_dropout=False, force_image_size=None, pretrained_image=False, image_mean=None,
@@ -115,17 +127,23 @@ def tokenizer_from_bpe(bpe_gz: str):
 
 
 def spobench_side(venv: Path) -> dict:
-    import official_weights as ow
+    import clip_fixtures as cf
+    import torch
     from spobench.metrics import hpsv2
     from spobench.metrics.clip_common import open_clip_ids, resize_longest_pad
 
     t0 = time.perf_counter()
     py = common.ensure_venv(METRIC, REQUIREMENTS, venv)
+    copied = subprocess.run([str(py), "-c", ADD_BPE], check=True, capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         (work / "weights").mkdir()
         (work / "images").mkdir()
-        ow.build_hpsv2(work / "weights")
+        # official_weights.build_hpsv2's layout, with the text MLP at 4x width: HPSv2's open_clip copy
+        # hard-wires the text tower's mlp_ratio to 4 (as in ViT-H-14); the fixture's is 2
+        torch.save({"state_dict": cf.open_clip_state_dict(seed=1, text=TEXT)},
+                   work / "weights" / hpsv2.CHECKPOINTS["v2.1"])
+        cf.write_tokenizer(work / "weights" / hpsv2.TOKENIZER_DIR)
         for i, im in enumerate(images()):
             im.save(work / "images" / f"{i:02d}.png")
         ref = common.run_reference(py, Path(__file__), work)
@@ -147,7 +165,10 @@ def spobench_side(venv: Path) -> dict:
         f"token ids, full BPE ({int(same.sum())}/{len(TOKEN_PROMPTS)} prompts identical; rows differing)":
             float((~same).sum()),
     }
-    notes = ["runs in float32 on CPU (img_score's torch.cuda.amp.autocast is a no-op there)",
+    notes = [f"hpsv2 1.2.0's wheel lacks bpe_simple_vocab_16e6.txt.gz; open_clip_torch "
+             f"{common.package_version(py, 'open_clip_torch')}'s copy of that file is put beside it"
+             f"{' (this run)' if copied else ''}",
+             "runs in float32 on CPU (img_score's torch.cuda.amp.autocast is a no-op there)",
              "ftfy's mojibake repair is not applied by spobench (no prompt here needs it)"]
     return common.row(METRIC, REFERENCE, "hpsv2 " + common.package_version(py, "hpsv2"), checks, notes, t0)
 
