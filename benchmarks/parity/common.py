@@ -87,7 +87,7 @@ def run_reference(py: Path, script: Path, work: Path, result: str = "reference.p
     r = subprocess.run([str(py), str(script), "--side", "reference", "--work", str(work)], env=env,
                        capture_output=True, text=True)
     if r.returncode != 0:
-        tail = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        tail = [ln[:400] for ln in r.stderr.splitlines() if ln.strip()]
         raise RuntimeError(f"reference side of {script.name} failed: {tail[-1] if tail else r.returncode}\n"
                            + "\n".join(tail[-15:]))
     if not result.endswith(".pt"):

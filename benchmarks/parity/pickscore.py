@@ -9,6 +9,7 @@ AutoProcessor's defaults there), vs spobench's ``pickscore`` on the same folder
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -50,7 +51,13 @@ def reference_side(work: Path) -> None:
             text_embs = model.get_text_features(**text_inputs)
             text_embs = text_embs / torch.norm(text_embs, dim=-1, keepdim=True)
             scores.append(float((model.logit_scale.exp() * (text_embs @ image_embs.T))[0, 0]))
-    torch.save({"scores": torch.tensor(scores, dtype=torch.float64), "transformers": transformers.__version__,
+    from transformers import CLIPTokenizer  # transformers 4's slow (pure-Python) variant, for the record
+
+    slow = CLIPTokenizer.from_pretrained(str(folder / "CLIP-ViT-H-14-laion2B-s32B-b79K"))
+    ids = [processor(text=p, truncation=True, max_length=77).input_ids for p in PROMPTS]
+    slow_ids = [slow(p, truncation=True, max_length=77).input_ids for p in PROMPTS]
+    torch.save({"ids": json.dumps(ids), "slow_ids": json.dumps(slow_ids),
+                "scores": torch.tensor(scores, dtype=torch.float64), "transformers": transformers.__version__,
                 "tokenizer": type(processor.tokenizer).__name__,
                 "image_processor": type(processor.image_processor).__name__}, work / "reference.pt")
 
@@ -69,16 +76,29 @@ def spobench_side(venv: Path) -> dict:
         (work / "weights").mkdir()
         (work / "images").mkdir()
         ow.build_pickscore(work / "weights")
+        # the laion processor repo also holds its CLIP config.json, which AutoProcessor reads for the
+        # model type; the fixture's processor folder has only the processor files
+        (work / "weights" / pickscore.PROCESSOR_DIR / "config.json").write_text(
+            (work / "weights" / pickscore.MODEL_DIR / "config.json").read_text())
         for i, p in enumerate(PROMPTS):
             w, h = SIZES[i % len(SIZES)]
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(work / "images" / f"{i:02d}.png")
         ref = common.run_reference(py, Path(__file__), work)
-        ours = pickscore.PickScore(weights=work / "weights").score([Image.open(f) for f in files(work)], PROMPTS).scores
+        metric = pickscore.PickScore(weights=work / "weights")
+        ours = metric.score([Image.open(f) for f in files(work)], PROMPTS).scores
+        our_ids = [metric._tokenizer(p, truncation=True, max_length=77).input_ids for p in PROMPTS]
+    ref_ids, slow_ids = json.loads(ref["ids"]), json.loads(ref["slow_ids"])
+    differ = [p for p, a, b in zip(PROMPTS, our_ids, ref_ids) if a != b]
+    slow_differ = [p for p, a, b in zip(PROMPTS, slow_ids, ref_ids) if a != b]
     diff = np.abs(ours - ref["scores"].numpy())
     checks = {f"score ({len(PROMPTS)} images x own prompt; {int((diff > 1e-4).sum())} differ by > 1e-4)":
-              float(diff.max())}
+              float(diff.max()),
+              f"token ids vs the recipe's tokenizer ({len(PROMPTS)} prompts; rows differing)": float(len(differ))}
     notes = [f"reference ran {ref['image_processor']} + {ref['tokenizer']} on transformers {ref['transformers']}; "
-             "spobench runs transformers 5's CLIPImageProcessorPil + the slow CLIPTokenizer"]
+             "spobench runs transformers 5's CLIPImageProcessorPil + CLIPTokenizer",
+             f"transformers 4's slow CLIPTokenizer (use_fast=False) gives other ids than the recipe's fast one on "
+             f"{len(slow_differ)} of {len(PROMPTS)} prompts" + (f": {slow_differ}" if slow_differ else "")
+             + "; spobench follows the fast one"]
     return common.row(METRIC, REFERENCE, "transformers " + ref["transformers"], checks, notes, t0)
 
 
