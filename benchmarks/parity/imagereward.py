@@ -5,10 +5,11 @@ same PNG files.
 
 The official code hard-wires the full size (``BLIP_Pretrain(image_size=224, vit="large")``,
 ``MLP(768)``, ``_transform(224)``, ``BertTokenizer.from_pretrained("bert-base-uncased")``); for the tiny
-checkpoint, exactly those four are swapped for the fixture's sizes: ``create_vit``'s "large" branch
+checkpoint, exactly those are swapped for the fixture's sizes: ``create_vit``'s "large" branch
 at width 128 / depth 2 / 2 heads / 32 px (BLIP's own ``VisionTransformer``), ``MLP`` (the package's
 class) at the MED width, the package's ``_transform`` at 32 px, and the package's ``init_tokenizer``
-reading the fixture's vocab.txt. Everything else, loading (``strict=False``, as released) included,
+reading the fixture's vocab.txt; ``BLIP_Pretrain``'s contrastive ``embed_dim`` (256) follows the
+checkpoint (16; those projections are not used by the score). Everything else, loading (``strict=False``, as released) included,
 is the package's code.
 
     python benchmarks/parity/imagereward.py
@@ -27,16 +28,23 @@ import common  # noqa: E402
 
 METRIC = "imagereward"
 REFERENCE = "image-reward (THUDM/ImageReward: load + score)"
-REQUIREMENTS = ("image-reward==1.5", "transformers==4.36.2")
+# image-reward 1.5 (2023) leaves its pins open; these are releases of its time that import together:
+# med.py needs transformers 4.x internals, ReFL.py (imported by the package) diffusers of that era,
+# which needs huggingface_hub's cached_download; `import clip` is undeclared, and clip needs pkg_resources.
+REQUIREMENTS = ("image-reward==1.5", "transformers==4.36.2", "diffusers==0.25.1", "huggingface_hub==0.25.2",
+                "openai-clip==1.0.1", "setuptools<81")
 PROMPTS = ["a photo of a red cat", "two blue cars on the tree and a green dog " * 4, "an unknownword",
            "A PHOTO of the green tree", "a dog", "the red car on a tree and a cat"]
 SIZES = [(48, 40), (40, 48), (32, 32), (100, 50), (33, 77), (64, 64)]
 
 
 def reference_side(work: Path) -> None:
+    import functools
+    import importlib
+
     import torch
     import ImageReward as RM
-    from ImageReward import ImageReward as ir_module
+    ir_module = importlib.import_module("ImageReward.ImageReward")  # the module (the package re-exports the class)
     from ImageReward.models.BLIP import blip, blip_pretrain
     from ImageReward.models.BLIP.vit import VisionTransformer
 
@@ -60,6 +68,9 @@ def reference_side(work: Path) -> None:
     blip.BertTokenizer = LocalBertTokenizer
     official_mlp = ir_module.MLP
     ir_module.MLP = lambda input_size: official_mlp(json.loads((weights / "med_config.json").read_text())["hidden_size"])
+    official_blip = ir_module.BLIP_Pretrain
+    embed_dim = torch.load(weights / "ImageReward.pt", map_location="cpu")["blip.vision_proj.weight"].shape[0]
+    ir_module.BLIP_Pretrain = functools.partial(official_blip, embed_dim=embed_dim)  # unused by the score
     model = RM.load(str(weights / "ImageReward.pt"), device="cpu", med_config=str(weights / "med_config.json"))
     model.preprocess = ir_module._transform(v["image"])
     files = sorted((work / "images").glob("*.png"))
