@@ -77,7 +77,13 @@ def spobench_side(venv: Path) -> dict:
         (work / "images").mkdir()
         weights = work / "weights"
         weights.mkdir()
-        state = cf.open_clip_state_dict(seed=5)  # OpenAI CLIP's key layout (open_clip kept it)
+        # OpenAI CLIP's key layout (open_clip kept it); OpenAI's build_model hard-wires 4x MLPs and
+        # 64-wide heads, so both towers use those here (the fixture's default MLPs are 2x)
+        state = cf.open_clip_state_dict(seed=5, vision={**cf.VISION, "mlp": 4 * cf.VISION["width"]},
+                                        text={**cf.TEXT, "mlp": 4 * cf.TEXT["width"]})
+        # fp16-exact values, as OpenAI's released ViT-L-14.pt holds (build_model casts to fp16, then
+        # clip.load's .float() on CPU; openai/clip-vit-large-patch14 stores the same values in fp32)
+        state = {k: v.half().float() for k, v in state.items()}
         torch.save(state, work / "ViT-tiny.pt")
         load_open_clip_state_dict(state, hidden_act="quick_gelu").save_pretrained(str(weights / aesthetic.CLIP_DIR))
         torch.save(cf.aesthetic_head_state_dict(cf.EMBED, seed=6), weights / aesthetic.HEAD_FILE)
