@@ -400,5 +400,5 @@ def test_plugin_verdicts_with_stubbed_detector(tiny_dir, monkeypatch):
     images = [Image.new("RGB", (16, 16))] * 3
     out = metric.score(images, [r["prompt"] for r in rows], rows)
     assert out.scores.tolist() == [1.0, 1.0, 1.0] and out.tags == ["single_object", "counting", "colors"]
-    # equal scores: reversed stable argsort puts the last one first, as GenEval's np.argsort(...)[::-1]
+    # equal scores: np.argsort(...)[::-1] on float32, GenEval's call, puts the last one first here
     assert out.details[1]["detected"]["orange"][0] == [20.0, 0.0, 28.0, 8.0, 0.95]
