@@ -1,6 +1,7 @@
 """Run every metric's parity script and write results/metric_parity.md + results/metric_parity.json.
 
-    .venv/bin/python benchmarks/parity/driver.py [--only hpsv2,pickscore] [--venv DIR] [--out results]
+    GENEVAL_SRC=<checkout of djghosh13/geneval> .venv/bin/python benchmarks/parity/driver.py \
+        [--only hpsv2,pickscore] [--venv DIR] [--out results]
 
 Each script (benchmarks/parity/<metric>.py) builds tiny random weights in the metric's official layout,
 runs the official package or code on them in a separate venv (built on first use, default
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -88,9 +90,15 @@ def main() -> int:
         r = results[-1]
         print(f"{m:<12s} {r['status']:<8s} max|diff| {_num(r.get('max_abs_diff'))}  "
               f"({time.perf_counter() - t0:.0f} s) {r.get('reason', '')}", flush=True)
+    import transformers
+
     meta = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "spobench torch": torch.__version__,
-            "reference torch": "2.14.1", "python": platform.python_version()}
-    md, js = write_results(results, Path(args.out), COMMAND + (f" --only {args.only}" if args.only else ""), meta)
+            "spobench transformers": transformers.__version__, "reference torch": "2.14.1",
+            "python": platform.python_version(), "machine": platform.machine()}
+    command = COMMAND + (f" --only {args.only}" if args.only else "")
+    if os.environ.get("GENEVAL_SRC"):  # GenEval's rule code comes from a checkout (not on PyPI)
+        command = "GENEVAL_SRC=<checkout of djghosh13/geneval> " + command
+    md, js = write_results(results, Path(args.out), command, meta)
     print(f"wrote {md} and {js}")
     return 0 if all(r["status"] != "failed" for r in results) else 1
 

@@ -12,12 +12,14 @@ metadata rows (``prompts/evaluation_metadata.jsonl``), random float32 detections
 classes and of distractors, scores near and exactly at the thresholds (float32(0.3), float32(0.9)).
 
     GENEVAL_SRC=/path/to/geneval python benchmarks/parity/geneval.py
+    (GENEVAL_COMMIT=<sha> names the commit when the folder is not a git checkout)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +52,8 @@ def reference_side(work: Path) -> None:
     code = code.replace('assert DEVICE == "cuda"', "")  # the only import-time line that needs a GPU
     exec(compile(code, str(src), "exec"), ev.__dict__)
     # main()'s defaults (evaluate_images.py sets these from --options under __main__)
-    ev.THRESHOLD, ev.COUNTING_THRESHOLD, ev.MAX_OBJECTS, ev.NMS_THRESHOLD, ev.POSITION_THRESHOLD = 0.3, 0.9, 16, 1.0, 0.1
+    ev.THRESHOLD, ev.COUNTING_THRESHOLD, ev.MAX_OBJECTS = 0.3, 0.9, 16
+    ev.NMS_THRESHOLD, ev.POSITION_THRESHOLD = 1.0, 0.1
     ev.classnames = [ln.strip() for ln in (src.parent / "object_names.txt").read_text().splitlines()]
     cases = json.loads((work / "cases.json").read_text())
     current = {}
@@ -125,12 +128,14 @@ def spobench_side(venv: Path) -> dict:
         ours.append({"correct": correct, "reason": reason})
     verdicts = sum(a["correct"] != b["correct"] for a, b in zip(ours, ref))
     reasons = sum(a["reason"] != b["reason"] for a, b in zip(ours, ref))
-    unordered = sum(a["reason"] != b["reason"] and sorted(a["reason"]) != sorted(b["reason"]) for a, b in zip(ours, ref))
+    unordered = sum(a["reason"] != b["reason"] and sorted(a["reason"]) != sorted(b["reason"])
+                    for a, b in zip(ours, ref))
     ties = {float(np.float32(0.3)), float(np.float32(0.9))}
     n_tie = sum(any(x["score"] in ties for x in c["detections"]) for c in cases)
     checks = {f"verdict (0/1) over {len(cases)} cases ({verdicts} differ; {n_tie} cases hold a score at a "
               "threshold)": float(verdicts > 0)}
-    commit = os.environ.get("GENEVAL_COMMIT", "checkout at " + src)
+    git = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    commit = git.stdout.strip() if git.returncode == 0 else os.environ.get("GENEVAL_COMMIT", "(commit unknown)")
     notes = ["detector (Mask2Former) and colour CLIP stubbed: only the rule code is compared",
              f"reason text identical in {len(cases) - reasons}/{len(cases)} cases; of the others, {unordered} differ "
              "beyond the order of words (spobench lists position relations sorted, GenEval in a set's order)",

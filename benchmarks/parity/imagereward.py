@@ -9,8 +9,8 @@ checkpoint, exactly those are swapped for the fixture's sizes: ``create_vit``'s 
 at width 128 / depth 2 / 2 heads / 32 px (BLIP's own ``VisionTransformer``), ``MLP`` (the package's
 class) at the MED width, the package's ``_transform`` at 32 px, and the package's ``init_tokenizer``
 reading the fixture's vocab.txt; ``BLIP_Pretrain``'s contrastive ``embed_dim`` (256) follows the
-checkpoint (16; those projections are not used by the score). Everything else, loading (``strict=False``, as released) included,
-is the package's code.
+checkpoint (16; those projections are not used by the score). Everything else, loading
+(``strict=False``, as released) included, is the package's code.
 
     python benchmarks/parity/imagereward.py
 """
@@ -67,7 +67,8 @@ def reference_side(work: Path) -> None:
     blip_pretrain.create_vit = create_vit
     blip.BertTokenizer = LocalBertTokenizer
     official_mlp = ir_module.MLP
-    ir_module.MLP = lambda input_size: official_mlp(json.loads((weights / "med_config.json").read_text())["hidden_size"])
+    med_width = json.loads((weights / "med_config.json").read_text())["hidden_size"]
+    ir_module.MLP = lambda input_size: official_mlp(med_width)
     official_blip = ir_module.BLIP_Pretrain
     embed_dim = torch.load(weights / "ImageReward.pt", map_location="cpu")["blip.vision_proj.weight"].shape[0]
     ir_module.BLIP_Pretrain = functools.partial(official_blip, embed_dim=embed_dim)  # unused by the score
