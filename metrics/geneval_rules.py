@@ -4,7 +4,8 @@ Transcribed from GenEval's ``evaluation/evaluate_images.py`` (djghosh13/geneval,
 ``evaluation/summary_scores.py``:
 
 * detections of a class are kept when their score is ``> 0.3`` (``> 0.9`` for prompts tagged
-  ``counting``), compared in float32 as GenEval's detector scores are, most confident first, at most 16 per class (``max_objects``); GenEval's optional
+  ``counting``), compared in float32 as GenEval's detector scores are, most confident first (numpy's
+  default argsort, as GenEval), at most 16 per class (``max_objects``); GenEval's optional
   same-class overlap filter is off by default (``max_overlap=1.0``) and stays off here;
 * every ``include`` clause needs ``count`` detections of its class (the most confident ``count``
   are the ones checked further); a ``color`` clause needs that many of them classified as the

@@ -24,9 +24,9 @@ published HPSv2 numbers.
 Recorded in :meth:`identity` options: ``version`` (v2.0 / v2.1), ``antialias`` (True: torchvision >=
 0.17's tensor bicubic, the official code's result today; False: torchvision < 0.17's, no
 antialiasing) and the preprocessing. Metric version 2: version 1 resized the uint8 PIL image, which
-HPSv2 does not do (benchmarks/parity/ measures the difference against the hpsv2 package). Runs in float32 (HPSv2 runs under CUDA autocast; expect
-differences around 1e-3 from that). Prompts get open_clip's ``html.unescape`` (twice) and whitespace
-clean-up; ftfy's mojibake repair is not applied.
+HPSv2 does not do (benchmarks/parity/ measures the difference against the hpsv2 package). Runs in
+float32 (HPSv2 runs under CUDA autocast; expect differences around 1e-3 from that). Prompts get
+open_clip's ``html.unescape`` (twice) and whitespace clean-up; ftfy's mojibake repair is not applied.
 
 Formats: ``xswu/HPSv2`` publishes the two checkpoints as pickles only (``.pt``), so they are read
 with ``torch.load(weights_only=True)`` (tensors and plain containers; no code runs) and checked against
