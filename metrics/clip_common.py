@@ -2,8 +2,9 @@
 
 * image preprocessing, written out with PIL/numpy so that no torchvision is needed:
   :func:`resize_center_crop` (OpenAI CLIP's ``Resize(size, BICUBIC) -> CenterCrop(size)``, exact to
-  torchvision's size and crop rounding) and :func:`resize_longest_pad` (open_clip's ``ResizeMaxSize``
-  used by HPSv2's ``preprocess_val``: longest side to ``size``, centred zero padding);
+  torchvision's size and crop rounding) and :func:`resize_longest_pad` (HPSv2's ``preprocess_val``:
+  ToTensor, then open_clip's ``ResizeMaxSize`` on the float tensor: longest side to ``size``, centred
+  zero padding);
 * :func:`resolve_folder`: where a model folder comes from: a subfolder of the metric's weights
   folder, or a hub id found in the LOCAL Hugging Face cache only (never downloaded);
 * :func:`load_clip_tokenizer`, :func:`clip_features` and :func:`cosine`.
@@ -62,40 +63,34 @@ def resize_center_crop(image, size: int) -> Image.Image:  # noqa: F821
 
 def resize_longest_pad(image, size: int, antialias: bool = True, mean: Sequence[float] = CLIP_MEAN,
                        std: Sequence[float] = CLIP_STD) -> torch.Tensor:
-    """open_clip's ``ResizeMaxSize(size, BICUBIC, fill=0)`` (HPSv2's ``preprocess_val``) then
-    ``ToTensor -> Normalize``; returns (3, size, size) float32.
+    """HPSv2's ``preprocess_val``: RGB -> ToTensor -> ``ResizeMaxSize(size, BICUBIC, fill=0)`` ->
+    Normalize; returns (3, size, size) float32.
+
+    HPSv2's own open_clip copy (tgxs002/HPSv2, ``hpsv2/src/open_clip/transform.py``,
+    ``image_transform(is_train=False, resize_longest_max=True)``) converts to a float tensor FIRST and
+    resizes that tensor: torchvision's tensor path, i.e. ``torch.nn.functional.interpolate(mode="bicubic",
+    align_corners=False, antialias=...)`` on [0, 1] floats, with no rounding to uint8 and no clamp (the
+    bicubic overshoot below 0 / above 1 stays). ``antialias=True`` is torchvision >= 0.17's default for
+    tensors; ``antialias=False`` is what torchvision < 0.17 did (HPSv2's 2023 environment).
 
     The longest side becomes ``size``: new (h, w) = ``round(h * s), round(w * s)`` with
-    ``s = size / max(h, w)`` (Python's round, as open_clip), then the image is zero-padded (black,
-    before normalisation) to ``size x size`` with ``pad // 2`` on the top/left and the rest on the
-    bottom/right.
-
-    ``antialias=True`` resizes with PIL's bicubic filter, which is what HPSv2 does with a PIL image
-    (torchvision hands PIL images to ``PIL.Image.resize``, whose bicubic filter widens its support
-    when shrinking, i.e. antialiases). ``antialias=False`` resizes the float tensor with
-    ``torch.nn.functional.interpolate(mode="bicubic", antialias=False)`` instead (torchvision's
-    tensor path without antialiasing), clamped to [0, 1].
+    ``s = size / max(h, w)`` (Python's round, as open_clip), then zero padding (black, before
+    normalisation) to ``size x size`` with ``pad // 2`` on the top/left and the rest on the bottom/right.
 
     Deviation, on purpose: open_clip skips resize AND padding when the longest side already equals
     ``size``, which leaves a non-square image that the model then rejects; here such an image is
     padded like any other (a square ``size x size`` image is unchanged either way).
     """
     import torch.nn.functional as F
-    from PIL import Image
 
     image = image.convert("RGB")
     w, h = image.size
     scale = size / float(max(h, w))
     new_h, new_w = round(h * scale), round(w * scale)
-    if antialias:
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
-    else:
-        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
-        if (new_w, new_h) != (w, h):
-            x = F.interpolate(x[None], size=(new_h, new_w), mode="bicubic", align_corners=False,
-                              antialias=False)[0].clamp_(0, 1)
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+    if (new_w, new_h) != (w, h):
+        x = F.interpolate(x[None], size=(new_h, new_w), mode="bicubic", align_corners=False,
+                          antialias=antialias)[0]
     pad_h, pad_w = size - new_h, size - new_w
     x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
     m = torch.tensor(mean, dtype=torch.float32)[:, None, None]

@@ -4,7 +4,8 @@ Transcribed from GenEval's ``evaluation/evaluate_images.py`` (djghosh13/geneval,
 ``evaluation/summary_scores.py``:
 
 * detections of a class are kept when their score is ``> 0.3`` (``> 0.9`` for prompts tagged
-  ``counting``), most confident first, at most 16 per class (``max_objects``); GenEval's optional
+  ``counting``), compared in float32 as GenEval's detector scores are, most confident first (numpy's
+  default argsort, as GenEval), at most 16 per class (``max_objects``); GenEval's optional
   same-class overlap filter is off by default (``max_overlap=1.0``) and stays off here;
 * every ``include`` clause needs ``count`` detections of its class (the most confident ``count``
   are the ones checked further); a ``color`` clause needs that many of them classified as the
@@ -104,11 +105,16 @@ def filter_detections(detections: Iterable[Detection], tag: str, threshold: floa
         by_class.setdefault(det.label, []).append(det)
     kept: dict[str, list[Detection]] = {}
     for label, dets in by_class.items():
-        scores = np.array([d.score for d in dets], dtype=np.float64)
-        # np.argsort(...)[::-1]: for the short lists here numpy's sort is an insertion sort, i.e.
-        # stable, so ties come out last-index-first; kind="stable" makes that explicit.
-        ordering = np.argsort(scores, kind="stable")[::-1]
-        ordering = ordering[scores[ordering] > confidence]
+        # float32 like GenEval's mmdet score column: ``bbox[:, 4] > threshold`` compares in float32
+        # (numpy casts the Python float down to the array's dtype), so a score of float32(0.3) is NOT
+        # kept at threshold 0.3, where a float64 comparison would keep it.
+        scores = np.array([d.score for d in dets], dtype=np.float32)
+        # GenEval's own call, on float32 like its score column: numpy's default sort. Equal scores then
+        # come out in numpy's order, which is NOT stable on float32 with numpy 2's SIMD sorts (x86
+        # AVX2/AVX-512), so for exact ties it depends on numpy and the CPU, as GenEval's does
+        # (benchmarks/parity/geneval.py: a stable sort disagreed with GenEval on tied detections).
+        ordering = np.argsort(scores)[::-1]
+        ordering = ordering[scores[ordering] > np.float32(confidence)]
         ordering = ordering[:max_objects].tolist()
         out = []
         while ordering:

@@ -11,8 +11,9 @@ open_clip; see :func:`.clip_common.load_open_clip_tokenizer`).
 
 The score follows ``hpsv2.img_score.score`` / ``hpsv2.evaluation``::
 
-    img   = ResizeMaxSize(224): longest side -> 224 (bicubic), centred zero pad to 224x224 (no crop)
-            -> RGB -> ToTensor -> Normalize(OpenAI CLIP mean/std)
+    img   = RGB -> ToTensor -> ResizeMaxSize(224) on the float tensor: longest side -> 224 (torch
+            bicubic, antialiased, no uint8 rounding, no clamp), centred zero pad to 224x224 (no crop)
+            -> Normalize(OpenAI CLIP mean/std)
     ids   = [sot] + BPE(prompt) + [eot], truncated to 77 (eot kept last), zero-padded to 77
     score = cos(image_features, text_features)          (both L2-normalised; no logit scale)
 
@@ -20,11 +21,12 @@ The score follows ``hpsv2.img_score.score`` / ``hpsv2.evaluation``::
 (``hpsv2.evaluation.evaluate_benchmark``) print the mean x 100; multiply by 100 when comparing with
 published HPSv2 numbers.
 
-Recorded in :meth:`identity` options: ``version`` (v2.0 / v2.1), ``antialias`` (True: PIL bicubic,
-which antialiases when shrinking, as HPSv2 does with a PIL image; False: torch bicubic without
-antialiasing) and the preprocessing. Runs in float32 (HPSv2 runs under CUDA autocast; expect
-differences around 1e-3 from that). Prompts get open_clip's ``html.unescape`` (twice) and whitespace
-clean-up; ftfy's mojibake repair is not applied.
+Recorded in :meth:`identity` options: ``version`` (v2.0 / v2.1), ``antialias`` (True: torchvision >=
+0.17's tensor bicubic, the official code's result today; False: torchvision < 0.17's, no
+antialiasing) and the preprocessing. Metric version 2: version 1 resized the uint8 PIL image, which
+HPSv2 does not do (benchmarks/parity/ measures the difference against the hpsv2 package). Runs in
+float32 (HPSv2 runs under CUDA autocast; expect differences around 1e-3 from that). Prompts get
+open_clip's ``html.unescape`` (twice) and whitespace clean-up; ftfy's mojibake repair is not applied.
 
 Formats: ``xswu/HPSv2`` publishes the two checkpoints as pickles only (``.pt``), so they are read
 with ``torch.load(weights_only=True)`` (tensors and plain containers; no code runs) and checked against
@@ -61,7 +63,8 @@ CHECKPOINTS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 DEFAULT_VERSION = "v2.1"
 TOKENIZER_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 TOKENIZER_DIR = "CLIP-ViT-H-14-laion2B-s32B-b79K"
-PREPROCESS = "longest side -> image size (bicubic), centred zero pad, OpenAI CLIP mean/std"
+PREPROCESS = ("ToTensor, longest side -> image size (torch bicubic on floats, no clamp), centred zero pad, "
+              "OpenAI CLIP mean/std")
 
 
 def normalize_version(version: str) -> str:
@@ -132,7 +135,7 @@ class HPSv2(Metric):
     """HPSv2 / v2.1: cosine of open_clip ViT-H-14 image and text features (raw cosine; x100 for tables)."""
 
     name = "hpsv2"
-    version = "1"
+    version = "2"
 
     def __init__(self, weights: str | Path | None = None, device: str = "cpu", batch_size: int = 16,
                  version: str = DEFAULT_VERSION, antialias: bool = True, **options):

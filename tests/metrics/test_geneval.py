@@ -83,6 +83,18 @@ def test_single_object():
     assert not judge([], SINGLE)[0]
 
 
+def test_thresholds_compare_in_float32_like_geneval():
+    # a detector score of float32(0.3) is 0.30000001192... as a Python float: above 0.3 in float64,
+    # but GenEval compares its float32 score column, where it equals the threshold and is dropped
+    at_03 = float(np.float32(0.3))
+    assert at_03 > 0.3
+    assert not judge([det("bench", (0, 0, 10, 10), at_03)], SINGLE)[0]
+    assert judge([det("bench", (0, 0, 10, 10), float(np.nextafter(np.float32(0.3), np.float32(1))))], SINGLE)[0]
+    # a score that only float64 sets apart from 0.9 is not above the counting threshold either
+    boxes = [(i * 10, 0, i * 10 + 8, 8) for i in range(3)]
+    assert not judge([det("orange", b, 0.95) for b in boxes[:2]] + [det("orange", boxes[2], 0.9 + 1e-9)], THREE)[0]
+
+
 def test_two_object():
     assert judge([det("bowl", (0, 0, 5, 5), 0.4), det("skis", (5, 5, 9, 9), 0.5)], TWO)[0]
     ok, reason = judge([det("bowl", (0, 0, 5, 5), 0.4), det("skis", (5, 5, 9, 9), 0.2)], TWO)
@@ -388,5 +400,5 @@ def test_plugin_verdicts_with_stubbed_detector(tiny_dir, monkeypatch):
     images = [Image.new("RGB", (16, 16))] * 3
     out = metric.score(images, [r["prompt"] for r in rows], rows)
     assert out.scores.tolist() == [1.0, 1.0, 1.0] and out.tags == ["single_object", "counting", "colors"]
-    # equal scores: reversed stable argsort puts the last one first, as GenEval's np.argsort(...)[::-1]
+    # equal scores: np.argsort(...)[::-1] on float32, GenEval's call, puts the last one first here
     assert out.details[1]["detected"]["orange"][0] == [20.0, 0.0, 28.0, 8.0, 0.95]

@@ -88,15 +88,24 @@ def test_preprocess_pads_not_crops():
     assert torch.allclose(y[:, :, :61], zero[:, None, None].expand(3, 224, 61))
     assert torch.allclose(y[:, :, 61 + new_w:], zero[:, None, None].expand(3, 224, 62))
     assert not torch.allclose(y[:, :, 61], zero[:, None].expand(3, 224))
-    # antialias=True is PIL bicubic; antialias=False differs when shrinking a detailed image
+    # HPSv2 resizes the float tensor (ToTensor first): torch bicubic, antialiased, no uint8 rounding,
+    # no clamp (tgxs002/HPSv2 hpsv2/src/open_clip/transform.py); antialias=False is torchvision < 0.17
     rng = np.random.default_rng(0)
     noisy = Image.fromarray(rng.integers(0, 256, (300, 500, 3), dtype=np.uint8))
-    pil = resize_longest_pad(noisy, 224, antialias=True)
-    ref = np.asarray(noisy.resize((224, round(300 * 224 / 500)), Image.BICUBIC), dtype=np.float32) / 255
-    top = (224 - round(300 * 224 / 500)) // 2
-    ref_t = (torch.from_numpy(ref).permute(2, 0, 1) - torch.tensor(cf.CLIP_MEAN)[:, None, None]) / torch.tensor(cf.CLIP_STD)[:, None, None]
-    assert torch.allclose(pil[:, top:top + ref.shape[0]], ref_t, atol=1e-5)
-    assert not torch.allclose(pil, resize_longest_pad(noisy, 224, antialias=False), atol=1e-2)
+    out = resize_longest_pad(noisy, 224, antialias=True)
+    new_h = round(300 * 224 / 500)
+    floats = torch.from_numpy(np.asarray(noisy, dtype=np.float32) / 255).permute(2, 0, 1)
+    ref = torch.nn.functional.interpolate(floats[None], size=(new_h, 224), mode="bicubic", align_corners=False,
+                                          antialias=True)[0]
+    top = (224 - new_h) // 2
+    mean, std = torch.tensor(cf.CLIP_MEAN)[:, None, None], torch.tensor(cf.CLIP_STD)[:, None, None]
+    assert torch.allclose(out[:, top:top + new_h], (ref - mean) / std, atol=1e-5)
+    # enlarging hard black/white stripes: bicubic overshoots [0, 1], and the result is not on the uint8 grid
+    stripes = Image.fromarray((np.arange(20)[None, :, None] % 2 * 255).repeat(10, 0).repeat(3, 2).astype(np.uint8))
+    pixels = resize_longest_pad(stripes, 224) * std + mean
+    assert pixels.min() < -1e-2 and pixels.max() > 1 + 1e-2  # not clamped
+    assert not torch.allclose(pixels * 255, (pixels * 255).round(), atol=1e-3)  # not rounded to uint8
+    assert not torch.allclose(out, resize_longest_pad(noisy, 224, antialias=False), atol=1e-2)
 
 
 def test_missing_weights_names_files(tmp_path, empty_hub_cache):
