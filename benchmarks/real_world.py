@@ -401,6 +401,13 @@ def released_steps(work: Path, args) -> list[tuple[str, list[str]]]:
     return []
 
 
+def save(result: dict, part: str, steps: list, out: Path) -> None:
+    """After every step: a run stopped part-way keeps what it measured."""
+    result["parts"][part] = steps
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "spobench-real-world")
@@ -441,25 +448,30 @@ def main(argv=None) -> dict:
     for part in parts:
         steps = []
         for what in needs[part]:
-            if what in built or (args.reuse and (args.work / f"build-{what}.json").exists()):
+            if what in built:
+                continue
+            if args.reuse and (args.work / f"build-{what}.json").exists():
+                steps.append({"name": f"build {what}", "reused": "built by an earlier run of this script",
+                              "built": json.loads((args.work / f"build-{what}.json").read_text())})
+                built.add(what)
                 continue
             r = build_step(what, args.work, args.tiny, args.nice)
             info = args.work / f"build-{what}.json"
             r["built"] = json.loads(info.read_text()) if info.exists() else None
             steps.append(r)
             built.add(what)
+            save(result, part, steps, args.out)
             if r["rc"]:
                 break
         for name, cmd in cli_steps(part, args.work, args):
-            if any(s["rc"] for s in steps):
+            if any(s.get("rc") for s in steps):
                 break
             print(f"== {name}: {shlex.join(cmd)}", flush=True)
             steps.append(measure(name, cmd, args.nice))
             print(f"   rc {steps[-1]['rc']}, {steps[-1]['wall_s']} s, peak RSS {steps[-1]['peak_rss_gib']} GiB",
                   flush=True)
-        result["parts"][part] = steps
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+            save(result, part, steps, args.out)
+        save(result, part, steps, args.out)
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
     print(f"wrote {args.out}")
