@@ -111,12 +111,17 @@ def build_backbone(name: str, device, dry: bool, tokdir: Path):
     specs = [(rw.CLIP_L_TEXT, CLIPTextModel, "<|endoftext|>")]
     if name == "sdxl":
         specs.append((rw.CLIP_BIGG_TEXT, CLIPTextModelWithProjection, "!"))
+    if dry:  # 32-wide text towers (SDXL's pooled projection stays 1280 wide: the UNet's added embedding)
+        specs = [({**spec, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                   "num_attention_heads": 2}, klass, pad) for spec, klass, pad in specs]
+        width = 32 * len(specs)
+        c["unet"] = {**c["unet"], "cross_attention_dim": width}
+        c["context"] = (c["context"][0], width)
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel(**c["unet"])
         vae = AutoencoderKL(**vae_cfg)
-        encoders = [klass(rw._text_config({**spec, "num_hidden_layers": 2} if dry else spec, rw.CLIP_VOCAB))
-                    for spec, klass, _ in specs]
+        encoders = [klass(rw._text_config(spec, rw.CLIP_VOCAB)) for spec, klass, _ in specs]
     toks = [CLIPTokenizer.from_pretrained(str(rw.write_clip_tokenizer(tokdir / f"{name}-{i}", pad)))
             for i, (_, _, pad) in enumerate(specs)]
     cls, sched = ((SD15Backbone, testing.SD15_SCHEDULER_CONFIG) if name == "sd15"
@@ -168,6 +173,8 @@ def spo_rounds(name: str, args, device, dtype, tmp: Path) -> dict:
               "threshold": 0.0}
     if name == "sd15":
         values["k"] = 2 if args.dry_run else 4
+    if args.dry_run:
+        values["resolution"] = c["image"]  # the test size (else the backbone's 512 / 1024 px)
     cfg = trainer_cls.Config.from_dict(values)
     cfg = trainer_cls.prepare_config(cfg, name, type(bb).defaults)
     spm.counters = bb.counters
@@ -272,9 +279,9 @@ def headline(args, device, left_s: float, tmp: Path) -> dict:
             device.type, "--out", str(out)]
     res = {"command": " ".join(argv[2:]).replace("spobench.cli", "spobench", 1), "budget_s": round(left_s, 1)}
     if args.dry_run:
-        from spobench.recipe import load_recipe
+        from spobench.recipe import load_recipe, recipe_files
 
-        recipe = load_recipe("headline")
+        recipe = load_recipe(recipe_files()["headline"])
         res.update(ran=False, why="dry run: planned only", cells=sorted(recipe.cells))
         return res
     if left_s < 30:

@@ -368,6 +368,8 @@ def cli_steps(part: str, work: Path, args) -> list[tuple[str, list[str]]]:
               # random weights: the SPM's preference gaps are arbitrary; 0 keeps every non-tied pair so
               # that the training half of the round is measured too
               "--set", "threshold=0", "--set", f"dtype={args.dtype}"]
+    if args.tiny:
+        common += ["--set", f"resolution={64 if part == 'sd15' else 128}"]  # the test sizes' images
     if part == "sd15":
         run = work / "runs" / "spo-sd15"
         gen = work / "gen-sd15"
