@@ -192,7 +192,7 @@ def generate(backbone, prompts: Sequence[str], out: str | Path, *, seed: int = 0
             batch = todo[start:start + batch_size]
             with torch.no_grad():
                 traj = engine.sample([j.prompt for j in batch], make_generators([j.seed for j in batch]),
-                                     keep_latents=False)
+                                     keep_latents=False, log_probs=False)
                 pixels = to_uint8(backbone.decode(traj.x0))
             for job, arr in zip(batch, pixels):
                 save_png(out / job.file, arr)

@@ -3,7 +3,8 @@
 as the SPO paper uses it for Table 2 (SD-1.5, PickScore labelling the pairs, Sec. 5.1).
 
 Code <-> papers (SPO paper Sec. 3, Eq. 2 = D3PO's step-wise DPO objective) and reference code
-(yk7333/d3po, ``scripts/train_with_rm.py``):
+(yk7333/d3po @ 40d31758048f62ff49814eaa0403d820493ad374, ``scripts/rm/train_d3po.py``: the reward-model
+variant, whose ``compare`` labels the pairs and whose loss is at its lines 596-599):
 
 * **Two trajectories from one x_T** (D3PO; the SPO paper's Fig. 3). :meth:`D3POTrainer.collect`
   draws x_T per prompt, then samples it twice with eta = 1 (``RolloutEngine.sample`` with the same

@@ -9,7 +9,10 @@ SDXL code, the pool's label applies to EACH transition of the two segments:
     s = 0:      x_t      -> x^w_{t-1}    vs   x_t      -> x^l_{t-1}     (shared x_t: one row, m = 2)
     s = 1..j-1: x^w_{t-s} -> x^w_{t-s-1} vs   x^l_{t-s} -> x^l_{t-s-1}  (own starts: one row per side)
 
-each a term of the SPO loss (Eq. 4) at its own timestep. All rows of a micro-batch still go through
+each a term of the SPO loss (Eq. 4) at its own timestep. Segments are laid as the official SDXL
+pipeline lays them (``tail = "merge"``): where a segment would start at the last transition
+(t = 1 -> 0), that transition ends the segment still open, which then has j + 1 transitions (at 20
+steps: j = 1, 3, 5; see ``engine/rollout.py``). All rows of a micro-batch still go through
 ONE policy and ONE reference UNet call; a kept pool costs 1 + 2(j-1) policy rows (and as many
 reference rows; x2 for CFG) where the official loop runs 2j of each. Everything else (threshold,
 clamp, reduction, loop) is SPO's (``spo.py``).
@@ -18,7 +21,7 @@ clamp, reduction, loop) is SPO's (``spo.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from spobench.catalog import register_trainer
 from spobench.trainers.base import TrainerConfig, setting
@@ -27,8 +30,11 @@ from spobench.trainers.spo import PairItem, SPOConfig, SPOTrainer
 
 @dataclass
 class MSPOConfig(SPOConfig):
-    inner_steps: int = setting(4, "j: denoising steps per candidate before scoring (paper: 4 for SDXL; Table 7)",
-                               min=1)
+    inner_steps: int = setting(4, "j: denoising steps per candidate before scoring (paper: 4 for SDXL; Table 7; "
+                                  "the official SDXL config's num_inner_step = 3 counts the steps after the "
+                                  "first, also j = 4)", min=1)
+    tail: Literal["merge", "own"] = setting("merge", "the last transition (t=1 -> 0): appended to the open "
+                                            "segment (merge, the official SDXL pipeline) or its own pool (own)")
 
 
 @register_trainer("mspo")
@@ -42,6 +48,9 @@ class MSPOTrainer(SPOTrainer):
 
     def pool_inner_steps(self) -> int:
         return self.cfg.inner_steps
+
+    def pool_tail(self) -> str:
+        return self.cfg.tail
 
     def pair_items(self, step, b: int, prompt: int, n: int, score_gap: float, prob_gap: float) -> list[PairItem]:
         """Every transition of the winning and losing segments, labelled by the pool."""

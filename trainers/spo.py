@@ -59,7 +59,8 @@ from spobench.trainers.base import Trainer, TrainerConfig, setting
 # -------------------------------------------------------------------------------------------------
 @dataclass
 class SPOConfig(TrainerConfig):
-    k: int = setting(4, "candidates per pool (Table 6; official SD-1.5 config: 4)", min=2)
+    k: int | None = setting(None, "candidates per pool (Table 6; backbone default: 4 SD-1.5 as the paper and the "
+                            "official SD-1.5 config, 2 SDXL as the official SDXL config)", min=2, backbone="spo_k")
     kappa: int = setting(750, "pools only where t_prev <= kappa (Sec. 4.3, Table 8)", min=0, lt=1000)
     t_min: int = setting(0, "pools only where t_prev >= t_min (timestep-range ablations)", min=0, lt=1000)
     num_steps: int = setting(20, "DDIM steps of a rollout", min=2)
@@ -181,10 +182,14 @@ class SPOTrainer(Trainer):
 
         c = self.cfg
         return PoolConfig(k=c.k, kappa=c.kappa, inner_steps=self.pool_inner_steps(), init=c.init, pair=c.pair,
-                          t_min=c.t_min)
+                          t_min=c.t_min, tail=self.pool_tail())
 
     def pool_inner_steps(self) -> int:
         return 1
+
+    def pool_tail(self) -> str:
+        """The last transition is its own pool, as in the official SD-1.5 SPO pipeline."""
+        return "own"
 
     # -- rollout: pools -> kept pairs ----------------------------------------------------------------
     def collect(self, epoch: int, rnd: int, prompt_indices: list[int]) -> tuple[list[PairItem], dict]:

@@ -87,6 +87,7 @@ class BackboneDefaults:
     lora_rank: int = 4
     lr: float = 6e-5
     spo_threshold: float = 0.3  # official SPO: 0.3 for SD-1.5, 0.4 for SDXL
+    spo_k: int = 4  # SPO/MSPO candidates per pool: the paper's k = 4 (Table 6); SDXL overrides it
     resolution: int = 512
     guidance_scale: float = 5.0
     num_steps: int = 20

@@ -488,10 +488,23 @@ class SD15Backbone(Backbone):
 
 class SDXLBackbone(SD15Backbone):
     """SDXL base: two CLIP text encoders (penultimate hidden states, concatenated), the second's
-    pooled projection and the (original size, crop, target size) micro-conditioning ids."""
+    pooled projection and the (original size, crop, target size) micro-conditioning ids.
+
+    Training defaults follow the official SDXL config (RockeyCoss/SPO @ 27a86428edcff3b25dcce8001be94a7a01608f58,
+    spo_training_and_inference/configs/spo_sdxl_4k-prompts_num-sam-2_3-is_10ep_bs2_gradacc2.py), which is
+    what trained the released SDXL LoRA, where the paper is silent or differs:
+    k = 2 candidates (the config keeps basic_config's ``num_sample_each_step = 2``; the paper's k = 4
+    is its SD-1.5 ablation, Table 6), LoRA rank 64, lr 1e-5, threshold 0.4. The inner steps agree:
+    the config's ``num_inner_step = 3`` counts the steps after a segment's first, so its segments
+    have 4 transitions, the paper's j = 4 (MSPO's default). The official runs swap in the
+    ``madebyollin/sdxl-vae-fp16-fix`` VAE because SDXL's own VAE overflows in fp16; spobench keeps
+    the folder's VAE and runs it in fp32 when its config asks for ``force_upcast`` (see ``to``), so
+    the stock VAE is safe; to match the official decodes, give that VAE to the model folder.
+    """
 
     name = "sdxl"
-    defaults = BackboneDefaults(lora_rank=64, lr=1e-5, spo_threshold=0.4, resolution=1024)
+    # k = 2: the official SDXL config (see the class docstring), not the paper's SD-1.5 k = 4
+    defaults = BackboneDefaults(lora_rank=64, lr=1e-5, spo_threshold=0.4, resolution=1024, spo_k=2)
     pipeline_class = StableDiffusionXLPipeline
     default_source = "stabilityai/stable-diffusion-xl-base-1.0"
     text_encoder_names = ("text_encoder", "text_encoder_2")

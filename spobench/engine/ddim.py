@@ -17,6 +17,11 @@ so log-ratios are ~1/(C*H*W) of the true ones) or by ``sum`` (the true log-densi
 Every function here accepts a per-row timestep tensor, so a batch may mix steps (SPO trains on
 pairs from different timesteps in one batch). No x0 clipping: Stable Diffusion's schedulers run
 with ``clip_sample=False``, and clipping x0 without re-deriving epsilon broke the tiny model.
+
+A scheduler with ``set_alpha_to_one = True`` takes a_prev = 1 after the last step, so that step's
+sigma is 0: x_0 is the mean itself, and the step has no density (its log-prob is -inf or NaN). It
+samples fine, but nothing that puts step log-probs into a loss (SPO, MSPO, D3PO, DDPO) can use it:
+:meth:`NoiseSchedule.check_log_probs` refuses it with one line (SD-1.5 and SDXL ship with False).
 """
 
 from __future__ import annotations
@@ -58,6 +63,21 @@ class NoiseSchedule:
     def prev_timestep(self, t: torch.Tensor | int) -> torch.Tensor | int:
         """t - T/S; a negative value means x_prev is the final sample x_0."""
         return t - self.step_ratio
+
+    @property
+    def last_step_deterministic(self) -> bool:
+        """a_prev = 1 after the last step (``set_alpha_to_one``): sigma_t = 0 there for every eta."""
+        return self.final_alpha_cumprod >= 1.0
+
+    def check_log_probs(self, where: str = "the model") -> None:
+        """Refuse a schedule whose last step has no log-probability (see the module docstring)."""
+        if self.last_step_deterministic:
+            from spobench.errors import ModelLoadError
+
+            raise ModelLoadError(
+                f"{where}: scheduler set_alpha_to_one = true makes the last DDIM step deterministic "
+                f"(sigma = 0, no log-probability); SPO, MSPO, D3PO and DDPO need step log-probs: set "
+                f"\"set_alpha_to_one\": false in scheduler/scheduler_config.json (as SD-1.5 and SDXL ship)")
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
         """a_t per row; a negative t maps to the final alpha."""

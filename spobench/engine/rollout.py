@@ -19,6 +19,16 @@ noisy to judge (t_prev > kappa). From then on, at each step:
 MSPO (Sec. 4.5): with ``inner_steps`` j > 1 each candidate is denoised j-1 more steps (own noise)
 before scoring, and the pool's label covers each transition of the segment.
 
+Where the last transition (t = 1 -> 0) falls when segments of j are laid from kappa on is set by
+``PoolConfig.tail``. The official SD-1.5 SPO pipeline makes every step a pool, the last one
+included (``tail = "own"``). The official SDXL (MSPO) pipeline decides at each step whether the
+open segment is complete, except at the last step, where it always finishes the open segment with
+one more transition and scores x_0: a segment that would start at t = 1 is instead appended to
+the segment still open (``tail = "merge"``; RockeyCoss/SPO @ 27a86428edcff3b25dcce8001be94a7a01608f58,
+spo_training_and_inference/spo/custom_diffusers/multi_sample_pipeline_sdxl.py, the
+``i == len(timesteps) - 1`` branch). At 20 steps with kappa = 750 (16 pooled transitions) the two
+differ exactly where 16 = 1 (mod j), i.e. j = 1, 3, 5: "merge" gives a last segment of j + 1.
+
 With the official schedule (20 steps, "leading" spacing, kappa = 750) the pooled transitions are
 t = 751 -> 701, ..., 1 -> 0: 16 of them, costing per prompt 5 + 15k UNet rows (x2 for CFG) and 16k
 x0_hat scorings, the official loop's counts.
@@ -68,6 +78,9 @@ class PoolConfig:
     init: Literal["random", "win", "lose"] = "random"  # which candidate continues (Table 4)
     pair: Literal["best-worst", "random"] = "best-worst"  # how the pair is chosen (Table 9)
     t_min: int = 0  # pools only where t_prev >= t_min (timestep-range ablations, Table 8)
+    # the last transition: its own pool ("own", official SD-1.5 SPO) or, when a segment would start
+    # there, the end of the segment still open ("merge", official SDXL MSPO); see the module docstring
+    tail: Literal["own", "merge"] = "own"
 
     def __post_init__(self):
         if self.k < 2:
@@ -78,6 +91,8 @@ class PoolConfig:
             raise ValueError(f"init must be random|win|lose (got {self.init!r})")
         if self.pair not in ("best-worst", "random"):
             raise ValueError(f"pair must be best-worst|random (got {self.pair!r})")
+        if self.tail not in ("own", "merge"):
+            raise ValueError(f"tail must be own|merge (got {self.tail!r})")
 
 
 @dataclass
@@ -164,6 +179,7 @@ class RolloutEngine:
         ``x_prev`` may be (B, C, H, W) or (B, m, C, H, W): m samples sharing one x_t cost ONE UNet call
         (the 1-forward-per-pair trick: SPO's winner and loser share x_t).
         """
+        self.check_log_probs()
         if uncond is None:
             uncond = self.backbone.encode_unconditional(x_t.shape[0], self.sampler.resolution)
         out = self.predict(x_t, t, cond, uncond)
@@ -173,38 +189,54 @@ class RolloutEngine:
     # -- plain trajectories -----------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], generators: Generators, keep_latents: bool = True,
-               x_T: torch.Tensor | None = None, progress: Callable[[int], None] | None = None) -> Trajectory:
-        """DDIM (eta from the sampler config) from x_T to x_0 with per-step log-probs."""
+               x_T: torch.Tensor | None = None, progress: Callable[[int], None] | None = None,
+               log_probs: bool = True) -> Trajectory:
+        """DDIM (eta from the sampler config) from x_T to x_0 with per-step log-probs (zeros when eta
+        = 0 or ``log_probs`` is False: generation needs none, and may use any scheduler)."""
+        log_probs = log_probs and self.sampler.eta > 0
+        if log_probs:
+            self.check_log_probs()
         cond, uncond = self.encode(prompts)
         x = self.initial_noise(generators) if x_T is None else x_T
         ts = self.timesteps()
-        kept, log_probs = [x], []
+        kept, lps = [x], []
         for i, t in enumerate(ts):
             out = self.predict(x, t, cond, uncond)
             dist = step_distribution(out, x, t, self.sched, self.sampler.eta)
             if self.sampler.eta > 0:
                 x_prev = dist.sample(randn(x.shape[1:], generators, device=x.device))
-                log_probs.append(dist.log_prob(x_prev, self.sampler.reduction))
             else:
                 x_prev = dist.mean
-                log_probs.append(torch.zeros(x.shape[0], device=x.device))
+            lps.append(dist.log_prob(x_prev, self.sampler.reduction) if log_probs
+                       else torch.zeros(x.shape[0], device=x.device))
             x = x_prev
             if keep_latents:
                 kept.append(x)
             if progress:
                 progress(i + 1)
         latents = torch.stack(kept if keep_latents else [x], dim=1)
-        return Trajectory(latents=latents, log_probs=torch.stack(log_probs, dim=1), timesteps=ts, cond=cond)
+        return Trajectory(latents=latents, log_probs=torch.stack(lps, dim=1), timesteps=ts, cond=cond)
 
     # -- candidate pools (SPO / MSPO) -------------------------------------------------------------
+    def check_log_probs(self) -> None:
+        self.sched.check_log_probs(self.backbone.source or self.backbone.name)
+
     def is_pooled(self, t: int, pool: PoolConfig) -> bool:
         t_prev = t - self.sched.step_ratio
         return max(t_prev, 0) <= pool.kappa and max(t_prev, 0) >= pool.t_min
+
+    def segment_length(self, i: int, n: int, t: int, pool: PoolConfig) -> int:
+        """Transitions in the segment that starts at step ``i`` (timestep ``t``) of ``n``."""
+        length = min(pool.inner_steps, n - i)
+        if pool.tail == "merge" and i + length == n - 1 and self.is_pooled(t - length * self.sched.step_ratio, pool):
+            length += 1  # a lone last transition joins this segment (official SDXL pipeline)
+        return length
 
     @torch.no_grad()
     def pool_rollout(self, prompts: Sequence[str], generators: Generators, pool: PoolConfig, scorer: Scorer,
                      x_T: torch.Tensor | None = None) -> PoolRollout:
         """Sample with candidate pools; returns every pool (the training pairs) and the final x_0."""
+        self.check_log_probs()
         B, k, j = len(prompts), pool.k, pool.inner_steps
         cond, uncond = self.encode(prompts)
         cond_k, uncond_k = cond.repeat_interleave(k), uncond.repeat_interleave(k)
@@ -232,7 +264,7 @@ class RolloutEngine:
             flat = cand.flatten(0, 1)
             seg_ts = [t]
             t_cur = t - ratio
-            steps_left = min(j, len(ts) - i)
+            steps_left = self.segment_length(i, len(ts), t, pool)
             # 2. MSPO: j-1 more steps per candidate, then each candidate's own prediction for x0_hat
             cand_out = None
             for s in range(steps_left):

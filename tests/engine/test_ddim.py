@@ -77,3 +77,44 @@ def test_x0_prediction_inverts_noising(prediction_type):
     xt = sched.add_noise(x0, eps, t)
     out = eps if prediction_type == "epsilon" else sched.get_velocity(x0, eps, t)
     assert torch.allclose(predict_x0(out, xt, t, ns), x0, atol=1e-4)
+
+
+def _alpha_to_one_backbone():
+    from fakes import FakeBackbone
+
+    bb = FakeBackbone()
+    bb.scheduler = DDIMScheduler.from_config({**bb.scheduler.config, "set_alpha_to_one": True})
+    return bb
+
+
+def test_set_alpha_to_one_makes_the_last_log_prob_non_finite():
+    s = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                      set_alpha_to_one=True, steps_offset=1, timestep_spacing="leading")
+    ns = NoiseSchedule(s.alphas_cumprod, float(s.final_alpha_cumprod), 1000, 20)
+    x = torch.randn(2, 4, 8, 8)
+    dist = step_distribution(torch.randn_like(x), x, 1, ns, eta=1.0)
+    assert float(dist.std.max()) == 0.0
+    assert not torch.isfinite(dist.log_prob(dist.mean)).any()  # the reason it is refused
+    assert ns.last_step_deterministic
+    assert not _sched("epsilon")[1].last_step_deterministic
+
+
+def test_set_alpha_to_one_is_refused_where_log_probs_are_needed_and_sampled_where_not():
+    from spobench.engine.rollout import PoolConfig, RolloutEngine, SamplerConfig, make_generators
+    from spobench.errors import ModelLoadError
+
+    eng = RolloutEngine(_alpha_to_one_backbone(), SamplerConfig(num_steps=4, eta=1.0))
+    gens = make_generators([0])
+    with pytest.raises(ModelLoadError, match=r"^fake: scheduler set_alpha_to_one = true .*set_alpha_to_one\": false"):
+        eng.pool_rollout(["a"], gens, PoolConfig(k=2), lambda x0, t, idx: x0.mean((1, 2, 3)))
+    with pytest.raises(ModelLoadError, match="set_alpha_to_one"):
+        eng.sample(["a"], gens)  # DDPO / D3PO rollouts
+    cond, uncond = eng.encode(["a"])
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ModelLoadError, match="set_alpha_to_one"):
+        eng.log_prob(x, 951, x, cond, uncond)
+    # generation needs no log-prob: eta = 1 samples end at the (finite) mean of the last step
+    traj = eng.sample(["a"], make_generators([0]), log_probs=False)
+    assert torch.isfinite(traj.x0).all() and not traj.log_probs.any()
+    eng0 = RolloutEngine(_alpha_to_one_backbone(), SamplerConfig(num_steps=4, eta=0.0))
+    assert torch.isfinite(eng0.sample(["a"], make_generators([0])).x0).all()

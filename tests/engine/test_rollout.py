@@ -125,3 +125,60 @@ def test_pool_config_validation():
         PoolConfig(k=1)
     with pytest.raises(ValueError, match="init"):
         PoolConfig(init="best")
+
+
+# Segments (the start timestep of each transition) at 20 steps, kappa = 750, as the official SDXL
+# pipeline lays them (RockeyCoss/SPO @ 27a86428, spo/custom_diffusers/multi_sample_pipeline_sdxl.py,
+# num_inner_step = j - 1): a segment closes after j transitions, except that the last step always
+# finishes the segment still open and scores x_0, so a segment never starts at t = 1.
+OFFICIAL_SDXL_SEGMENTS = {
+    1: [[t] for t in range(751, 100, -50)] + [[51, 1]],
+    2: [[751, 701], [651, 601], [551, 501], [451, 401], [351, 301], [251, 201], [151, 101], [51, 1]],
+    3: [[751, 701, 651], [601, 551, 501], [451, 401, 351], [301, 251, 201], [151, 101, 51, 1]],
+    4: [[751, 701, 651, 601], [551, 501, 451, 401], [351, 301, 251, 201], [151, 101, 51, 1]],
+    5: [[751, 701, 651, 601, 551], [501, 451, 401, 351, 301], [251, 201, 151, 101, 51, 1]],
+    6: [[751, 701, 651, 601, 551, 501], [451, 401, 351, 301, 251, 201], [151, 101, 51, 1]],
+}
+
+
+def _segments(roll):
+    return [s.timesteps[:-1].tolist() for s in roll.steps]
+
+
+@pytest.mark.parametrize("j", sorted(OFFICIAL_SDXL_SEGMENTS))
+def test_merge_tail_lays_segments_as_the_official_sdxl_pipeline(j):
+    eng, k = _engine(), 2
+    eng.backbone.counters.reset()
+    roll = eng.pool_rollout(PROMPTS[:2], make_generators([0, 1]), PoolConfig(k=k, inner_steps=j, tail="merge"),
+                            _score_by_mean)
+    want = OFFICIAL_SDXL_SEGMENTS[j]
+    assert _segments(roll) == want
+    assert sum(map(len, want)) == 16
+    for s, seg in zip(roll.steps, want):
+        assert s.segments.shape[:3] == (2, k, len(seg)) and s.log_probs.shape == (2, k, len(seg))
+    assert roll.steps[-1].timesteps[-1] < 0  # the last segment ends at x_0, scored as x_0
+    # the official loop's cost whatever the grouping: 5 shared rows (951 ... 751), then one row per
+    # candidate at each of the 15 pooled states before x_0 (the chosen one's is reused); x2 CFG, x2 prompts
+    assert eng.backbone.counters.unet_rows_nograd == 2 * 2 * (5 + 15 * k)
+
+
+@pytest.mark.parametrize("j", [1, 2, 3, 4, 5, 6])
+def test_own_tail_gives_the_last_transition_its_own_pool(j):
+    roll = _engine().pool_rollout(PROMPTS[:1], make_generators([0]), PoolConfig(k=2, inner_steps=j),
+                                  _score_by_mean)
+    starts = list(range(751, 0, -50))
+    want = [starts[a:a + j] for a in range(0, 16, j)]
+    assert _segments(roll) == want
+    if j == 1:  # the official SD-1.5 SPO pipeline: 16 one-transition pools, the last scored at x_0
+        assert len(roll.steps) == 16 and roll.steps[-1].timesteps.tolist() == [1, -49]
+
+
+def test_merge_and_own_agree_where_the_official_pipelines_do():
+    for j in (2, 4, 6):
+        a = _engine().pool_rollout(PROMPTS[:1], make_generators([3]), PoolConfig(k=2, inner_steps=j, tail="merge"),
+                                   _score_by_mean)
+        b = _engine().pool_rollout(PROMPTS[:1], make_generators([3]), PoolConfig(k=2, inner_steps=j),
+                                   _score_by_mean)
+        assert _segments(a) == _segments(b) and torch.equal(a.x0, b.x0)
+    with pytest.raises(ValueError, match="tail"):
+        PoolConfig(tail="last")

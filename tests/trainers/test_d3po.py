@@ -56,7 +56,7 @@ def test_loss_equals_the_reference_exp_clamp_log_in_value_and_gradient():
     h[::2] = -h[::2]
     ours, _ = d3po_loss(lr, torch.zeros(64, 2), h, beta=0.1, clamp_eps=0.1)
     (g_ours,) = torch.autograd.grad(ours.sum(), lr)
-    r0 = torch.clamp(torch.exp(lr[:, 0]), 0.9, 1.1)  # yk7333/d3po train_with_rm.py
+    r0 = torch.clamp(torch.exp(lr[:, 0]), 0.9, 1.1)  # yk7333/d3po scripts/rm/train_d3po.py
     r1 = torch.clamp(torch.exp(lr[:, 1]), 0.9, 1.1)
     official = -torch.log(torch.sigmoid(0.1 * torch.log(r0) * h[:, 0] + 0.1 * torch.log(r1) * h[:, 1]))
     (g_off,) = torch.autograd.grad(official.sum(), lr)
