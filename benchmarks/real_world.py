@@ -23,6 +23,8 @@ prints as "Maximum resident set size") with the command line, the load average a
     spobench train spo  --backbone sd15 --model sd15 ...   (one round, 1 prompt, k = 2, --steps DDIM steps)
     spobench generate   --backbone sd15 --model sd15 --lora <that LoRA> ...
     spobench eval       --metrics pickscore,hpsv2,imagereward,aesthetic ...
+    spobench spm import metrics/spm-official.bin --clip <PickScore> ...   (issue 13: an official-layout SPM)
+    spobench reproduce table2 --released --limit 2   (offline hub cache of sd15/ + random released DPO UNet, SPO LoRA)
     spobench train mspo --backbone sdxl --model sdxl ...   (1024 px unless --sdxl-resolution)
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/real_world.py --parts sd15          # the SD-1.5 path
