@@ -23,6 +23,8 @@ prints as "Maximum resident set size") with the command line, the load average a
     spobench train spo  --backbone sd15 --model sd15 ...   (one round, 1 prompt, k = 2, --steps DDIM steps)
     spobench generate   --backbone sd15 --model sd15 --lora <that LoRA> ...
     spobench eval       --metrics pickscore,hpsv2,imagereward,aesthetic ...
+    spobench spm import metrics/spm-official.bin --clip <PickScore> ...   (issue 13: an official-layout SPM)
+    spobench reproduce table2 --released --limit 2   (offline hub cache of sd15/ + random released DPO UNet, SPO LoRA)
     spobench train mspo --backbone sdxl --model sdxl ...   (1024 px unless --sdxl-resolution)
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/real_world.py --parts sd15          # the SD-1.5 path
@@ -307,6 +309,8 @@ BUILDERS = {
     "hpsv2": build_hpsv2,
     "imagereward": build_imagereward,
     "aesthetic": build_aesthetic,
+    "spm-official": lambda work, tiny: build_spm_official(work, tiny),
+    "released": lambda work, tiny: build_released(work, tiny),
 }
 
 
@@ -393,14 +397,95 @@ def cli_steps(part: str, work: Path, args) -> list[tuple[str, list[str]]]:
     raise SystemExit(f"unknown part {part!r}")
 
 
-def released_steps(work: Path, args) -> list[tuple[str, list[str]]]:
-    # HOOK (coordinator): the two steps of issue 13 that other branches add go here, as (name, argv):
-    #   1. the official-SPM importer: write work/"metrics"/"spm-official.bin" in the official layout
-    #      (issue 13 part 1) and import/load it with the CLI that branch adds;
-    #   2. `spobench reproduce table2 --released --limit 2` on the released-checkpoint cells (part 2),
-    #      pointed at work/"sd15" and the metric folders above.
-    # Each is measured like the other commands (wall seconds, peak RSS) by `measure`.
-    return []
+def build_spm_official(work: Path, tiny: bool) -> dict:
+    """``metrics/spm-official.bin``: a step-aware preference model in the official checkpoint's layout
+    (issue 13 part 1) around the PickScore CLIP built above - the writer of tests/test_spm_official.py
+    (random, non-zero modulation weights, gate biases near the official init of 1) - plus the two
+    ``position_ids`` buffers transformers 4.27 saved, at this CLIP's sizes."""
+    import torch
+    from transformers import CLIPConfig
+
+    from spobench.metrics import pickscore
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    tso = _load("_test_spm_official", ROOT / "tests" / "test_spm_official.py")
+    clip_dir = work / "metrics" / "pickscore" / pickscore.MODEL_DIR
+    sd = tso.official_state_dict(clip_dir, seed=6, legacy_buffers=False)
+    vision = CLIPConfig.from_pretrained(str(clip_dir)).vision_config
+    sd["model.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    sd["model.vision_model.embeddings.position_ids"] = torch.arange((vision.image_size // vision.patch_size) ** 2 + 1)[None]
+    n = sum(v.numel() for k, v in sd.items() if not k.endswith("position_ids"))
+    file = work / "metrics" / "spm-official.bin"
+    torch.save(sd, file)
+    return {"spm_official_params": n, "bytes": file.stat().st_size}
+
+
+# the hub ids of recipes/table2.toml [released]
+SD15_HUB = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DPO_SD15_HUB = "mhdang/dpo-sd1.5-text2image-v1"
+SPO_SD15_HUB = "SPO-Diffusion-Models/SPO-SD-v1-5_4k-p_10ep_LoRA"
+
+
+def _hub_link(cache: Path, repo_id: str, folder: Path, commit: str = "0" * 40) -> None:
+    """``folder`` as huggingface_hub's cache holds a downloaded repo (``models--org--name/snapshots/<commit>``
+    and ``refs/main``, as ``spobench.backbones.testing.fake_hub_cache`` lays it out), the snapshot a
+    symlink to ``folder`` (the hub's snapshots are symlinks too): a 4 GB model is not copied."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "snapshots").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    snap = repo / "snapshots" / commit
+    if snap.is_symlink() or snap.exists():
+        snap.unlink()
+    snap.symlink_to(folder.resolve(), target_is_directory=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def build_released(work: Path, tiny: bool) -> dict:
+    """A user's machine for ``reproduce table2 --released`` at the sizes above (tests/released_world.py at
+    full size): the released UNet-only Diffusion-DPO (``unet/`` layout) and the SPO LoRA
+    (``save_lora_weights`` keys) as random weights of ``sd15/``'s shapes, all three under their hub ids in
+    ``hf/``, Pick-a-Pic's validation_unique parquet in ``data/pickapic/``."""
+    from spobench.backbones import load_backbone
+    from spobench.backbones.testing import make_lora_file, make_unet_folder
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    world = _load("_released_world", ROOT / "tests" / "released_world.py")
+    base, rel = work / "sd15", work / "released"
+    dpo = make_unet_folder(rel / "dpo", base, layout="unet")
+    gc.collect()
+    lora = make_lora_file(rel / "spo", load_backbone("sd15", str(base)), style="diffusers")
+    gc.collect()
+    for repo_id, folder in ((SD15_HUB, base), (DPO_SD15_HUB, dpo), (SPO_SD15_HUB, lora.parent)):
+        _hub_link(work / "hf", repo_id, folder)
+    world.pickapic(work / "data")
+    if tiny:  # the shipped recipe, sampled at the --tiny images' size (as tests/recipes/test_released.py does)
+        text = (ROOT / "recipes" / "table2.toml").read_text() + "\n[released.generate]\nresolution = 64\n"
+        (rel / "table2.toml").write_text(text)
+    return {"lora_bytes": lora.stat().st_size, "hub": [SD15_HUB, DPO_SD15_HUB, SPO_SD15_HUB]}
+
+
+def released_env(work: Path) -> dict:
+    """The released checkpoints from the hub cache only (offline), the metrics from ``metrics/``."""
+    return {**os.environ, "HF_HOME": str(work / "hf-home"), "HF_HUB_CACHE": str(work / "hf"), "HF_HUB_OFFLINE": "1",
+            "SPOBENCH_DATA": str(work / "data"), "SPOBENCH_WEIGHTS": str(work / "metrics")}
+
+
+def released_steps(work: Path, args) -> list[tuple]:
+    """Issue 13 through the CLI: the official-layout SPM imported (part 1), and Table 2's released
+    checkpoints reproduced on two prompts (part 2). (name, argv, env)."""
+    from spobench.metrics import pickscore
+
+    cli = spobench_cli()
+    clip = work / "metrics" / "pickscore"
+    recipe = work / "released" / "table2.toml" if args.tiny else "table2"
+    return [
+        ("spm import official", [cli, "spm", "import", str(work / "metrics" / "spm-official.bin"),
+                                 "--clip", str(clip / pickscore.MODEL_DIR), "--processor",
+                                 str(clip / pickscore.PROCESSOR_DIR), "--out", str(work / "spm-official"),
+                                 "--overwrite"], None),
+        ("reproduce table2 --released", [cli, "reproduce", str(recipe), "--released", "--limit", "2",
+                                         "--out", str(work / "runs" / "table2-released")], released_env(work)),
+    ]
 
 
 def save(result: dict, part: str, steps: list, out: Path) -> None:
@@ -445,7 +530,7 @@ def main(argv=None) -> dict:
                      "threshold": 0, "sdxl_resolution": args.sdxl_resolution or 1024},
     })
     result.setdefault("parts", {})
-    needs = {"sd15": ["sd15", "pickscore+spm", "hpsv2", "imagereward", "aesthetic"], "sdxl": ["sdxl", "pickscore+spm"]}
+    needs = {"sd15": ["sd15", "pickscore+spm", "hpsv2", "imagereward", "aesthetic", "spm-official", "released"], "sdxl": ["sdxl", "pickscore+spm"]}
     built: set[str] = set()
     for part in parts:
         steps = []
@@ -465,11 +550,11 @@ def main(argv=None) -> dict:
             save(result, part, steps, args.out)
             if r["rc"]:
                 break
-        for name, cmd in cli_steps(part, args.work, args):
+        for name, cmd, *env in cli_steps(part, args.work, args):
             if any(s.get("rc") for s in steps):
                 break
             print(f"== {name}: {shlex.join(cmd)}", flush=True)
-            steps.append(measure(name, cmd, args.nice))
+            steps.append(measure(name, cmd, args.nice, env=env[0] if env else None))
             print(f"   rc {steps[-1]['rc']}, {steps[-1]['wall_s']} s, peak RSS {steps[-1]['peak_rss_gib']} GiB",
                   flush=True)
             save(result, part, steps, args.out)

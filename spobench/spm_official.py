@@ -194,9 +194,11 @@ def import_official(file: str | Path, clip: str | Path, out: str | Path, *, proc
     """Write the official checkpoint ``file`` as an spobench SPM folder ``out`` (safetensors), which
     ``--set scorer=OUT``, ``eval-spm OUT`` and recipes then use unchanged. Everything is checked before
     anything is written; ``out`` appears whole or not at all."""
-    from spobench.generate import check_out_dir
+    from spobench import outdir
 
     out = Path(out)
-    check_out_dir(out, False, overwrite)
+    outdir.check(out, overwrite=overwrite, resumable=False)  # before the load: a 4 GB read
     spm = load_official(file, clip, processor)
-    return spm.save(out)
+    spm.save(out)
+    outdir._write_marker(out, "spm import")  # made by spobench: a later --overwrite may replace it
+    return out
