@@ -163,7 +163,7 @@ def _lock(out: Path) -> int:
     return fd
 
 
-def _write_marker(out: Path, command: str) -> None:
+def write_marker(out: Path, command: str) -> None:
     from spobench.io import atomic_write_json
 
     from importlib.metadata import PackageNotFoundError, version
@@ -246,7 +246,7 @@ def claim(out: str | Path, *, command: str, resume: bool = False, overwrite: boo
                     if p != aside:
                         os.rename(p, aside / p.name)
             if not is_marked(out):
-                _write_marker(out, command)
+                write_marker(out, command)
                 added_marker = True
         except BaseException:  # undo only this call's own steps: what is in the folder may be another run's
             if added_marker:

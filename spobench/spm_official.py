@@ -200,5 +200,5 @@ def import_official(file: str | Path, clip: str | Path, out: str | Path, *, proc
     outdir.check(out, overwrite=overwrite, resumable=False)  # before the load: a 4 GB read
     spm = load_official(file, clip, processor)
     spm.save(out)
-    outdir._write_marker(out, "spm import")  # made by spobench: a later --overwrite may replace it
+    outdir.write_marker(out, "spm import")  # made by spobench: a later --overwrite may replace it
     return out
