@@ -306,7 +306,7 @@ def train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | N
 
 def _train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | None = None, *,
                resume: bool = False, progress: Callable[[dict], None] | None = None) -> dict:
-    from spobench.io import atomic_dir, atomic_write_json, provenance
+    from spobench.io import atomic_dir, atomic_write_json, provenance, save_torch
     from spobench.spm import StepAwarePreferenceModel
 
     config = coerce_config(SPMTrainConfig, config, "SPM training")
@@ -366,7 +366,7 @@ def _train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | 
     def save_checkpoint(step: int) -> None:
         with atomic_dir(ckpt) as tmp:
             model.save(tmp / FINAL)
-            torch.save(opt.state_dict(), tmp / "optimizer.pt")
+            save_torch(tmp / "optimizer.pt", opt.state_dict())  # a full disk is one line, not a C++ error
             (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, "lr": lr,
                                                         "config": result["config"]}, default=str))
 

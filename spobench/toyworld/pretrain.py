@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from spobench.io import atomic_dir, atomic_write_json
+from spobench.io import atomic_dir, atomic_write_json, save_torch
 
 # (seed, step, batch_size) -> (prompts, uint8 images (B, H, W, 3))
 BatchFn = Callable[[int, int, int], tuple[list[str], np.ndarray]]
@@ -111,9 +111,9 @@ class Pretrainer:
     def save_checkpoint(self) -> Path:
         path = self.out / "checkpoint"
         with atomic_dir(path) as tmp:
-            torch.save({"modules": self.modules.state_dict(), "ema": self.ema.state_dict(),
-                        "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "step": self.step,
-                        "losses": self.losses}, tmp / "state.pt")
+            save_torch(tmp / "state.pt", {"modules": self.modules.state_dict(), "ema": self.ema.state_dict(),
+                                          "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                                          "step": self.step, "losses": self.losses})
             atomic_write_json(tmp / "manifest.json", {"kind": "tiny-pretrain", "step": self.step,
                                                       "config": asdict(self.cfg)})
         return path

@@ -320,3 +320,25 @@ def test_identical_runs_write_byte_identical_lora_files(spo_run, tmp_path):
                 "checkpoints/checkpoint-000001/lora/pytorch_lora_weights.safetensors"):
         a, b = (hashlib.sha256((d / rel).read_bytes()).hexdigest() for d in (spo_run, again))
         assert a == b, rel
+
+
+@slow
+def test_disk_full_in_the_spm_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
+    """train-spm's optimizer state goes through io.save_torch: torch.save given a path reported a full
+    disk as a RuntimeError from its C++ writer (a traceback)."""
+    from spobench.toyworld.pairs import make_dataset
+
+    make_dataset(tmp_path / "data", n_pairs=8, seed=0)
+    pairs = next((tmp_path / "data").rglob("*.parquet"))
+    real = os.fsync
+
+    def fsync(fd):
+        if ".optimizer.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "spm-run"
+    code, err = _main(capsys, "train-spm", "--pairs", pairs, "--backbone", "tiny", "--steps", "2", "--batch-size",
+                      "2", "--out", out)
+    assert_clean_failure(code, err, ["optimizer.pt", "No space left on device"], out, None)
