@@ -341,4 +341,4 @@ def test_disk_full_in_the_spm_checkpoint_is_one_line(tmp_path, capsys, monkeypat
     out = tmp_path / "spm-run"
     code, err = _main(capsys, "train-spm", "--pairs", pairs, "--backbone", "tiny", "--steps", "2", "--batch-size",
                       "2", "--out", out)
-    assert_clean_failure(code, err, ["optimizer.pt", "No space left on device"], out, None)
+    assert_clean_failure(code, err, [out / "checkpoint", "No space left on device"], out, None)
