@@ -147,9 +147,8 @@ def _as_int_size(value, key: str) -> int | None:
 #   @ecb68d886bf566552271e51f0a0410828438630e, spo/preference_models/models/step_aware_preference_model.py
 #   (``get_preference_score``). It works on [-1, 1] images and maps them with ``(x / 2 + 0.5).clamp(0, 1)``
 #   after the resize; bicubic weights sum to one, so resizing the [0, 1] images spobench's backbones decode
-#   is the same map. One difference lies outside this module: the backbones clamp the decoded image to
-#   [0, 1] before a scorer sees it, the official code clamps after the resize; the two differ only where
-#   the VAE's output leaves [-1, 1].
+#   is the same map, provided the decoded image reaches the SPM unclamped: the pool scorer
+#   (engine/scoring.py) decodes with ``clamp=False`` for "spo" SPMs, and the clamp here follows the resize.
 RESIZE_MODES = ("clip", "spo")
 
 

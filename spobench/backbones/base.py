@@ -224,8 +224,9 @@ class Backbone:
         return sched.timesteps.clone()
 
     # -- latents <-> images ------------------------------------------------------------------
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1], (B, 3, H, W) float32."""
+    def decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Latents -> images in [0, 1], (B, 3, H, W) float32. ``clamp=False`` keeps values the VAE put
+        outside [-1, 1] (mapped to outside [0, 1]) for a scorer that clamps after its own resize."""
         self.counters.vae_decodes += latents.shape[0]
         if self.pixel_space:
             x = latents
@@ -234,7 +235,8 @@ class Backbone:
             if getattr(self.vae.config, "shift_factor", None):
                 z = z + self.vae.config.shift_factor
             x = self.vae.decode(z, return_dict=False)[0]
-        return (x.float() / 2 + 0.5).clamp(0, 1)
+        x = x.float() / 2 + 0.5
+        return x.clamp(0, 1) if clamp else x
 
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [0, 1] (B, 3, H, W) -> latents (a sample of the VAE posterior)."""

@@ -67,6 +67,9 @@ def make_pool_scorer(backbone, step_scorer: StepScorer, prompts: Sequence[str],
     prompts = list(prompts)
 
     counts_itself = getattr(step_scorer, "counters", None) is backbone.counters  # e.g. an SPM given the counters
+    # the official SPO scoring path clamps after its resize (spobench.spm RESIZE_MODES): an imported SPM
+    # gets the decoded x0_hat unclamped; every other scorer (and spobench's own SPMs) a clamped image
+    clamp = (getattr(step_scorer, "preprocess_cfg", None) or {}).get("resize") != "spo"
 
     @torch.no_grad()
     def score(x0_hat: torch.Tensor, t: int, prompt_idx: torch.Tensor) -> torch.Tensor:
@@ -75,7 +78,7 @@ def make_pool_scorer(backbone, step_scorer: StepScorer, prompts: Sequence[str],
         names = [prompts[i] for i in prompt_idx.tolist()]
         parts = []
         for s in range(0, n, step):
-            images = backbone.decode(x0_hat[s:s + step])
+            images = backbone.decode(x0_hat[s:s + step], clamp=clamp)
             if not counts_itself:
                 backbone.counters.reward_image_passes += images.shape[0]
             parts.append(torch.as_tensor(step_scorer(images, int(t), names[s:s + step])).float().reshape(-1).cpu())

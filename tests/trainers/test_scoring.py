@@ -33,6 +33,29 @@ def test_pool_scorer_decodes_maps_prompts_and_counts():
     assert isinstance(rec, StepScorer)
 
 
+def test_an_official_spo_scorer_gets_x0_hat_unclamped():
+    """The official SPO path clamps after its resize (issue 13 part 1): an SPM with resize "spo" sees
+    the decoded image before any clamp; a "clip" SPM and a metric-like scorer see it clamped to [0, 1]."""
+    x0 = torch.linspace(-1.6, 1.6, 4 * 3 * 8 * 8).reshape(4, 3, 8, 8)  # an x0_hat leaving [-1, 1]
+    seen = {}
+    for mode in ("spo", "clip", None):
+        grab = _Grab(mode)
+        make_pool_scorer(FakeBackbone(), grab, ["p"])(x0, 500, torch.zeros(4, dtype=torch.long))
+        seen[mode] = (float(grab.images.min()), float(grab.images.max()))
+    assert seen["spo"] == pytest.approx((-0.3, 1.3), abs=1e-6)
+    assert seen["clip"] == seen[None] == (0.0, 1.0)
+
+
+class _Grab:
+    def __init__(self, mode):
+        if mode:
+            self.preprocess_cfg = {"resize": mode}
+
+    def __call__(self, images, t, prompts):
+        self.images = images
+        return images.mean(dim=(1, 2, 3))
+
+
 def test_a_scorer_that_counts_itself_is_not_counted_twice():
     bb = FakeBackbone()
     rec = _Recorder()
