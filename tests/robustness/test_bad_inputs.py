@@ -146,13 +146,13 @@ def _items():
         "parquet-undecodable-image/dpo": ("slow", lambda f, t: (
             ["train", "diffusion-dpo", "--out", t / "o", *_sets([f"pairs={f / 'undecodable.parquet'}", "rollout_batch=4",
                                                                "train_batch_size=2", "grad_accum=1", "epochs=1"])],
-            [f / "undecodable.parquet", "jpg_1", "cannot decode image"], t / "o")),
+            [f / "undecodable.parquet", "jpg_1", "not an image"], t / "o")),
         "parquet-missing-column/spm": ("slow", lambda f, t: (["train-spm", "--pairs", f / "nocolumn.parquet", "--init",
                                                               _clip(t), "--out", t / "o"],
                                                              [f / "nocolumn.parquet", "jpg_1"], t / "o")),
         "parquet-undecodable-image/spm": ("slow", lambda f, t: (["train-spm", "--pairs", f / "undecodable.parquet", "--init",
                                                                  _clip(t), "--steps", "2", "--batch-size", "2", "--out", t / "o"],
-                                                                [f / "undecodable.parquet", "jpg_1", "cannot decode image"],
+                                                                [f / "undecodable.parquet", "jpg_1", "not an image"],
                                                                 t / "o")),
         "parquet-missing-column/toy-pickscore": ("slow", lambda f, t: (
             ["toy", "pickscore", "--pairs", f / "nocolumn.parquet", "--init", _clip(t), "--out", t / "o"],
@@ -160,7 +160,7 @@ def _items():
         "parquet-undecodable-image/toy-pickscore": ("slow", lambda f, t: (
             ["toy", "pickscore", "--pairs", f / "undecodable.parquet", "--init", _clip(t), "--steps", "2",
              "--batch-size", "2", "--out", t / "o"],
-            [f / "undecodable.parquet", "jpg_1", "cannot decode image"], t / "o")),
+            [f / "undecodable.parquet", "jpg_1", "not an image"], t / "o")),
         # models, LoRAs, checkpoints
         "model-folder-missing-unet": ("sd15", lambda s, t: (["generate", "--backbone", "sd15", "--model", s / "sd15-no-unet",
                                                              "--prompt-set", "tiny-val", "--out", t / "o"],
