@@ -96,7 +96,7 @@ def _all_unusable(c, folder):
 CASES = {
     "broken-jpeg": (_broken_jpeg, ["column jpg_1 row 3", "image"]),
     "garbage-jpeg": (_garbage_jpeg, ["column jpg_0 row 2"]),
-    "png-1x1000000": (_bomb, ["column jpg_0 row 3", "1000000x1"]),
+    "png-1x1000000": (_bomb, ["column jpg_0 row 3", "1000000 x 1"]),
     "missing-column": (_no_label_1, ["label_1"]),
     "truncated-parquet": (_truncated, ["not a readable parquet"]),
     "not-a-parquet": (_not_parquet, ["not a readable parquet"]),
