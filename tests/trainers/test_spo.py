@@ -379,6 +379,11 @@ def test_run_dir_policy(tmp_path):
     with pytest.raises(InputError, match="not empty; pass --resume"):
         check_run_dir(tmp_path / "old", resume=False, overwrite=False)
     check_run_dir(tmp_path / "old", resume=True, overwrite=False)
+    with pytest.raises(InputError, match="--overwrite refused: this folder was not made by spobench"):
+        check_run_dir(tmp_path / "old", resume=False, overwrite=True)  # issue 14: only spobench's own folders
+    from spobench.outdir import write_marker
+
+    write_marker(tmp_path / "old", "train spo")
     check_run_dir(tmp_path / "old", resume=False, overwrite=True)
 
 
