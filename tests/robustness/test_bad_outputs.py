@@ -294,17 +294,23 @@ def test_read_only_file_system_mid_write_is_one_line_and_leaves_nothing(tmp_path
     assert not [p for p in out.rglob("*.tmp")]
 
 
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name an fd's file")
-@slow
-def test_disk_full_in_the_first_checkpoint_leaves_no_run_folder(tmp_path, capsys, monkeypatch):
+def _disk_full_when_writing(monkeypatch, name_part: str) -> None:
+    """ENOSPC from fsync for the temp file whose name contains ``name_part`` (atomic writes fsync before
+    the rename), the rest of the file system untouched."""
     real = os.fsync
 
     def fsync(fd):
-        if ".checkpoint-000001." in os.readlink(f"/proc/self/fd/{fd}"):
+        if name_part in os.readlink(f"/proc/self/fd/{fd}"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name an fd's file")
+@slow
+def test_disk_full_in_the_first_checkpoint_leaves_no_run_folder(tmp_path, capsys, monkeypatch):
+    _disk_full_when_writing(monkeypatch, ".checkpoint-000001.")
     out = tmp_path / "run"
     code, err = _main(capsys, "train", "spo", "--out", out, *_sets(TRAIN))
     assert_clean_failure(code, err, [out / "checkpoints" / "checkpoint-000001", "No space left on device"], out, None)
@@ -322,6 +328,7 @@ def test_identical_runs_write_byte_identical_lora_files(spo_run, tmp_path):
         assert a == b, rel
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name an fd's file")
 @slow
 def test_disk_full_in_the_spm_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
     """train-spm's optimizer state goes through io.save_torch: torch.save given a path reported a full
@@ -330,14 +337,7 @@ def test_disk_full_in_the_spm_checkpoint_is_one_line(tmp_path, capsys, monkeypat
 
     make_dataset(tmp_path / "data", n_pairs=8, seed=0)
     pairs = next((tmp_path / "data").rglob("*.parquet"))
-    real = os.fsync
-
-    def fsync(fd):
-        if ".optimizer.pt." in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    _disk_full_when_writing(monkeypatch, ".optimizer.pt.")
     out = tmp_path / "spm-run"
     code, err = _main(capsys, "train-spm", "--pairs", pairs, "--backbone", "tiny", "--steps", "2", "--batch-size",
                       "2", "--out", out)
