@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from spobench.backbones.tiny import TinyBackbone
+from spobench.models.backbones.tiny import TinyBackbone
 torch.manual_seed(0)
 bb = TinyBackbone.load()
 params = bb.add_lora(rank=4)

@@ -9,7 +9,7 @@ call over B*k rows - never k separate calls.
 import pytest
 import torch
 
-from spobench.backbones.tiny import TinyBackbone
+from spobench.models.backbones.tiny import TinyBackbone
 from spobench.engine.ddim import step_distribution
 from spobench.engine.rollout import PoolConfig, RolloutEngine, SamplerConfig, make_generators, randn
 

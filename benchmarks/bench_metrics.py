@@ -236,7 +236,7 @@ def format_table(table: dict) -> str:
 def test_flops_per_image(benchmark, capsys):
     table = benchmark.pedantic(flops_table, rounds=1, iterations=1)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    from spobench.io import atomic_write_json
+    from spobench.core.io import atomic_write_json
 
     atomic_write_json(RESULTS / "metric_flops.json", table)
     for name, r in table["metrics"].items():

@@ -5,7 +5,7 @@ Run (not CI; a few minutes)::
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_pickapic.py            # ~2 GB, 512 px JPEGs
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_pickapic.py --gb 0.5   # a smaller set
 
-1. Writes a synthetic shard set in the published schema (``spobench.pairs_data.write_shard``) under
+1. Writes a synthetic shard set in the published schema (``spobench.data.pairs.write_shard``) under
    /tmp: ``--shards`` shards of ``--gb / --shards`` GB, 100-row row groups (what Hugging Face's writer
    uses for binary data), real 512 x 512 JPEG bytes (smooth colour fields plus noise, quality 90, so
    a JPEG is ~100-200 KB as SD samples are; a pool of distinct images reused across rows, written
@@ -64,7 +64,7 @@ def write_set(folder: Path, gb: float, shards: int, px: int, pool: int = 48) -> 
 
     import pyarrow.parquet as pq
 
-    from spobench.pairs_data import pickapic_schema, shard_table
+    from spobench.data.pairs import pickapic_schema, shard_table
 
     images = _jpegs(pool, px, 0)
     per_row = 2 * float(np.mean([len(b) for b in images]))
@@ -93,7 +93,7 @@ def write_set(folder: Path, gb: float, shards: int, px: int, pool: int = 48) -> 
 
 def stream(folder: str, mode: str, limit: int = 0, batch: int = 8, resolution: int = 512) -> dict:
     """One epoch through the reader in this process; returns rows/s and this process's peak RSS."""
-    from spobench.pairs_data import BatchOrder, PairTable
+    from spobench.data.pairs import BatchOrder, PairTable
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
@@ -135,7 +135,7 @@ def main() -> None:
         print(json.dumps(stream(folder, mode, int(limit))))
         return
 
-    from spobench.io import provenance
+    from spobench.core.io import provenance
 
     command = "OMP_NUM_THREADS=%s python benchmarks/bench_pickapic.py %s" % (
         os.environ.get("OMP_NUM_THREADS", ""), " ".join(sys.argv[1:]))

@@ -470,7 +470,7 @@ def format_results(res: dict) -> str:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from spobench.io import cpu_name
+    from spobench.core.io import cpu_name
 
     return cpu_name()
 

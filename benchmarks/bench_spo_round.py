@@ -62,7 +62,7 @@ from pathlib import Path
 
 import torch
 
-from spobench.counters import Counters
+from spobench.core.counters import Counters
 from spobench.engine.ddim import predict_x0, step_distribution
 from spobench.engine.rollout import randint, randn
 from spobench.trainers.spo import PairItem, SPOTrainer
@@ -89,8 +89,8 @@ class Setup:
 def build(n_prompts: int, b: int, k: int, *, num_steps: int = 20, kappa: int = 750, train_batch: int = 10,
           compile: bool = False,
           random_base: bool = False, lora_perturb: float = 0.1, seed: int = 0) -> Setup:
-    from spobench.backbones.tiny import PRETRAINED_DIR, TinyBackbone, tiny_tokenizer
-    from spobench.spm import StepAwarePreferenceModel, make_tiny_clip_folder
+    from spobench.models.backbones.tiny import PRETRAINED_DIR, TinyBackbone, tiny_tokenizer
+    from spobench.models.spm import StepAwarePreferenceModel, make_tiny_clip_folder
     from spobench.trainers.base import load_prompts
 
     torch.manual_seed(seed)
@@ -553,7 +553,7 @@ def _summarise(figs: list[dict]) -> dict:
 
 
 def _cpu() -> str:
-    from spobench.io import cpu_name
+    from spobench.core.io import cpu_name
 
     return cpu_name()
 

@@ -19,7 +19,7 @@
 (b) The tiny headline recipe (``spobench reproduce headline``) on the GPU, with whatever time is left.
 
 ``--dry-run``: the same code at test sizes on the CPU (fp32, 4 steps, 1 prompt, k = 2, tiny widths), in
-seconds, and (b) only planned; tests/test_gpu_check.py runs it.
+seconds, and (b) only planned; tests/benchmarks/test_gpu_check.py runs it.
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ def build_backbone(name: str, device, dry: bool, tokdir: Path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from spobench.backbones import testing
-    from spobench.backbones.sd import SD15Backbone, SDXLBackbone
+    from spobench.models.backbones import testing
+    from spobench.models.backbones.sd import SD15Backbone, SDXLBackbone
 
     bench, rw = _load("_bench_real_size", HERE / "bench_real_size.py"), _load("_real_world", HERE / "real_world.py")
     c = bench.configs(name, 8 if dry else 1, tiny_widths=dry)
@@ -134,7 +134,7 @@ def build_backbone(name: str, device, dry: bool, tokdir: Path):
 def build_spm(device, dtype, dry: bool, tokdir: Path):
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    from spobench.spm import StepAwarePreferenceModel, read_preprocess
+    from spobench.models.spm import StepAwarePreferenceModel, read_preprocess
 
     rw = _load("_real_world", HERE / "real_world.py")
     text, vision = dict(rw.PICK_TEXT), dict(rw.PICK_VISION)
@@ -279,7 +279,7 @@ def headline(args, device, left_s: float, tmp: Path) -> dict:
             device.type, "--out", str(out)]
     res = {"command": " ".join(argv[2:]).replace("spobench.cli", "spobench", 1), "budget_s": round(left_s, 1)}
     if args.dry_run:
-        from spobench.recipe import load_recipe, recipe_files
+        from spobench.reproduce.recipe import load_recipe, recipe_files
 
         recipe = load_recipe(recipe_files()["headline"])
         res.update(ran=False, why="dry run: planned only", cells=sorted(recipe.cells))

@@ -2,7 +2,7 @@
 # Issue 13 part 5: ONE prepared command for a lent H100/H200, at most 8 minutes (benchmarks/gpu_check.py).
 #
 #   bash benchmarks/gpu_check.sh              # (a) real-size SPO (SD-1.5) / MSPO (SDXL) rounds, bf16; (b) tiny headline
-#   bash benchmarks/gpu_check.sh --dry-run    # the same code at test sizes on the CPU, seconds (tests/test_gpu_check.py)
+#   bash benchmarks/gpu_check.sh --dry-run    # the same code at test sizes on the CPU, seconds (tests/benchmarks/test_gpu_check.py)
 #
 # Writes benchmarks/results/gpu_check.json (dry run: gpu_check-dry-run.json) and, on the device machine, a copy
 # in $OUT. Python: $PYTHON, else .venv/bin/python when it sees CUDA (or for --dry-run), else python3. The H200

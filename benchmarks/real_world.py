@@ -149,10 +149,10 @@ def _text_config(spec: dict, vocab_size: int, with_projection: bool = False):
 # -- the diffusers folders -------------------------------------------------------------------------------
 def _model_index(backbone: str, folder: Path) -> None:
     """model_index.json exactly as diffusers' pipeline writes it (taken from the tiny stand-in of the
-    same pipeline class, spobench.backbones.testing), so that the layout is the published one."""
+    same pipeline class, spobench.models.backbones.testing), so that the layout is the published one."""
     import tempfile
 
-    from spobench.backbones import testing
+    from spobench.models.backbones import testing
 
     with tempfile.TemporaryDirectory() as tmp:
         make = testing.make_sd15_folder if backbone == "sd15" else testing.make_sdxl_folder
@@ -172,7 +172,7 @@ def build_backbone(backbone: str, folder: Path, tiny: bool) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from spobench.backbones import testing
+    from spobench.models.backbones import testing
 
     b = bench()
     c = b.configs(backbone, 8 if tiny else 1, tiny_widths=tiny)
@@ -235,7 +235,7 @@ def _clip_model(text: dict, vision: dict, folder: Path, tiny: bool) -> int:
 
 def build_pickscore_and_spm(work: Path, tiny: bool) -> dict:
     from spobench.metrics import pickscore
-    from spobench.spm import StepAwarePreferenceModel
+    from spobench.models.spm import StepAwarePreferenceModel
 
     root = work / "metrics" / "pickscore"
     n = _clip_model(PICK_TEXT, PICK_VISION, root / pickscore.MODEL_DIR, tiny)
@@ -399,7 +399,7 @@ def cli_steps(part: str, work: Path, args) -> list[tuple[str, list[str]]]:
 
 def build_spm_official(work: Path, tiny: bool) -> dict:
     """``metrics/spm-official.bin``: a step-aware preference model in the official checkpoint's layout
-    (issue 13 part 1) around the PickScore CLIP built above - the writer of tests/test_spm_official.py
+    (issue 13 part 1) around the PickScore CLIP built above - the writer of tests/models/test_spm_official.py
     (random, non-zero modulation weights, gate biases near the official init of 1) - plus the two
     ``position_ids`` buffers transformers 4.27 saved, at this CLIP's sizes."""
     import torch
@@ -420,7 +420,7 @@ def build_spm_official(work: Path, tiny: bool) -> dict:
     return {"spm_official_params": n, "bytes": file.stat().st_size}
 
 
-# the hub ids of recipes/table2.toml [released]
+# the hub ids of spobench/recipes/table2.toml [released]
 SD15_HUB = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DPO_SD15_HUB = "mhdang/dpo-sd1.5-text2image-v1"
 SPO_SD15_HUB = "SPO-Diffusion-Models/SPO-SD-v1-5_4k-p_10ep_LoRA"
@@ -428,7 +428,7 @@ SPO_SD15_HUB = "SPO-Diffusion-Models/SPO-SD-v1-5_4k-p_10ep_LoRA"
 
 def _hub_link(cache: Path, repo_id: str, folder: Path, commit: str = "0" * 40) -> None:
     """``folder`` as huggingface_hub's cache holds a downloaded repo (``models--org--name/snapshots/<commit>``
-    and ``refs/main``, as ``spobench.backbones.testing.fake_hub_cache`` lays it out), the snapshot a
+    and ``refs/main``, as ``spobench.models.backbones.testing.fake_hub_cache`` lays it out), the snapshot a
     symlink to ``folder`` (the hub's snapshots are symlinks too): a 4 GB model is not copied."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     (repo / "snapshots").mkdir(parents=True, exist_ok=True)
@@ -445,8 +445,8 @@ def build_released(work: Path, tiny: bool) -> dict:
     full size): the released UNet-only Diffusion-DPO (``unet/`` layout) and the SPO LoRA
     (``save_lora_weights`` keys) as random weights of ``sd15/``'s shapes, all three under their hub ids in
     ``hf/``, Pick-a-Pic's validation_unique parquet in ``data/pickapic/``."""
-    from spobench.backbones import load_backbone
-    from spobench.backbones.testing import make_lora_file, make_unet_folder
+    from spobench.models.backbones import load_backbone
+    from spobench.models.backbones.testing import make_lora_file, make_unet_folder
 
     sys.path.insert(0, str(ROOT / "tests"))
     world = _load("_released_world", ROOT / "tests" / "released_world.py")
@@ -458,7 +458,7 @@ def build_released(work: Path, tiny: bool) -> dict:
     for repo_id, folder in ((SD15_HUB, base), (DPO_SD15_HUB, dpo), (SPO_SD15_HUB, lora.parent)):
         _hub_link(work / "hf", repo_id, folder)
     world.pickapic(work / "data")
-    if tiny:  # the shipped recipe, sampled at the --tiny images' size (as tests/recipes/test_released.py does)
+    if tiny:  # the shipped recipe, sampled at the --tiny images' size (as tests/reproduce/test_released.py does)
         text = (ROOT / "recipes" / "table2.toml").read_text() + "\n[released.generate]\nresolution = 64\n"
         (rel / "table2.toml").write_text(text)
     return {"lora_bytes": lora.stat().st_size, "hub": [SD15_HUB, DPO_SD15_HUB, SPO_SD15_HUB]}

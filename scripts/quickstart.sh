@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the tiny default, from a fresh clone: set up, then the tiny world's headline comparison
-# (recipes/headline.toml): base vs SPO vs Diffusion-DPO from the shipped tiny base model, trained,
+# (spobench/recipes/headline.toml): base vs SPO vs Diffusion-DPO from the shipped tiny base model, trained,
 # generated with fixed seeds and scored with four metric columns; the report (report.md, report.html,
 # grid.png, plots) lands in runs/headline. Rerunning reuses finished cells (--resume).
 set -euo pipefail

@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from spobench.checks import SEED_MAX
-from spobench.errors import InputError, SpobenchError
+from spobench.core.checks import SEED_MAX
+from spobench.core.errors import InputError, SpobenchError
 
 app = typer.Typer(
     name="spobench",
@@ -43,7 +43,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def _registry(kind: Kind):
-    from spobench import catalog
+    from spobench.core import catalog
 
     return {
         Kind.trainers: catalog.TRAINERS,
@@ -81,16 +81,16 @@ def _number(*, min: float | None = None, max: float | None = None, gt: float | N
     """A typer callback: the option's number must be finite and within the bounds (one `error:` line
     naming the flag; click's own range errors are a usage box, and it lets nan and inf through)."""
     def check(ctx, param, value):
-        from spobench.checks import check_number
+        from spobench.core.checks import check_number
 
         return value if value is None else check_number(_flag(param), value, min=min, max=max, gt=gt, lt=lt)
     return check
 
 
 def _device(allow_auto: bool = False):
-    """A typer callback: a device this machine has (spobench.checks.parse_device)."""
+    """A typer callback: a device this machine has (spobench.core.checks.parse_device)."""
     def check(ctx, param, value):
-        from spobench.checks import parse_device
+        from spobench.core.checks import parse_device
 
         return parse_device(value, _flag(param), allow_auto=allow_auto)
     return check
@@ -101,14 +101,14 @@ _COUNT = _number(min=1)
 
 
 def _tiny_clip_shape(hidden: int, patch: int) -> None:
-    from spobench.checks import tiny_clip_problem
+    from spobench.core.checks import tiny_clip_problem
 
     for name, problem in tiny_clip_problem(hidden=hidden, patch=patch):
         raise InputError(f"--{name} {problem}")
 
 
 def _load_prompts(prompts: Optional[Path], prompt_set: Optional[str], limit: Optional[int]) -> list[str]:
-    from spobench import catalog
+    from spobench.core import catalog
 
     if prompts is None and prompt_set is None:
         raise InputError("give --prompts FILE or --prompt-set NAME (see `spobench ls prompt-sets`)")
@@ -126,7 +126,7 @@ def _backbone(name: str, model: Optional[str], device: str, dtype: str, lora: Op
               unet: Optional[str] = None, vae: Optional[str] = None):
     import torch
 
-    from spobench.backbones import load_backbone
+    from spobench.models.backbones import load_backbone
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in dtypes:
@@ -166,10 +166,10 @@ def generate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
     from spobench.engine.rollout import SamplerConfig
-    from spobench.generate import generate as run
+    from spobench.eval.generate import generate as run
 
-    from spobench import outdir
-    from spobench.generate import check_resume, plan
+    from spobench.core import outdir
+    from spobench.eval.generate import check_resume, plan
 
     items = _load_prompts(prompts, prompt_set, limit)
     outdir.check(out, resume=resume, overwrite=overwrite)  # before minutes of model loading
@@ -201,7 +201,7 @@ def train(
                                   "meaning) and exit."),
 ):
     """Post-train a backbone with a registered trainer (LoRA; checkpoints are resumable)."""
-    from spobench import catalog
+    from spobench.core import catalog
 
     cls = catalog.TRAINERS.get(trainer)
     if settings:
@@ -225,11 +225,11 @@ def eval_(
 ):
     """Score images with metric plugins (per-image scores, means, bootstrap 95% CIs), or with
     --compare A B, pair two evaluated runs by prompt and seed and report win rates with CIs."""
-    from spobench import catalog
+    from spobench.core import catalog
 
     names = [m.strip() for m in (metrics or "").split(",") if m.strip()]
     if compare is not None:
-        from spobench.compare import compare_results
+        from spobench.eval.compare import compare_results
 
         extra = [flag for flag, given in (("--images", images is not None), ("--weights", weights)) if given]
         if extra:  # they would be ignored: compare reads only the two results files
@@ -242,7 +242,7 @@ def eval_(
     classes = {n: catalog.METRICS.get(n) for n in names}  # unknown / planned names fail here, before work
     if images is None:
         raise InputError("give --images DIR (a folder written by `spobench generate`)")
-    from spobench.evaluate import evaluate_folder, parse_weights
+    from spobench.eval.evaluate import evaluate_folder, parse_weights
 
     result = evaluate_folder(images, classes, out=out, weights=parse_weights(weights), device=device)
     table = Table(title="results", show_edge=False)
@@ -282,7 +282,7 @@ def reproduce(
 
     Everything a run needs (trainers, backbone and metric weights, inputs, prompt sets) is checked
     before any work starts."""
-    from spobench.reproduce import reproduce as run
+    from spobench.reproduce.runner import reproduce as run
 
     only = [c.strip() for c in cells.split(",") if c.strip()] if cells else None
     data = run(recipe, backbone=backbone, out=out, resume=resume, device=device, cells=only, console=err_console,
@@ -296,7 +296,7 @@ def reproduce(
         table.add_row(c["label"], *[f"{c['metrics'][m]['mean']:.4f}" if m in c["metrics"] else "-"
                                     for m in data["metrics"]])
     console.print(table)
-    from spobench.report import paper_comparison_table
+    from spobench.eval.report import paper_comparison_table
 
     versus = paper_comparison_table(data)
     if versus:  # the paper's rows beside ours, with the difference and its CI
@@ -336,10 +336,10 @@ def train_spm_cmd(
 ):
     """Train the step-aware preference model (paper Sec. 4.2) on Pick-a-Pic-format pairs and report
     held-out pair accuracy at t = 0, 250, 500, 750, 950."""
-    from spobench import spm_train
-    from spobench.errors import MissingWeightsError
-    from spobench.spm import HOW_TO_GET
-    from spobench.spm_train import METRICS, SPMTrainConfig, default_init, train_spm
+    from spobench.trainers import spm as spm_train
+    from spobench.core.errors import MissingWeightsError
+    from spobench.models.spm import HOW_TO_GET
+    from spobench.trainers.spm import METRICS, SPMTrainConfig, default_init, train_spm
 
     config = SPMTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, no_step=no_step,
                             time_lr_mult=time_lr_mult, val_pairs=str(val_pairs) if val_pairs else None,
@@ -381,9 +381,10 @@ def eval_spm_cmd(
 ):
     """Pair accuracy of preference models per timestep on the same held-out pairs and noise, with each
     model's paired difference to the first (bootstrap 95% CI over captions, McNemar's exact test)."""
-    from spobench import outdir, spm_train
-    from spobench.io import atomic_write_json
-    from spobench.spm_eval import compare_spms
+    from spobench.core import outdir
+    from spobench.trainers import spm as spm_train
+    from spobench.core.io import atomic_write_json
+    from spobench.eval.spm_eval import compare_spms
 
     if out is not None:
         outdir.check_file(out)  # before the scoring, whose result would be lost
@@ -442,7 +443,7 @@ def spm_import(
 ):
     """Import an official SPO step-aware preference model (SPO-Diffusion-Models/Step-Aware_Preference_Models)
     unchanged into an spobench SPM folder; it scores with the official input path."""
-    from spobench.spm_official import import_official
+    from spobench.models.spm_official import import_official
 
     folder = import_official(checkpoint, clip, out, processor=processor, overwrite=overwrite)
     console.print(f"wrote {folder} (official step-aware preference model; use it as --set scorer={folder})")
@@ -468,8 +469,8 @@ def toy_pretrain(
     to <out>/model that `--backbone tiny --model <out>/model` loads."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from spobench.backbones.tiny import TinyBackbone
-    from spobench import outdir
+    from spobench.models.backbones.tiny import TinyBackbone
+    from spobench.core import outdir
     from spobench.toyworld.pretrain import PretrainConfig, Pretrainer, toy_batch
 
     cfg = PretrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every)
@@ -499,7 +500,7 @@ def toy_data(
 ):
     """Write the tiny world's generic preference data in Pick-a-Pic's format (pairs.parquet), the
     training prompt list in the official 4k file's format and the 500 validation prompts."""
-    from spobench import outdir
+    from spobench.core import outdir
     from spobench.toyworld.pairs import backbone_generator, make_dataset
 
     outdir.check(out, overwrite=overwrite, resumable=False)
@@ -530,9 +531,9 @@ def toy_clip(
     """Write a randomly initialised tiny CLIP (the tiny backbone's tokenizer) as the starting point of
     the tiny world's preference models: `spobench train-spm --backbone tiny --init <out>`."""
     _tiny_clip_shape(hidden, patch)  # before the imports: transformers takes seconds to load
-    from spobench.backbones.tiny import tiny_tokenizer
-    from spobench import outdir
-    from spobench.spm import make_tiny_clip_folder
+    from spobench.models.backbones.tiny import tiny_tokenizer
+    from spobench.core import outdir
+    from spobench.models.spm import make_tiny_clip_folder
 
     with outdir.claim(out, command="toy clip", overwrite=overwrite, resumable=False):
         make_tiny_clip_folder(out, seed=seed, image_size=32, patch_size=patch, hidden=hidden, layers=layers,

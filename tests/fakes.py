@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler
 
-from spobench.backbones.base import Backbone, BackboneDefaults, Conditioning
+from spobench.models.backbones.base import Backbone, BackboneDefaults, Conditioning
 
 
 class _FakeUNet(torch.nn.Module):

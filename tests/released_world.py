@@ -17,11 +17,11 @@ CAPTIONS = ["a red cat", "a photo of a blue car", "the green tree on a painting"
 
 
 def hf_cache(root: Path, backbone: str) -> Path:
-    """The released checkpoints of recipes/table1.toml (sdxl) or table2.toml (sd15) [released], in a
+    """The released checkpoints of spobench/recipes/table1.toml (sdxl) or table2.toml (sd15) [released], in a
     hub cache at ``root``. SD-1.5's SPO LoRA uses save_lora_weights' current key names, SDXL's the
     older attention-processor ones (both are published layouts)."""
-    from spobench.backbones import load_backbone
-    from spobench.backbones.testing import (
+    from spobench.models.backbones import load_backbone
+    from spobench.models.backbones.testing import (
         fake_hub_cache,
         make_lora_file,
         make_sd15_folder,

@@ -72,7 +72,7 @@ class NoiseSchedule:
     def check_log_probs(self, where: str = "the model") -> None:
         """Refuse a schedule whose last step has no log-probability (see the module docstring)."""
         if self.last_step_deterministic:
-            from spobench.errors import ModelLoadError
+            from spobench.core.errors import ModelLoadError
 
             raise ModelLoadError(
                 f"{where}: scheduler set_alpha_to_one = true makes the last DDIM step deterministic "

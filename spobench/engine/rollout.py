@@ -41,7 +41,7 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from spobench.backbones.base import Backbone, Conditioning
+from spobench.models.backbones.base import Backbone, Conditioning
 from spobench.engine.ddim import NoiseSchedule, Reduction, predict_x0, step_distribution
 
 Generators = Sequence[torch.Generator]

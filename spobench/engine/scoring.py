@@ -2,7 +2,7 @@
 
 A :class:`StepScorer` scores images (the decoded x0_hat of noisy candidates, or x_0 itself at the
 last step) at the timestep the candidates sit at. The step-aware preference model (SPM, paper
-Sec. 4.2, ``spobench/spm.py``) is one; :class:`MetricScorer` turns any metric plugin into one that
+Sec. 4.2, ``spobench/models/spm.py``) is one; :class:`MetricScorer` turns any metric plugin into one that
 ignores t (the paper's Table 5 "PickScore" row, or an oracle such as ``toy_aesthetic`` in the tiny
 world).
 
@@ -39,7 +39,7 @@ def to_pil(images: torch.Tensor) -> list:
 
 
 class MetricScorer:
-    """A metric plugin (``metrics/base.py``: ``score(list[PIL], prompts) -> MetricOutput``) used as a
+    """A metric plugin (``spobench/metrics/base.py``: ``score(list[PIL], prompts) -> MetricOutput``) used as a
     step scorer. It ignores ``t``: the metric judges x0_hat as if it were a clean image."""
 
     def __init__(self, metric):
@@ -67,7 +67,7 @@ def make_pool_scorer(backbone, step_scorer: StepScorer, prompts: Sequence[str],
     prompts = list(prompts)
 
     counts_itself = getattr(step_scorer, "counters", None) is backbone.counters  # e.g. an SPM given the counters
-    # the official SPO scoring path clamps after its resize (spobench.spm RESIZE_MODES): an imported SPM
+    # the official SPO scoring path clamps after its resize (spobench.models.spm RESIZE_MODES): an imported SPM
     # gets the decoded x0_hat unclamped; every other scorer (and spobench's own SPMs) a clamped image
     clamp = (getattr(step_scorer, "preprocess_cfg", None) or {}).get("resize") != "spo"
 
@@ -96,10 +96,10 @@ def load_step_scorer(spec: str, device="cpu", counters=None, dtype=None) -> Step
     with ``spobench spm import``). ``counters`` (the backbone's)
     lets an SPM count its own image and text passes. ``dtype``: the SPM's weights (a frozen part,
     like the backbone's: a trainer passes its ``dtype`` setting); metrics keep their own."""
-    from spobench.errors import InputError
+    from spobench.core.errors import InputError
 
     if spec.startswith("metric:"):
-        from spobench.catalog import METRICS
+        from spobench.core.catalog import METRICS
 
         name = spec.removeprefix("metric:")
         metric = METRICS.get(name)(device=str(device))
@@ -109,10 +109,10 @@ def load_step_scorer(spec: str, device="cpu", counters=None, dtype=None) -> Step
     if not Path(spec).exists():
         raise InputError(f"setting 'scorer': {spec!r} is neither 'metric:<name>' nor an existing SPM folder")
     if not Path(spec).is_dir():
-        from spobench.spm_official import import_hint
+        from spobench.models.spm_official import import_hint
 
         raise InputError(f"setting 'scorer': {import_hint(spec)}")
-    from spobench.spm import StepAwarePreferenceModel
+    from spobench.models.spm import StepAwarePreferenceModel
 
     spm = StepAwarePreferenceModel.load(spec).to(device=device, dtype=dtype).eval().requires_grad_(False)
     if counters is not None:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spobench.io import atomic_file, atomic_write_json, atomic_write_text
+from spobench.core.io import atomic_file, atomic_write_json, atomic_write_text
 from spobench.toyworld import grammar, oracle
 from spobench.toyworld.render import Knobs, perturb_scene, render
 
@@ -284,7 +284,7 @@ def backbone_generator(backbone, num_steps: int = 20, guidance_scale: float = 5.
     import torch
 
     from spobench.engine.rollout import RolloutEngine, SamplerConfig, make_generators
-    from spobench.generate import to_uint8
+    from spobench.eval.generate import to_uint8
 
     engine = RolloutEngine(backbone, SamplerConfig(num_steps=num_steps, guidance_scale=guidance_scale, eta=0.0))
 

@@ -7,7 +7,7 @@ parquet, not noised or denoised ones): for each pair (caption, jpg_0, jpg_1, lab
     loss = cross-entropy(softmax(s_0, s_1), (label_0, label_1))           (ties are 0.5 / 0.5)
 
 Everything but the loop is shared with the step-aware preference model's trainer
-(:mod:`spobench.spm_train`) and model (:mod:`spobench.spm`): the pairs reader (:class:`PairTable`),
+(:mod:`spobench.trainers.spm`) and model (:mod:`spobench.models.spm`): the pairs reader (:class:`PairTable`),
 the caption-hash held-out split (:func:`split_rows`), the data order (:class:`BatchOrder`), the loss
 (:func:`pair_loss`), and the scorer itself, a :class:`StepAwarePreferenceModel` without time
 conditioning (tokenizer, torch CLIP preprocessing, ``logit_scale.exp() * cos``). The result is a
@@ -64,7 +64,7 @@ class ToyPickScoreConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ToyPickScoreConfig":
-        from spobench.spm_train import coerce_config
+        from spobench.trainers.spm import coerce_config
 
         return coerce_config(cls, d, "toy_pickscore training")
 
@@ -72,8 +72,8 @@ class ToyPickScoreConfig:
 # -- model ----------------------------------------------------------------------------------------
 def random_tiny_clip(folder: str | Path, config: ToyPickScoreConfig) -> Path:
     """A random tiny CLIP as `spobench toy clip` writes it (the tiny backbone's tokenizer)."""
-    from spobench.backbones.tiny import tiny_tokenizer
-    from spobench.spm import make_tiny_clip_folder
+    from spobench.models.backbones.tiny import tiny_tokenizer
+    from spobench.models.spm import make_tiny_clip_folder
 
     return make_tiny_clip_folder(folder, seed=config.seed, image_size=RESOLUTION, patch_size=config.patch,
                                  hidden=config.hidden, layers=config.layers, heads=4, projection_dim=32,
@@ -83,7 +83,7 @@ def random_tiny_clip(folder: str | Path, config: ToyPickScoreConfig) -> Path:
 def load_scorer(init: str | Path | None, config: ToyPickScoreConfig):
     """The scorer to train: a time-free :class:`StepAwarePreferenceModel` around the CLIP of ``init``
     (a CLIP folder, or an SPM folder trained with --no-step), or around a random tiny CLIP."""
-    from spobench.spm_train import SPMTrainConfig, load_init
+    from spobench.trainers.spm import SPMTrainConfig, load_init
 
     spm_cfg = SPMTrainConfig(no_step=True)
     if init is not None:
@@ -95,8 +95,8 @@ def load_scorer(init: str | Path | None, config: ToyPickScoreConfig):
 def save_clip_folder(model, folder: str | Path, info: dict | None = None) -> Path:
     """Write the scorer's CLIP as a standard CLIPModel folder (safetensors, tokenizer,
     preprocessor_config.json, and ``info`` as toy_pickscore.json) - atomically."""
-    from spobench.io import atomic_dir
-    from spobench.spm import write_preprocessor_config
+    from spobench.core.io import atomic_dir
+    from spobench.models.spm import write_preprocessor_config
 
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
@@ -174,7 +174,7 @@ def evaluate(model, pairs, rows: Sequence[int], images: PairImages, columns: dic
              batch_size: int = 128) -> dict:
     """Held-out pair accuracy of ``model`` on ``rows`` against the generic label (ties excluded,
     as ``accuracy``) and the oracle labels the parquet has; plus the mean PickScore loss (ties in)."""
-    from spobench.spm_train import pair_loss
+    from spobench.trainers.spm import pair_loss
     from spobench.toyworld.pairs import LabelModel
 
     rows = list(rows)
@@ -221,8 +221,8 @@ def train_toy_pickscore(pairs_path: str | Path, out: str | Path, config: ToyPick
     """Train the tiny world's PickScore; writes ``out/model/`` (a CLIPModel folder), ``log.jsonl`` and
     ``metrics.json`` (held-out accuracy before and after training) and returns the metrics.
     ``command``: the command line that ran this, recorded with the results. ``out`` is claimed
-    (``spobench.outdir``) for the whole run; a run that fails leaves nothing."""
-    from spobench import outdir
+    (``spobench.core.outdir``) for the whole run; a run that fails leaves nothing."""
+    from spobench.core import outdir
 
     with outdir.claim(out, command="toy pickscore", overwrite=overwrite, resumable=False):
         return _train_toy_pickscore(pairs_path, out, config, init=init, command=command, progress=progress)
@@ -231,8 +231,8 @@ def train_toy_pickscore(pairs_path: str | Path, out: str | Path, config: ToyPick
 def _train_toy_pickscore(pairs_path: str | Path, out: str | Path, config: ToyPickScoreConfig | dict | None = None,
                          *, init: str | Path | None = None, command: str | None = None,
                          progress: Callable[[dict], None] | None = None) -> dict:
-    from spobench.io import atomic_write_json, provenance
-    from spobench.spm_train import BatchOrder, PairTable, coerce_config, pair_loss, split_rows
+    from spobench.core.io import atomic_write_json, provenance
+    from spobench.trainers.spm import BatchOrder, PairTable, coerce_config, pair_loss, split_rows
 
     config = coerce_config(ToyPickScoreConfig, config, "toy_pickscore training")
     out = Path(out)

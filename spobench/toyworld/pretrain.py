@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from spobench.io import atomic_dir, atomic_write_json, save_torch
+from spobench.core.io import atomic_dir, atomic_write_json, save_torch
 
 # (seed, step, batch_size) -> (prompts, uint8 images (B, H, W, 3))
 BatchFn = Callable[[int, int, int], tuple[list[str], np.ndarray]]
@@ -83,7 +83,7 @@ class Pretrainer:
 
     def _encode_with_grad(self, prompts: list[str]):
         """The backbone's prompt encoding, but with grad: pretraining trains the text encoder too."""
-        from spobench.backbones.base import Conditioning
+        from spobench.models.backbones.base import Conditioning
 
         ids = self.bb._token_ids(self.bb.tokenizer, prompts)
         return Conditioning(self.bb.text_encoder(ids, return_dict=True).last_hidden_state)

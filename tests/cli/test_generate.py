@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spobench.backbones.testing import make_tiny_folder
+from spobench.models.backbones.testing import make_tiny_folder
 from clitools import run
 
 

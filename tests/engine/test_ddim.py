@@ -101,7 +101,7 @@ def test_set_alpha_to_one_makes_the_last_log_prob_non_finite():
 
 def test_set_alpha_to_one_is_refused_where_log_probs_are_needed_and_sampled_where_not():
     from spobench.engine.rollout import PoolConfig, RolloutEngine, SamplerConfig, make_generators
-    from spobench.errors import ModelLoadError
+    from spobench.core.errors import ModelLoadError
 
     eng = RolloutEngine(_alpha_to_one_backbone(), SamplerConfig(num_steps=4, eta=1.0))
     gens = make_generators([0])

@@ -13,7 +13,7 @@ import clip_fixtures as cf
 from spobench.metrics import aesthetic
 from spobench.metrics.clip_common import combined_sha256, resize_center_crop
 
-from spobench.errors import MissingWeightsError, ModelLoadError
+from spobench.core.errors import MissingWeightsError, ModelLoadError
 
 
 @pytest.fixture

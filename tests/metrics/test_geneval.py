@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from spobench.errors import InputError, MissingWeightsError, ModelLoadError
+from spobench.core.errors import InputError, MissingWeightsError, ModelLoadError
 from spobench.metrics import geneval_rules as gr
 from spobench.metrics.geneval_rules import Detection
 
@@ -49,7 +49,7 @@ def test_metadata_is_genevals_553_prompts():
 
 
 def test_catalog_points_at_the_loaders():
-    from spobench import catalog
+    from spobench.core import catalog
 
     assert catalog.PROMPT_SETS.get("geneval")() == gr.geneval_prompts()
     from spobench.metrics.geneval import GenEval

@@ -15,7 +15,7 @@ from spobench.metrics import hpsv2
 from spobench.metrics.clip_common import open_clip_ids, resize_longest_pad
 from spobench.metrics.convert_open_clip import convert_state_dict, load_open_clip_state_dict
 
-from spobench.errors import InputError, MissingWeightsError, ModelLoadError
+from spobench.core.errors import InputError, MissingWeightsError, ModelLoadError
 
 PROMPTS = ["a red cat!", "the green tree on a painting", "a photo of a blue car &amp; a dog"]
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from spobench.errors import MissingWeightsError, ModelLoadError
+from spobench.core.errors import MissingWeightsError, ModelLoadError
 from spobench.metrics import imagereward as ir
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "red", "cat", "dog", "on", "the",

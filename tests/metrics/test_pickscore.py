@@ -14,7 +14,7 @@ import clip_fixtures as cf
 from spobench.metrics import pickscore
 from spobench.metrics.base import sha256_of
 
-from spobench.errors import MissingWeightsError
+from spobench.core.errors import MissingWeightsError
 
 PROMPTS = ["a red cat", "the green tree on a painting", "a photo of a blue car"]
 

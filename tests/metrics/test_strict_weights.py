@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import official_weights as ow  # noqa: E402
 from official_weights import BUILD, EXTRA, SCORE, TARGET_IDS, TARGETS  # noqa: E402
-from spobench.errors import ModelLoadError  # noqa: E402
+from spobench.core.errors import ModelLoadError  # noqa: E402
 from spobench.metrics import geneval  # noqa: E402
 
 
@@ -159,14 +159,14 @@ def test_removed_key_is_not_reinitialised_and_scored(target, pristine, tmp_path)
     assert target.key in msg
 
 
-# -- the root stays fixed: no metric loads weights around spobench.weights ----------------------------
+# -- the root stays fixed: no metric loads weights around spobench.core.weights ----------------------------
 
 def test_metrics_load_weights_only_through_spobench_weights():
     """A new ``Model.from_pretrained`` or ``torch.load`` in metrics/ would skip the checks above; only
     tokenizers and image processors (no weights) may be loaded directly."""
     import ast
 
-    root = Path(__file__).resolve().parents[2] / "metrics"
+    root = Path(__file__).resolve().parents[2] / "spobench" / "metrics"
     weightless = {"CLIPTokenizer", "CLIPImageProcessorPil", "BertTokenizer", "AutoTokenizer"}
     bad = []
     for path in sorted(root.glob("*.py")):
@@ -184,4 +184,4 @@ def test_metrics_load_weights_only_through_spobench_weights():
             if node.func.attr in ("load", "load_file", "safe_open") and owner_name in ("torch", "safetensors.torch"):
                 bad.append(f"{path.name}:{node.lineno}: {owner_name}.{node.func.attr}")
     assert len(list(root.glob("*.py"))) >= 10
-    assert not bad, f"weights loaded around spobench.weights: {bad}"
+    assert not bad, f"weights loaded around spobench.core.weights: {bad}"

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spobench import catalog
-from spobench.errors import InputError
-from spobench.evaluate import evaluate_folder
+from spobench.core import catalog
+from spobench.core.errors import InputError
+from spobench.eval.evaluate import evaluate_folder
 from spobench.metrics.base import Metric, MetricOutput
 from spobench.toyworld import grammar as g
 from spobench.toyworld.render import Knobs, render

@@ -10,8 +10,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clitools import run  # noqa: E402
-from spobench import catalog  # noqa: E402
-from spobench.errors import MissingWeightsError  # noqa: E402
+from spobench.core import catalog  # noqa: E402
+from spobench.core.errors import MissingWeightsError  # noqa: E402
 from spobench.metrics import toy_pickscore as tp  # noqa: E402
 from spobench.metrics.base import Metric, sha256_of  # noqa: E402
 from spobench.toyworld import grammar as g  # noqa: E402
@@ -130,7 +130,7 @@ def test_training_is_deterministic(tiny_pairs, tmp_path):
 
 
 def test_evaluator_reports_the_three_toy_columns(tmp_path):
-    from spobench.evaluate import evaluate_folder
+    from spobench.eval.evaluate import evaluate_folder
 
     rows = []
     for i, img in enumerate(_images(PROMPTS[:4])):
@@ -144,7 +144,7 @@ def test_evaluator_reports_the_three_toy_columns(tmp_path):
 
 
 def test_training_config_names_unknown_and_bad_settings(tmp_path):
-    from spobench.errors import InputError
+    from spobench.core.errors import InputError
     from spobench.toyworld.pickscore_train import ToyPickScoreConfig, train_toy_pickscore
 
     with pytest.raises(InputError, match="unknown toy_pickscore training setting.*bogus"):

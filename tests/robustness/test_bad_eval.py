@@ -4,7 +4,7 @@ that leave --images, broken images, malformed manifest / score cache / results.j
 files that cannot be written. Each case asserts the contract of tests/contract.py: exit 2, ONE error
 line naming the input, and the whole case folder (images, cache, results, --out) exactly as before.
 
-The unit-level forms are in tests/test_evaluate.py, tests/test_compare.py and tests/test_images.py.
+The unit-level forms are in tests/eval/test_evaluate.py, tests/eval/test_compare.py and tests/data/test_images.py.
 Only the cheap tiny-world metrics are used, so a case costs about one process start.
 """
 
@@ -30,8 +30,8 @@ METRICS = ["--metrics", "toy_aesthetic,toy_alignment"]
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A folder of tiny-world images with its manifest, and two scored copies (results for --compare)."""
-    from spobench import catalog
-    from spobench.evaluate import evaluate_folder
+    from spobench.core import catalog
+    from spobench.eval.evaluate import evaluate_folder
     from spobench.toyworld import grammar
     from spobench.toyworld.render import Knobs, render
 

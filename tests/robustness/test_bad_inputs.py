@@ -8,10 +8,10 @@ injected into the process (a non-finite loss mid-run, a full disk): those call `
 in-process with a monkeypatch, and an exception escaping ``main`` would be the traceback.
 
 Covered in more depth elsewhere (the unit-level form of an item): prompt files
-tests/test_prompts.py; recipe fields tests/recipes/test_recipes.py (every field); trainer settings
+tests/data/test_prompts.py; recipe fields tests/reproduce/test_recipes.py (every field); trainer settings
 tests/trainers/test_spo.py::test_bad_settings_name_the_field; parquet tables
-tests/test_spm_train.py::test_bad_parquet_errors; model folders tests/backbones/test_loading.py;
-LoRA files tests/backbones/test_lora.py; checkpoints tests/engine/test_checkpoint.py; non-finite
+tests/trainers/test_spm.py::test_bad_parquet_errors; model folders tests/models/backbones/test_loading.py;
+LoRA files tests/models/backbones/test_lora.py; checkpoints tests/core/test_checkpoint.py; non-finite
 loss tests/trainers/test_spo.py::test_non_finite_loss_stops_with_a_clear_error; an existing
 training --out tests/trainers/test_train_cli.py.
 """
@@ -67,8 +67,8 @@ def recipe(root: Path, name: str, old: str = "", new: str = "") -> Path:
 @pytest.fixture(scope="module")
 def sd15(tmp_path_factory):
     """An SD-1.5-shaped folder, a copy missing its UNet, and a LoRA trained for that backbone."""
-    from spobench.backbones import load_backbone
-    from spobench.backbones.testing import make_sd15_folder
+    from spobench.models.backbones import load_backbone
+    from spobench.models.backbones.testing import make_sd15_folder
 
     root = tmp_path_factory.mktemp("sd15")
     model = make_sd15_folder(root / "sd15")
@@ -193,7 +193,7 @@ def _nonempty(path: Path) -> Path:
 
 
 def _clip(t: Path) -> Path:
-    from spobench.spm import make_tiny_clip_folder
+    from spobench.models.spm import make_tiny_clip_folder
 
     return make_tiny_clip_folder(t / "clip", seed=0, image_size=16, patch_size=4)
 

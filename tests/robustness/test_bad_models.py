@@ -1,5 +1,5 @@
 """Bad models and released checkpoints through the installed CLI (issue 13 part 2, issue 14 "Weights that
-are NaN"): every backbone component and LoRA load goes through spobench.weights, so NaN/inf weights, missing
+are NaN"): every backbone component and LoRA load goes through spobench.core.weights, so NaN/inf weights, missing
 or unexpected keys, wrong shapes, foreign layouts and missing hub snapshots each end in ONE error line that
 names the file or recipe field, exit 2, and nothing written. (Before, NaN UNet weights gave black images and
 exit 0.) The contract is tests/contract.py's."""
@@ -56,8 +56,8 @@ def _reshape(pattern: str):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """An SD-1.5-shaped folder, broken copies of it, and LoRA files for it (and one for SDXL)."""
-    from spobench.backbones import load_backbone
-    from spobench.backbones.testing import make_lora_file, make_sd15_folder, make_sdxl_folder, make_unet_folder
+    from spobench.models.backbones import load_backbone
+    from spobench.models.backbones.testing import make_lora_file, make_sd15_folder, make_sdxl_folder, make_unet_folder
 
     root = tmp_path_factory.mktemp("bad-models")
     good = make_sd15_folder(root / "sd15")
@@ -192,7 +192,7 @@ def test_released_run_names_what_is_missing(case, machine, tmp_path):
 
 
 def _released_recipe(tmp: Path, cell: str) -> Path:
-    text = (Path(__file__).resolve().parents[2] / "recipes" / "table2.toml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "spobench" / "recipes" / "table2.toml").read_text()
     old = 'lora = "hub:SPO-Diffusion-Models/SPO-SD-v1-5_4k-p_10ep_LoRA"'
     assert old in text
     (tmp / "table2.toml").write_text(text.replace(old, cell))

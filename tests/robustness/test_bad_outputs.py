@@ -1,8 +1,8 @@
 """Bad output folders and faults while writing (issue 14: "Runs that are not the run asked for",
 "Files lost", "Reproducibility you can check"). Each case runs the command a user would run and
 asserts the contract of tests/contract.py: exit 2, ONE error line naming the input, nothing left
-behind or changed. The guard they all exercise is ``spobench.outdir`` (unit tests:
-tests/test_outdir.py).
+behind or changed. The guard they all exercise is ``spobench.core.outdir`` (unit tests:
+tests/core/test_outdir.py).
 
 Faults that need injecting (a full disk, a read-only file system as root, who may write anywhere
 despite chmod) call ``spobench.cli.main`` in-process with a monkeypatch, as test_bad_inputs.py does.
@@ -187,7 +187,7 @@ def test_bad_output(item, request, tmp_path):
 HOLD = """
 import sys, time
 from pathlib import Path
-from spobench import outdir
+from spobench.core import outdir
 with outdir.claim(sys.argv[1], command=sys.argv[3], resume=True):
     Path(sys.argv[2]).write_text("locked")
     time.sleep(300)
@@ -196,7 +196,7 @@ with outdir.claim(sys.argv[1], command=sys.argv[3], resume=True):
 
 @pytest.fixture
 def held(tmp_path):
-    """Hold the lock of a folder the way a running command does (spobench.outdir.claim), so that the
+    """Hold the lock of a folder the way a running command does (spobench.core.outdir.claim), so that the
     second process meets it at a known moment; SIGKILLed at the end, as a crash would."""
     procs = []
 

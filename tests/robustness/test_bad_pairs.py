@@ -3,7 +3,7 @@ more than it looks"): for `train-spm` and `train diffusion-dpo`, each case asser
 contract (tests/contract.py): exit code 2, ONE error line naming the shard file (and column/row where
 there is one), no traceback, and no --out folder left behind.
 
-The shards are written in the published schema (``spobench.pairs_data.write_shard``) with real JPEG
+The shards are written in the published schema (``spobench.data.pairs.write_shard``) with real JPEG
 bytes; each case spoils one thing in a folder of two good-looking shards."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from clitools import run
 from contract import assert_clean_failure, snapshot
 from pickapic_fixtures import shard_columns
-from spobench.pairs_data import write_shard
+from spobench.data.pairs import write_shard
 
 slow = pytest.mark.slow
 
@@ -123,7 +123,7 @@ def _check(argv, names, out):
 
 
 @slow  # ~30 s each on the shared 2-core machine (the CLI starts torch); the same errors in-process:
-@pytest.mark.parametrize("case", list(CASES))  # tests/test_pickapic.py
+@pytest.mark.parametrize("case", list(CASES))  # tests/data/test_pickapic.py
 @pytest.mark.parametrize("command", ["spm", "dpo"])
 def test_bad_shard_is_named(case, command, tmp_path):
     spoil, words = CASES[case]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,9 @@ import torch
 
 from clitools import run
 from contract import assert_clean_failure, snapshot
-from test_spm_official import official_state_dict
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+from test_spm_official import official_state_dict  # noqa: E402
 
 slow = pytest.mark.slow
 BIN = "sd-v1-5_step-aware_preference_model.bin"
@@ -34,8 +37,8 @@ TRAIN = ["k=2", "num_steps=4", "kappa=800", "threshold=0.0", "rollout_batch=1", 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny PickScore folder, its official-layout checkpoint, the imported SPM folder and pairs."""
-    from spobench.spm import make_tiny_clip_folder
-    from spobench.spm_official import import_official
+    from spobench.models.spm import make_tiny_clip_folder
+    from spobench.models.spm_official import import_official
     from spobench.toyworld.pairs import make_dataset
 
     root = tmp_path_factory.mktemp("bad-spm")

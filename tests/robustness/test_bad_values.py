@@ -5,8 +5,8 @@ outside the recipe's roots. Every case asserts tests/contract.py's contract: exi
 ``error:`` line naming the flag, setting, file or field, no traceback, and no --out left behind.
 
 All cases fail while the command line or the inputs are read, before any model work. The unit-level
-forms: spobench.checks (tests/trainers/test_spo.py::test_bad_settings_name_the_field,
-tests/recipes/test_recipes.py, tests/test_prompts.py, tests/test_spm_train.py)."""
+forms: spobench.core.checks (tests/trainers/test_spo.py::test_bad_settings_name_the_field,
+tests/reproduce/test_recipes.py, tests/data/test_prompts.py, tests/trainers/test_spm.py)."""
 
 from __future__ import annotations
 

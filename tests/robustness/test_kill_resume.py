@@ -10,7 +10,7 @@ Kill points come from a fixed seed, so the test is reproducible:
 * exactly in the middle of a checkpoint write, with the test-only hook
   ``SPOBENCH_TEST_KILL_AT=checkpoint-NNNNNN:files`` (tensors written, manifest not yet) or
   ``...:manifest`` (manifest written, folder not yet renamed); see
-  ``spobench.engine.checkpoint._test_kill_point``.
+  ``spobench.core.checkpoint._test_kill_point``.
 
 One session also ends with a truncated log line (as a kill in the middle of an append leaves it).
 """

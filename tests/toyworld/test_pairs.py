@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from spobench import catalog
-from spobench.prompts import load_prompt_file
+from spobench.core import catalog
+from spobench.data.prompts import load_prompt_file
 from spobench.toyworld import grammar as g
 from spobench.toyworld import pairs as P
 from spobench.toyworld.render import Knobs, render

@@ -2,7 +2,7 @@
 
 import torch
 
-from spobench.backbones.tiny import TinyBackbone
+from spobench.models.backbones.tiny import TinyBackbone
 from spobench.toyworld.pretrain import PretrainConfig, Pretrainer, toy_batch, web_knobs
 
 

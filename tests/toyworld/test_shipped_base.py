@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spobench.backbones import tiny
-from spobench.backbones.tiny import TinyBackbone
+from spobench.models.backbones import tiny
+from spobench.models.backbones.tiny import TinyBackbone
 from spobench.engine.rollout import RolloutEngine, SamplerConfig, make_generators
-from spobench.generate import to_uint8
+from spobench.eval.generate import to_uint8
 
 
 def test_shipped_folder_is_small_and_loads_by_default():

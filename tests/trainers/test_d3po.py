@@ -19,7 +19,7 @@ def brightness(images, t, prompts):
 
 
 def make_trainer(tmp_path, sets=(), reward=brightness, perturb=True):
-    from spobench.backbones.tiny import TinyBackbone
+    from spobench.models.backbones.tiny import TinyBackbone
 
     bb = TinyBackbone.build(0)
     base = ["num_steps=4", "rollout_batch=2", "train_batch_size=4", "grad_accum=1", "epochs=1"]
@@ -138,7 +138,7 @@ def test_tied_pairs_give_zero_gradient(tmp_path):
 # -- end to end through the executable --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from spobench.backbones.testing import make_tiny_folder
+    from spobench.models.backbones.testing import make_tiny_folder
 
     root = tmp_path_factory.mktemp("d3po-cli")
     model = make_tiny_folder(root / "tiny-model")

@@ -22,7 +22,7 @@ def brightness(images, t, prompts):
 
 
 def make_trainer(tmp_path, sets=(), reward=brightness):
-    from spobench.backbones.tiny import TinyBackbone
+    from spobench.models.backbones.tiny import TinyBackbone
 
     bb = TinyBackbone.build(0)
     base = ["num_steps=4", "rollout_batch=2", "train_batch_size=4", "grad_accum=1", "epochs=1"]
@@ -105,7 +105,7 @@ def test_zero_advantages_give_zero_gradient_in_the_trainer(tmp_path):
 # -- end to end through the executable --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from spobench.backbones.testing import make_tiny_folder
+    from spobench.models.backbones.testing import make_tiny_folder
 
     root = tmp_path_factory.mktemp("ddpo-cli")
     model = make_tiny_folder(root / "tiny-model")

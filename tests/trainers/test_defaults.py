@@ -2,10 +2,10 @@
 
 import pytest
 
-from spobench.backbones.sd import SD15Backbone, SDXLBackbone
-from spobench.backbones.tiny import TinyBackbone
-from spobench.errors import InputError
-from spobench.spm import TINY_SPM
+from spobench.models.backbones.sd import SD15Backbone, SDXLBackbone
+from spobench.models.backbones.tiny import TinyBackbone
+from spobench.core.errors import InputError
+from spobench.models.spm import TINY_SPM
 from spobench.trainers.ddpo import DDPOTrainer
 from spobench.trainers.d3po import D3POTrainer
 from spobench.trainers.mspo import MSPOTrainer

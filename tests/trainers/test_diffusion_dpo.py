@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from clitools import run
-from spobench.errors import InputError
+from spobench.core.errors import InputError
 from spobench.trainers.diffusion_dpo import DiffusionDPOTrainer, crop_geometry, diffusion_dpo_loss
 
 
@@ -28,13 +28,13 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from spobench.backbones.testing import make_tiny_folder
+    from spobench.models.backbones.testing import make_tiny_folder
 
     return make_tiny_folder(tmp_path_factory.mktemp("dpo-model") / "tiny-model")
 
 
 def make_trainer(tmp_path, pairs, sets=(), perturb=0.0, backbone=None, name="tiny"):
-    from spobench.backbones.tiny import TinyBackbone
+    from spobench.models.backbones.tiny import TinyBackbone
 
     bb = backbone or TinyBackbone.build(0)
     base = [f"pairs={pairs}", "rollout_batch=8", "train_batch_size=4", "grad_accum=1", "epochs=1"]
@@ -157,7 +157,7 @@ def test_ties_and_unlabeled_rows(tmp_path, data):
 
 
 def test_missing_or_empty_pairs_are_one_line_errors(tmp_path, data):
-    from spobench.backbones.tiny import TinyBackbone
+    from spobench.models.backbones.tiny import TinyBackbone
 
     with pytest.raises(InputError, match="setting 'pairs' is required"):
         DiffusionDPOTrainer.prepare_config(DiffusionDPOTrainer.Config.load(None, []), "tiny",
@@ -185,8 +185,8 @@ def test_sdxl_micro_conditioning_from_the_real_image_sizes(tmp_path):
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from spobench.backbones.sd import SDXLBackbone
-    from spobench.backbones.testing import make_sdxl_folder
+    from spobench.models.backbones.sd import SDXLBackbone
+    from spobench.models.backbones.testing import make_sdxl_folder
 
     def png(w, h):
         buf = io.BytesIO()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from spobench.errors import InputError
+from spobench.core.errors import InputError
 from spobench.trainers.base import check_run_dir, derive_seed
 from spobench.trainers.mspo import MSPOConfig, MSPOTrainer
 from spobench.trainers.spo import SPOConfig, SPOTrainer, preference_gap, spo_loss
@@ -19,7 +19,7 @@ def mean_scorer(images, t, prompts):
 
 
 def make_trainer(tmp_path, cls=SPOTrainer, sets=(), scorer=mean_scorer, perturb=True):
-    from spobench.backbones.tiny import TinyBackbone
+    from spobench.models.backbones.tiny import TinyBackbone
 
     bb = TinyBackbone.build(0)
     base = ["prompts=unused", "k=2", "num_steps=4", "kappa=800", "epochs=1", "rollout_batch=2", "threshold=0.0"]
@@ -358,7 +358,7 @@ def test_d3po_names_its_reward():
 
 
 def test_backbone_defaults_fill_unset_fields():
-    from spobench.backbones.base import BackboneDefaults
+    from spobench.models.backbones.base import BackboneDefaults
 
     d = BackboneDefaults(lora_rank=64, lr=1e-5, spo_threshold=0.4, resolution=1024)
     cfg = MSPOConfig.load(None, ["lr=3e-5"]).resolve(d)
@@ -381,7 +381,7 @@ def test_run_dir_policy(tmp_path):
     check_run_dir(tmp_path / "old", resume=True, overwrite=False)
     with pytest.raises(InputError, match="--overwrite refused: this folder was not made by spobench"):
         check_run_dir(tmp_path / "old", resume=False, overwrite=True)  # issue 14: only spobench's own folders
-    from spobench.outdir import write_marker
+    from spobench.core.outdir import write_marker
 
     write_marker(tmp_path / "old", "train spo")
     check_run_dir(tmp_path / "old", resume=False, overwrite=True)

@@ -25,7 +25,7 @@ def spobench(*args):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from spobench.backbones.testing import make_tiny_folder
+    from spobench.models.backbones.testing import make_tiny_folder
 
     root = tmp_path_factory.mktemp("spo-cli")
     model = make_tiny_folder(root / "tiny-model")
@@ -114,7 +114,7 @@ def test_existing_out_is_refused_without_resume_or_overwrite(world, full_run):
 
 
 def test_resume_from_another_base_model_is_refused(world, full_run, tmp_path):
-    from spobench.backbones.testing import make_tiny_folder
+    from spobench.models.backbones.testing import make_tiny_folder
 
     other = make_tiny_folder(tmp_path / "other", seed=1)
     out = tmp_path / "copy"

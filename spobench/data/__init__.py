@@ -1,0 +1,1 @@
+"""One loader per kind of data: prompts and prompt sets, preference pairs, images."""

@@ -1,0 +1,1 @@
+"""Generation, scoring, comparison and reports."""

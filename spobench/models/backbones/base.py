@@ -1,0 +1,506 @@
+"""The Backbone: everything the rollout engine and the trainers need from a text-to-image model.
+
+A backbone wraps a diffusers Stable-Diffusion-shaped pipeline (UNet2DConditionModel, text
+encoder(s), VAE, DDIM scheduler). The engine only talks to this interface:
+
+* ``encode_prompts`` / ``encode_unconditional`` -> :class:`Conditioning`
+* ``predict`` -> the model output (epsilon or v) for ``x_t`` with classifier-free guidance,
+  conditional and unconditional rows batched into ONE UNet call
+* ``timesteps`` -> the DDIM schedule (SD's "leading" spacing: 951 ... 1 for 20 steps)
+* ``decode`` / ``encode_images`` -> latents <-> images in [0, 1]
+* LoRA: ``add_lora``, ``lora_disabled()`` (the reference model is the same UNet with its adapter
+  off, never a deep copy), ``save_lora`` in diffusers' format, ``load_lora``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from spobench.core.counters import Counters
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning whose rows align with a latent batch."""
+
+    hidden: torch.Tensor  # (B, L, D) encoder_hidden_states
+    pooled: torch.Tensor | None = None  # SDXL: pooled text_embeds (B, 1280)
+    time_ids: torch.Tensor | None = None  # SDXL: micro-conditioning add_time_ids (B, 6)
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def _map(self, fn) -> "Conditioning":
+        return Conditioning(
+            fn(self.hidden),
+            None if self.pooled is None else fn(self.pooled),
+            None if self.time_ids is None else fn(self.time_ids),
+        )
+
+    def index(self, idx) -> "Conditioning":
+        return self._map(lambda x: x[idx])
+
+    def repeat_interleave(self, n: int) -> "Conditioning":
+        return self._map(lambda x: x.repeat_interleave(n, dim=0))
+
+    def expand(self, n: int) -> "Conditioning":
+        """A single-row conditioning broadcast to ``n`` rows."""
+        assert len(self) == 1, "expand() is for single-row conditionings"
+        return self._map(lambda x: x.expand(n, *x.shape[1:]))
+
+    def to(self, device=None, dtype=None) -> "Conditioning":
+        return self._map(lambda x: x.to(device=device, dtype=dtype if x.is_floating_point() else None))
+
+    def detach(self) -> "Conditioning":
+        return self._map(lambda x: x.detach())
+
+    @staticmethod
+    def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+        first = parts[0]
+        return Conditioning(
+            torch.cat([p.hidden for p in parts]),
+            None if first.pooled is None else torch.cat([p.pooled for p in parts]),
+            None if first.time_ids is None else torch.cat([p.time_ids for p in parts]),
+        )
+
+    def unet_kwargs(self) -> dict:
+        kwargs: dict = {"encoder_hidden_states": self.hidden}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+
+@dataclass
+class BackboneDefaults:
+    """Per-backbone training and sampling defaults (the paper's Sec. 5.1 values for real models)."""
+
+    lora_rank: int = 4
+    lr: float = 6e-5
+    spo_threshold: float = 0.3  # official SPO: 0.3 for SD-1.5, 0.4 for SDXL
+    spo_k: int = 4  # SPO/MSPO candidates per pool: the paper's k = 4 (Table 6); SDXL overrides it
+    resolution: int = 512
+    guidance_scale: float = 5.0
+    num_steps: int = 20
+    # What a trainer uses when the user names none; None: the setting is required (real backbones:
+    # no prompt list, preference model or reward can be assumed).
+    prompts: str | None = None  # training prompt set
+    scorer: str | None = None  # SPO/MSPO step scorer (an SPM folder or metric:<name>)
+    reward: str | None = None  # DDPO/D3PO reward on x_0 (metric:<name> or an SPM folder)
+
+
+@contextlib.contextmanager
+def _diffusers_quiet() -> Iterator[None]:
+    from diffusers.utils import logging as dlog
+
+    before = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(before)
+
+
+class Backbone:
+    """Base class; subclasses implement prompt encoding and loading (see ``sd.py``, ``tiny.py``)."""
+
+    name: str = "base"
+    defaults: BackboneDefaults = BackboneDefaults()
+    pipeline_class: type | None = None  # the diffusers pipeline class for LoRA save/load
+
+    def __init__(self, *, unet, scheduler, vae=None, pixel_space: bool = False, source: str = ""):
+        self.unet = unet
+        self.vae = vae
+        self.scheduler = scheduler
+        self.pixel_space = pixel_space
+        self.source = source
+        self.counters = Counters()
+        self._uncond_cache: dict[tuple, Conditioning] = {}
+        self.lora_rank: int | None = None
+        self._tuner_layers: list | None = None  # peft's LoRA layers, found once per adapter
+
+    # -- facts -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        # The first parameter (conv_in) is a frozen one, so this is the dtype of the frozen parts even
+        # when the LoRA parameters are kept in float32. diffusers' ``ModelMixin.dtype`` gives the same
+        # answer but walks every module (3.4 ms a call on the tiny UNet, ~1% of an SPO round).
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod
+
+    @property
+    def final_alpha_cumprod(self) -> torch.Tensor:
+        return self.scheduler.final_alpha_cumprod
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.pixel_space or self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+        res = resolution or self.defaults.resolution
+        s = res // self.vae_scale_factor
+        return (self.unet.config.in_channels, s, s)
+
+    def identity(self) -> dict:
+        """What a manifest records about this backbone."""
+        return {"backbone": self.name, "source": self.source, "prediction_type": self.prediction_type,
+                "lora_rank": self.lora_rank}
+
+    # -- prompts -----------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str], resolution: int | None = None) -> Conditioning:
+        raise NotImplementedError
+
+    def encode_unconditional(self, n: int, resolution: int | None = None) -> Conditioning:
+        """The empty-prompt conditioning, encoded once and broadcast (CFG's unconditional branch)."""
+        key = (resolution, self.device, self.dtype)
+        if key not in self._uncond_cache:
+            with torch.no_grad():
+                self._uncond_cache[key] = self.encode_prompts([""], resolution).detach()
+        return self._uncond_cache[key].expand(n)
+
+    # -- the UNet ----------------------------------------------------------------------------
+    def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """One UNet call; counted in ``counters`` by rows and whether grad is on."""
+        self.counters.add_unet(x.shape[0], torch.is_grad_enabled())
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        return self.unet(x, t.to(x.device), **cond.to(x.device, self.dtype).unet_kwargs(), return_dict=False)[0]
+
+    def predict(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor | int,
+        cond: Conditioning,
+        guidance_scale: float = 1.0,
+        uncond: Conditioning | None = None,
+    ) -> torch.Tensor:
+        """Model output (epsilon or v, see ``prediction_type``) for ``x_t`` at ``t``.
+
+        With ``guidance_scale != 1`` the unconditional and conditional rows go through the UNet in
+        one call and are combined as ``u + w (c - u)`` (classifier-free guidance).
+        """
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        x_in = x_t.to(self.dtype)
+        if guidance_scale == 1.0:
+            return self.unet_forward(x_in, t, cond).to(x_t.dtype)
+        if uncond is None:
+            uncond = self.encode_unconditional(x_t.shape[0])
+        out = self.unet_forward(torch.cat([x_in, x_in]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
+        u, c = out.to(x_t.dtype).chunk(2)
+        return u + guidance_scale * (c - u)
+
+    def timesteps(self, num_steps: int) -> torch.Tensor:
+        """DDIM timesteps as the scheduler spaces them (SD: "leading", steps_offset=1 -> 951..1)."""
+        sched = copy.deepcopy(self.scheduler)
+        sched.set_timesteps(num_steps)
+        return sched.timesteps.clone()
+
+    # -- latents <-> images ------------------------------------------------------------------
+    def decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Latents -> images in [0, 1], (B, 3, H, W) float32. ``clamp=False`` keeps values the VAE put
+        outside [-1, 1] (mapped to outside [0, 1]) for a scorer that clamps after its own resize."""
+        self.counters.vae_decodes += latents.shape[0]
+        if self.pixel_space:
+            x = latents
+        else:
+            z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+            if getattr(self.vae.config, "shift_factor", None):
+                z = z + self.vae.config.shift_factor
+            x = self.vae.decode(z, return_dict=False)[0]
+        x = x.float() / 2 + 0.5
+        return x.clamp(0, 1) if clamp else x
+
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [0, 1] (B, 3, H, W) -> latents (a sample of the VAE posterior)."""
+        self.counters.vae_encodes += images.shape[0]
+        x = images * 2 - 1
+        if self.pixel_space:
+            return x.to(self.dtype)
+        dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
+        z = dist.sample(generator=generator)
+        if getattr(self.vae.config, "shift_factor", None):
+            z = z - self.vae.config.shift_factor
+        return z * self.vae.config.scaling_factor
+
+    # -- LoRA --------------------------------------------------------------------------------
+    def add_lora(self, rank: int | None = None, alpha: float | None = None,
+                 targets: Sequence[str] = DEFAULT_LORA_TARGETS, seed: int = 0, rank_pattern: dict | None = None,
+                 alpha_pattern: dict | None = None) -> list[torch.nn.Parameter]:
+        """Attach a peft LoRA adapter to the UNet; only its parameters require grad. Returns them.
+
+        ``rank_pattern`` / ``alpha_pattern``: per-module exceptions (published LoRAs whose modules
+        differ in rank or kohya alpha), as peft's ``LoraConfig`` takes them."""
+        from peft import LoraConfig
+
+        rank = rank or self.defaults.lora_rank
+        self.unet.requires_grad_(False)
+        cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                         target_modules=list(targets), rank_pattern=dict(rank_pattern or {}),
+                         alpha_pattern=dict(alpha_pattern or {}))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.unet.add_adapter(cfg)
+        self.lora_rank = rank
+        self._tuner_layers = None
+        params = [p for n, p in self.unet.named_parameters() if "lora_" in n]
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        return params
+
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_rank is not None
+
+    @contextlib.contextmanager
+    def lora_disabled(self) -> Iterator[None]:
+        """The reference model: the same UNet with its adapter switched off."""
+        if not self.has_lora:
+            yield
+            return
+        # Exactly what diffusers' ``disable_adapters``/``enable_adapters`` do (each layer's own
+        # ``enable_adapters``, which also toggles requires_grad), without walking every module of the
+        # UNet on each switch: that walk was 40 ms per reference forward on the tiny UNet.
+        layers = self._lora_layers()
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+
+    def _lora_layers(self) -> list:
+        if self._tuner_layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._tuner_layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
+        return self._tuner_layers
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """LoRA weights in diffusers' key format (what ``load_lora_weights`` reads)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+
+    def lora_config(self) -> dict:
+        """The adapter's peft ``LoraConfig`` as a dict (rank, alpha, targets): saved beside the
+        weights so that ``load_lora_weights`` and :meth:`load_lora` rebuild the same scaling
+        (without it diffusers assumes ``lora_alpha == r``). Sets (peft's ``target_modules``) become
+        sorted lists: diffusers lists a set in hash order, which differs between processes."""
+        cfg = self.unet.peft_config["default"].to_dict()
+        return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in cfg.items()}
+
+    def save_lora(self, directory: str | Path) -> Path:
+        """Write ``pytorch_lora_weights.safetensors`` in diffusers' format (atomic: temp dir + rename),
+        byte-identical for identical weights (sorted header: ``io.canonical_safetensors``)."""
+        from spobench.core.io import atomic_dir, canonical_safetensors
+
+        with atomic_dir(directory) as tmp:
+            self.pipeline_class.save_lora_weights(
+                tmp, unet_lora_layers=self.lora_state_dict(), weight_name=LORA_WEIGHT_NAME, safe_serialization=True,
+                unet_lora_adapter_metadata=self.lora_config(),
+            )
+            file = tmp / LORA_WEIGHT_NAME
+            file.write_bytes(canonical_safetensors(file.read_bytes()))
+        return Path(directory) / LORA_WEIGHT_NAME
+
+    def load_lora(self, path: str | Path, rank: int | None = None) -> None:
+        """Load a UNet LoRA into the UNet: a file saved by :meth:`save_lora`, or any published one
+        in the key layouts diffusers' loaders read (see :func:`read_lora`): ``save_lora_weights``'
+        ``unet.<module>.lora.down.weight`` / ``lora_A``, the older attention-processor names
+        (``unet.<...>.processor.to_q_lora.down.weight``, with or without the ``unet.`` prefix) and
+        kohya's ``lora_unet_<module>.lora_down.weight`` + ``.alpha``.
+
+        Rank, alpha and target modules come from the file's adapter metadata when it has some, else
+        from the weights (rank from each ``lora_B``, alpha from kohya's ``.alpha`` or = rank, targets
+        = the modules the file covers). Keys and shapes are checked against the adapter BEFORE
+        anything is copied, so a LoRA for another backbone raises :class:`ModelLoadError` and leaves
+        the UNet as it was (an adapter added by this call is removed again); so do NaN/inf weights.
+        """
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+        from spobench.core.errors import ModelLoadError
+        from spobench.core.weights import mismatch_message
+
+        file, state, config = read_lora(path, self.pipeline_class, self.unet.config)
+        added = not self.has_lora
+        try:
+            if added:
+                self.add_lora(rank or config["r"], alpha=config["lora_alpha"], targets=tuple(config["target_modules"]),
+                              rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"))
+        except (ValueError, KeyError, TypeError) as err:  # peft: "Target modules ... not found in the base model"
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ModelLoadError(f"{file}: LoRA does not fit the {self.name} UNet ({first}); was it trained on "
+                                 "another backbone?") from None
+        expected = {k: v.shape for k, v in get_peft_model_state_dict(self.unet).items()}
+        unexpected = sorted(set(state) - set(expected))
+        missing = sorted(set(expected) - set(state))
+        mismatched = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k])}" for k in state
+                            if k in expected and state[k].shape != expected[k])
+        problem = mismatch_message(str(file), missing, unexpected, mismatched)
+        if problem:
+            if added:
+                self.unet.delete_adapters("default")
+                self.lora_rank = None
+                self._tuner_layers = None
+            raise ModelLoadError(f"{problem}; is it a LoRA for the {self.name} UNet (another backbone or rank?)")
+        set_peft_model_state_dict(self.unet, state)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def to(self, device=None, dtype=None) -> "Backbone":
+        """Move the frozen parts to ``device``/``dtype``; LoRA parameters stay float32."""
+        for m in self.modules().values():
+            kwargs = {}
+            if device is not None:
+                kwargs["device"] = device
+            if dtype is not None and getattr(m, "dtype", None) != dtype:
+                kwargs["dtype"] = dtype  # (diffusers warns on any to(dtype=...), even a no-op one)
+            if kwargs:
+                with _diffusers_quiet():  # diffusers 0.42 warns about "modules kept in float32: []" on any cast
+                    m.to(**kwargs)
+        for n, p in self.unet.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.float()
+        self._uncond_cache.clear()
+        return self
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"unet": self.unet}
+        if self.vae is not None:
+            mods["vae"] = self.vae
+        return mods
+
+
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_")
+
+
+def lora_file(path: str | Path) -> Path:
+    """The weights file of a LoRA folder (``pytorch_lora_weights.safetensors``, or its only
+    ``*.safetensors``) or the file itself."""
+    from spobench.core.errors import ModelLoadError
+
+    path = Path(path)
+    if not path.is_dir():
+        if not path.exists():
+            raise ModelLoadError(f"no LoRA weights at {path}")
+        return path
+    if (path / LORA_WEIGHT_NAME).exists():
+        return path / LORA_WEIGHT_NAME
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) == 1:
+        return found[0]
+    pickled = sorted(p.name for p in path.glob("*.bin"))
+    why = (f"{len(found)} .safetensors files and no {LORA_WEIGHT_NAME}" if found else
+           f"no {LORA_WEIGHT_NAME}" + (f" (only pickle {pickled[0]}; spobench loads safetensors only)" if pickled else ""))
+    raise ModelLoadError(f"{path}: {why}")
+
+
+def read_lora(path: str | Path, pipeline_class, unet_config=None) -> tuple[Path, dict, dict]:
+    """A UNet LoRA file -> (file, peft-keyed state dict, LoraConfig kwargs).
+
+    The key layouts are the ones diffusers' loaders convert (diffusers 0.42
+    ``utils/state_dict_utils.py`` ``UNET_TO_DIFFUSERS`` and ``loaders/lora_conversion_utils.py``
+    ``_convert_non_diffusers_lora_to_diffusers``); their conversions are used as they are, on a dict
+    read here from safetensors (never a pickle). Refuses NaN/inf weights, text-encoder LoRA weights
+    (spobench applies UNet LoRAs only: dropping them silently would evaluate another model) and files
+    holding no UNet LoRA."""
+    import json
+
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    from spobench.core.errors import ModelLoadError
+    from spobench.core.weights import check_finite
+
+    file = lora_file(path)
+    try:
+        state = load_file(str(file))
+        with safe_open(str(file), "pt") as f:
+            metadata = f.metadata() or {}
+    except (OSError, SafetensorError) as err:
+        raise ModelLoadError(f"{file}: not a readable safetensors LoRA file ({type(err).__name__}: {err})") from None
+    if not state:
+        raise ModelLoadError(f"{file}: holds no tensors")
+    check_finite(state, str(file))
+    text = sorted(k for k in state if k.startswith(_TEXT_PREFIXES))
+    if text:
+        raise ModelLoadError(f"{file}: holds text-encoder LoRA weights ({text[0]}, {len(text)} keys); spobench "
+                             "applies UNet LoRAs only")
+    alphas: dict = {}
+    if all(k.startswith(_KOHYA_PREFIXES) for k in state):
+        try:
+            state, alphas = pipeline_class.lora_state_dict(dict(state), unet_config=unet_config)
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ModelLoadError(f"{file}: unreadable kohya-style LoRA keys ({first})") from None
+        alphas = {k.removeprefix("unet."): v for k, v in (alphas or {}).items() if k.startswith("unet.")}
+    if any(k.startswith("unet.") for k in state):
+        other = sorted(k for k in state if not k.startswith("unet."))
+        if other:
+            raise ModelLoadError(f"{file}: key {other[0]!r} is neither a unet. nor a text-encoder LoRA key")
+        state = {k.removeprefix("unet."): v for k, v in state.items()}
+    # else: the oldest layout (save_attn_procs), UNet keys without a prefix
+    bad = sorted(k for k in state if "lora" not in k)
+    if bad:
+        raise ModelLoadError(f"{file}: key {bad[0]!r} is not a LoRA weight")
+    state = convert_unet_state_dict_to_peft(state)
+    alphas = {k2: v for k, v in alphas.items() for k2 in convert_unet_state_dict_to_peft({k: None})}
+    if not any(".lora_A." in k for k in state) or not any(".lora_B." in k for k in state):
+        raise ModelLoadError(f"{file}: holds no UNet LoRA weights (no lora down/up pairs)")
+    try:
+        packed = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    except ValueError:
+        raise ModelLoadError(f"{file}: its lora_adapter_metadata is not valid JSON") from None
+    config = {k.removeprefix("unet."): v for k, v in packed.items() if k.startswith("unet.")} \
+        if isinstance(packed, dict) else {}
+    ranks = {k: v.shape[1] for k, v in state.items() if ".lora_B." in k and v.ndim > 1}
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    modules = sorted({k.split(".lora_")[0] for k in state})
+    if config.get("r"):  # the file says how it was made (spobench's save_lora, recent diffusers)
+        out = {"r": config["r"], "lora_alpha": config.get("lora_alpha") or config["r"],
+               "target_modules": sorted(config.get("target_modules") or DEFAULT_LORA_TARGETS),
+               "rank_pattern": config.get("rank_pattern") or {}, "alpha_pattern": config.get("alpha_pattern") or {}}
+        return file, state, out
+    # rank per module from lora_B; kohya alphas per module, else alpha = rank (scale 1, diffusers' rule)
+    rank_of = {k.split(".lora_B.")[0]: n for k, n in ranks.items()}
+    alpha_of = {k.split(".lora_A.")[0].removesuffix(".alpha"): float(v) for k, v in alphas.items()}
+    alpha = collections.Counter(alpha_of.values()).most_common(1)[0][0] if alpha_of else r
+    out = {"r": r, "lora_alpha": alpha, "target_modules": modules,
+           "rank_pattern": {m: n for m, n in rank_of.items() if n != r},
+           "alpha_pattern": ({m: a for m, a in alpha_of.items() if a != alpha} if alpha_of else
+                             {m: n for m, n in rank_of.items() if n != r})}
+    return file, state, out

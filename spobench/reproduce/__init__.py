@@ -1,0 +1,1 @@
+"""Paper tables as recipes: the recipe schema and the runner."""

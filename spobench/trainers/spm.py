@@ -1,0 +1,453 @@
+"""Training the step-aware preference model (paper Sec. 4.2) on Pick-a-Pic-format pairs.
+
+For every pair (caption, jpg_0, jpg_1, label_0, label_1):
+
+1. draw ONE timestep t ~ U[0, T) and ONE noise shared by both images;
+2. encode both images with the backbone's VAE (``encode_images``, at the backbone resolution) and
+   noise them with the scheduler (``add_noise``): x_t^0, x_t^1 from the same noise;
+3. predict with the frozen backbone (CFG 5, no grad), estimate x0_hat (DDIM, ``predict_x0``) and
+   decode it to images - the "estimate x0 from the noisy sample" of Sec. 4.2;
+4. score both with the SPM at timestep t and minimise PickScore's cross-entropy between
+   softmax(s_0, s_1) and the label probabilities (label_0, label_1); ties are 0.5 / 0.5.
+
+Evaluation: pair accuracy on a held-out split (ties excluded) at t in {0, 250, 500, 750, 950},
+each pair noised with a fixed per-evaluation noise so that every variant sees the same x0_hat.
+Table 5's variants: ``no_step=True`` trains the same model without time input; ``steps=0`` with
+``no_step=True`` evaluates the plain CLIP/PickScore with no step training.
+
+Runs are resumable: the data order, t, the noise and the VAE sample of step ``s`` depend only on
+``(seed, s)``, and checkpoints (model, optimizer, step) are written atomically (temp + rename).
+"""
+
+from __future__ import annotations
+
+from spobench import ASSETS
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from spobench.core.errors import InputError
+# the pairs reader lives in spobench.data.pairs; these names stay importable from here
+from spobench.data.pairs import BatchOrder, PairTable, say, split_rows  # noqa: F401
+
+# SPO's SPM trainer (as PickScore's) trains on ties with the soft label 0.5 / 0.5 (spobench.data.pairs)
+KEEP_TIES = True
+
+EVAL_TIMESTEPS = (0, 250, 500, 750, 950)
+SPM_LR = {"sd15": 3e-6, "sdxl": 1e-6}  # paper Sec. 5.1
+DEFAULT_LR = 1e-4  # tiny / test backbones (a randomly initialised tiny CLIP)
+CHECKPOINT = "checkpoint"
+FINAL = "spm"
+METRICS = "metrics.json"
+LOG = "log.jsonl"
+
+
+@dataclass
+class SPMTrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # pairs per step
+    lr: Optional[float] = None  # None: 3e-6 (sd15), 1e-6 (sdxl), 1e-4 otherwise
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    no_step: bool = False  # Table 5 "SPM w/o step": same training, no time conditioning
+    time_lr_mult: float = 1.0  # lr multiplier for the time conditioning (zero-initialised, starts far from useful)
+    guidance_scale: float = 5.0
+    resolution: Optional[int] = None  # images are resized to this before encode_images (backbone default)
+    eval_timesteps: tuple = EVAL_TIMESTEPS
+    val_pairs: Optional[str] = None  # a separate held-out parquet; else a caption-hash split of the pairs
+    val_fraction: float = 0.05
+    val_max: int = 500
+    eval_batch_size: int = 8
+    eval_seed: int = 1234
+    eval_init: bool = False  # also evaluate the model before training
+    backbone_chunk: int = 8  # rows per UNet/VAE call when estimating x0_hat
+    train_text_encoder: bool = True
+    gradient_checkpointing: bool = False
+    amp: bool = True  # bf16 autocast for the SPM on CUDA
+    save_every: int = 500
+    log_every: int = 10
+    processor: Optional[str] = None  # tokenizer/preprocessor folder when --init lacks them (PickScore: laion ViT-H)
+
+    def lr_for(self, backbone_name: str) -> float:
+        return self.lr if self.lr is not None else SPM_LR.get(backbone_name, DEFAULT_LR)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SPMTrainConfig":
+        return coerce_config(cls, d, "SPM training")
+
+
+# Bounds of the preference-model trainers' settings, by name (SPMTrainConfig and the toy PickScore's
+# config share most names; 0 turns max_grad_norm, save_every and log_every off); every other number of
+# theirs only has to be finite.
+CONFIG_BOUNDS = {
+    "steps": {"min": 0}, "batch_size": {"min": 1}, "lr": {"gt": 0}, "weight_decay": {"min": 0},
+    "max_grad_norm": {"min": 0}, "seed": {"min": 0}, "time_lr_mult": {"min": 0}, "guidance_scale": {"min": 0},
+    "resolution": {"min": 8}, "val_fraction": {"min": 0, "lt": 1}, "val_max": {"min": 1},
+    "eval_batch_size": {"min": 1}, "eval_seed": {"min": 0}, "backbone_chunk": {"min": 1}, "save_every": {"min": 0},
+    "log_every": {"min": 0}, "warmup": {"min": 0}, "hidden": {"min": 8}, "layers": {"min": 1}, "patch": {"min": 1},
+}
+
+
+def coerce_config(cls, config, what: str):
+    """``None``, a dict or a ``cls`` instance -> a checked ``cls`` (unknown keys are named, with the
+    closest known one), for the preference-model trainers' configs: types, finiteness and bounds."""
+    import difflib
+    import typing
+
+    from spobench.core.checks import check_number, tiny_clip_problem
+
+    names = [f.name for f in fields(cls)]
+    if config is None:
+        config = cls()
+    elif isinstance(config, dict):
+        for key in config:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+                raise InputError(f"unknown {what} setting {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        config = cls(**config)
+    hints = typing.get_type_hints(cls)
+    for name in names:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        tp = hints[name]
+        want = {int, float} if float in (tp, *typing.get_args(tp)) else {int} if int in (tp, *typing.get_args(tp)) else None
+        if want and (isinstance(value, bool) or type(value) not in want):
+            raise InputError(f"{what} setting {name!r} must be {'a number' if float in want else 'an integer'} "
+                             f"(got {value!r})")
+        check_number(f"{what} setting {name!r}", value, **CONFIG_BOUNDS.get(name, {}))
+    if hasattr(config, "patch") and hasattr(config, "hidden"):  # the toy PickScore's random CLIP
+        for name, problem in tiny_clip_problem(hidden=config.hidden, patch=config.patch):
+            raise InputError(f"{what} setting {name!r} {problem}")
+    return config
+
+
+# -- x0_hat of a noised pair -----------------------------------------------------------------------
+@torch.no_grad()
+def estimate_x0_images(backbone, images: torch.Tensor, captions: Sequence[str], t: torch.Tensor,
+                       noise_gen: torch.Generator, *, guidance_scale: float = 5.0, chunk: int = 8,
+                       noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Images (2B, 3, H, W) ordered [first images; second images] with B captions and timesteps
+    t (B,) -> decoded x0_hat images in [0, 1]. Pair i's two images share t[i] and one noise."""
+    latents, noise, cond = encode_pairs(backbone, images, captions, noise_gen, noise=noise)
+    return x0_from_encoded(backbone, latents, noise, cond, t, guidance_scale=guidance_scale, chunk=chunk)
+
+
+@torch.no_grad()
+def encode_pairs(backbone, images: torch.Tensor, captions: Sequence[str], noise_gen: torch.Generator, *,
+                 noise: torch.Tensor | None = None):
+    """The t-independent half of ``estimate_x0_images``: (latents (2B, ...), noise (B, ...), conditioning
+    (2B)); evaluation reuses it for every timestep bucket instead of re-running the VAE and text encoders."""
+    from spobench.models.backbones.base import Conditioning
+
+    device = backbone.device
+    latents = backbone.encode_images(images.to(device), generator=noise_gen).float()
+    if noise is None:
+        noise = torch.randn((len(captions), *latents.shape[1:]), generator=noise_gen, dtype=torch.float32).to(device)
+    cond = backbone.encode_prompts(list(captions))
+    return latents, noise, Conditioning.cat([cond, cond])
+
+
+@torch.no_grad()
+def x0_from_encoded(backbone, latents: torch.Tensor, noise: torch.Tensor, cond, t: torch.Tensor, *,
+                    guidance_scale: float = 5.0, chunk: int = 8) -> torch.Tensor:
+    """Noise both images of pair i to t[i] with the pair's one noise, predict (CFG), estimate x0_hat
+    (DDIM) and decode it -> images in [0, 1]."""
+    from spobench.engine.ddim import NoiseSchedule, predict_x0
+
+    device = backbone.device
+    n_rows = latents.shape[0]
+    t2 = torch.cat([t, t]).to(device).long()
+    x_t = backbone.scheduler.add_noise(latents, torch.cat([noise, noise]), t2)
+    sched = NoiseSchedule.from_backbone(backbone, backbone.defaults.num_steps)
+    outs = []
+    for s in range(0, n_rows, chunk):
+        sl = slice(s, s + chunk)
+        n = x_t[sl].shape[0]
+        pred = backbone.predict(x_t[sl], t2[sl], cond.index(sl), guidance_scale=guidance_scale,
+                                uncond=backbone.encode_unconditional(n) if guidance_scale != 1.0 else None)
+        x0 = predict_x0(pred.float(), x_t[sl], t2[sl], sched)
+        outs.append(backbone.decode(x0).float())
+    return torch.cat(outs)
+
+
+def pair_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """PickScore's loss: cross-entropy of softmax over the pair's two scores against the label
+    probabilities. ``scores`` (B, 2), ``labels`` (B, 2) summing to 1 per row."""
+    return -(labels * F.log_softmax(scores.float(), dim=-1)).sum(-1).mean()
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+def evaluate_spm(backbone, model, pairs: PairTable, rows: Sequence[int], config: SPMTrainConfig,
+                 resolution: int, *, per_pair: bool = False) -> dict:
+    """Pair accuracy (ties excluded) per timestep bucket on ``rows``; every pair gets noise from
+    ``eval_seed`` and its position, identical for every model evaluated with the same config.
+    ``per_pair`` adds each pair's row and outcome per bucket (1 right, 0 wrong, 0.5 equal scores),
+    for paired comparisons of models evaluated on the same rows (``spobench.eval.spm_eval``)."""
+    return evaluate_spms(backbone, [model], pairs, rows, config, resolution, per_pair=per_pair)[0]
+
+
+def evaluate_spms(backbone, models: Sequence, pairs: PairTable, rows: Sequence[int], config: SPMTrainConfig,
+                  resolution: int, *, per_pair: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """``evaluate_spm`` for several models at once: each batch's x0_hat (the backbone's UNet and
+    decoder, the costly part) is computed once and scored by every model. ``progress(done, total)``
+    follows the pairs."""
+    # the first val_max labelled non-tie rows, read in file order (images come a row group at a time)
+    rows = sorted([r for r in rows if pairs.labelled[r] and not pairs.is_tie(r)][: config.val_max])
+    buckets = [int(t) for t in config.eval_timesteps]
+    outcomes = [{t: [] for t in buckets} for _ in models]
+    losses = [{t: 0.0 for t in buckets} for _ in models]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    bs = config.eval_batch_size
+    try:
+        for start in range(0, len(rows), bs):
+            batch = rows[start:start + bs]
+            a, b = pairs.images(batch, resolution)
+            images = torch.cat([a, b])
+            caps = [pairs.captions[r] for r in batch]
+            labels = torch.as_tensor(pairs.labels[batch], dtype=torch.float32)
+            winner_first = labels[:, 0] > labels[:, 1]
+            g = torch.Generator().manual_seed(config.eval_seed * 1_000_003 + start)
+            encoded = encode_pairs(backbone, images, caps, g)  # one VAE sample and noise, shared by every t
+            for t in buckets:
+                tt = torch.full((len(batch),), t, dtype=torch.long)
+                x0 = x0_from_encoded(backbone, *encoded, tt, guidance_scale=config.guidance_scale,
+                                     chunk=config.backbone_chunk)
+                for i, model in enumerate(models):
+                    with torch.no_grad():
+                        s = model(x0, torch.cat([tt, tt]), caps + caps).float().cpu()
+                    scores = torch.stack([s[: len(batch)], s[len(batch):]], dim=1)
+                    pred_first = scores[:, 0] > scores[:, 1]
+                    equal = scores[:, 0] == scores[:, 1]
+                    outcome = ((pred_first == winner_first) & ~equal).float() + 0.5 * equal.float()
+                    outcomes[i][t] += outcome.tolist()
+                    losses[i][t] += float(pair_loss(scores, labels)) * len(batch)
+            if progress:
+                progress(start + len(batch), len(rows))
+    finally:
+        for m, mode in zip(models, was_training):
+            m.train(mode)
+    n = len(rows)
+    results = []
+    for out_i, loss_i in zip(outcomes, losses):
+        acc = {str(t): (float(np.sum(out_i[t])) / n if n else float("nan")) for t in buckets}
+        result = {
+            "n_pairs": n,
+            "accuracy": acc,
+            "mean_accuracy": float(np.mean(list(acc.values()))) if n else float("nan"),
+            "loss": {str(t): (loss_i[t] / n if n else float("nan")) for t in buckets},
+        }
+        if per_pair:
+            result["per_pair"] = {"rows": [int(r) for r in rows], "outcome": {str(t): out_i[t] for t in buckets}}
+        results.append(result)
+    return results
+
+
+# -- training ---------------------------------------------------------------------------------------
+def _variant(config: SPMTrainConfig) -> str:
+    if config.no_step:
+        return "pickscore" if config.steps == 0 else "spm-no-step"
+    return "spm"
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+def load_init(init, config: SPMTrainConfig, device, default_folder: Path | None = None):
+    """The model to start from: an SPM instance, an SPM folder (``spm_config.json``) or a CLIP
+    folder / cached hub id (PickScore; a tiny CLIP in the tiny world)."""
+    from spobench.models.spm import CONFIG_NAME, StepAwarePreferenceModel
+
+    time_conditioned = not config.no_step
+    if isinstance(init, StepAwarePreferenceModel):
+        model = init
+    else:
+        if init is None:
+            if default_folder is None:
+                raise InputError("give --init PATH: a CLIP/PickScore folder or an SPM folder")
+            init = default_folder
+        p = Path(init)
+        if p.is_dir() and (p / CONFIG_NAME).exists():
+            model = StepAwarePreferenceModel.load(p)
+        else:
+            model = StepAwarePreferenceModel.from_clip(init, processor=config.processor,
+                                                       time_conditioned=time_conditioned)
+    if model.time_conditioned != time_conditioned:
+        raise InputError(f"--init {init}: the SPM there is {'' if model.time_conditioned else 'not '}time-conditioned "
+                         f"but {'--no-step was' if config.no_step else 'time conditioning was'} asked for")
+    return model.to(device)
+
+
+def train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | None = None, *,
+              resume: bool = False, overwrite: bool = False,
+              progress: Callable[[dict], None] | None = None) -> dict:
+    """Train (or, with ``steps=0``, only evaluate) an SPM; returns and writes ``metrics.json``.
+
+    ``out`` receives ``spm/`` (the final model, loadable with ``StepAwarePreferenceModel.load``),
+    ``checkpoint/`` (model + optimizer + step, for ``resume``), ``log.jsonl`` and ``metrics.json``.
+    ``out`` is claimed (``spobench.core.outdir``) for the whole run.
+    """
+    from spobench.core import outdir
+
+    with outdir.claim(out, command="train-spm", resume=resume, overwrite=overwrite,
+                      keep=lambda: (Path(out) / CHECKPOINT / "state.json").exists()):
+        return _train_spm(backbone, pairs_path, init, out, config, resume=resume, progress=progress)
+
+
+def _train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | None = None, *,
+               resume: bool = False, progress: Callable[[dict], None] | None = None) -> dict:
+    from spobench.core.io import atomic_dir, atomic_write_json, provenance, save_torch
+    from spobench.models.spm import StepAwarePreferenceModel
+
+    config = coerce_config(SPMTrainConfig, config, "SPM training")
+    if not config.time_lr_mult > 0:
+        raise InputError(f"time_lr_mult must be > 0 (got {config.time_lr_mult})")
+    out = Path(out)
+    t_start = time.perf_counter()
+    pairs = PairTable(pairs_path)
+    usable, counts = pairs.usable(KEEP_TIES)
+    say(pairs.describe(counts, KEEP_TIES))
+    if not usable:
+        raise InputError(f"{pairs.path}: no labelled pairs to train on ({pairs.describe(counts, KEEP_TIES)[7:]})")
+    if config.val_pairs:
+        val_pairs = PairTable(config.val_pairs)
+        train_rows, val_rows = usable, val_pairs.usable(KEEP_TIES)[0]
+    else:
+        val_pairs = pairs
+        train_rows, val_rows = split_rows(pairs, config.val_fraction, usable)
+    resolution = config.resolution or backbone.defaults.resolution
+    device = backbone.device
+    lr = config.lr_for(backbone.name)
+
+    ckpt = out / CHECKPOINT
+    start_step, losses = 0, []
+    if resume and (ckpt / "state.json").exists():
+        state = json.loads((ckpt / "state.json").read_text())
+        model = StepAwarePreferenceModel.load(ckpt / FINAL).to(device)
+        if model.time_conditioned == config.no_step:
+            raise InputError(f"{ckpt}: checkpoint time conditioning does not match --no-step={config.no_step}")
+        start_step, losses = int(state["step"]), list(state["losses"])
+        if start_step > config.steps:
+            raise InputError(f"{ckpt}: checkpoint is at step {start_step}, past --steps {config.steps}")
+    else:
+        model = load_init(init, config, device)
+    counters_before = model.counters
+    model.counters = backbone.counters  # SPM image/text passes count as the run's reward passes
+    for p in model.clip.text_model.parameters():
+        p.requires_grad_(config.train_text_encoder)
+    model.clip.text_projection.requires_grad_(config.train_text_encoder)
+    if config.gradient_checkpointing:
+        model.enable_checkpointing()
+    params = [p for p in model.parameters() if p.requires_grad]
+    time_ids = {id(p) for p in model.time_parameters()}
+    groups = [{"params": [p for p in params if id(p) not in time_ids], "lr": lr},
+              {"params": [p for p in params if id(p) in time_ids], "lr": lr * config.time_lr_mult}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
+    if start_step and (ckpt / "optimizer.pt").exists():
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+    use_amp = config.amp and device.type == "cuda"
+
+    result: dict = {"variant": _variant(config), "backbone": backbone.name, "lr": lr,
+                    "n_train_pairs": len(train_rows), "n_val_pairs": len(val_rows), "pairs": counts,
+                    "config": asdict(config) | {"eval_timesteps": list(config.eval_timesteps)}}
+    if config.eval_init and start_step == 0 and config.steps > 0:
+        result["eval_init"] = evaluate_spm(backbone, model, val_pairs, val_rows, config, resolution)
+
+    def save_checkpoint(step: int) -> None:
+        with atomic_dir(ckpt) as tmp:
+            model.save(tmp / FINAL)
+            save_torch(tmp / "optimizer.pt", opt.state_dict())  # a full disk is one line, not a C++ error
+            (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, "lr": lr,
+                                                        "config": result["config"]}, default=str))
+
+    order = BatchOrder(pairs, train_rows, config.batch_size, config.seed) if config.steps > start_step else None
+    model.train()
+    log_path = out / LOG
+    if log_path.exists():  # drop records past the checkpoint we resume from (a killed run's tail)
+        kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
+    log_f = open(log_path, "a") if config.steps > start_step else None
+    try:
+        for step in range(start_step, config.steps):
+            rows = order.batch(step)
+            g = _step_generator(config.seed, step)
+            t = torch.randint(0, backbone.num_train_timesteps, (len(rows),), generator=g)
+            a, b = pairs.images(rows, resolution)
+            caps = [pairs.captions[r] for r in rows]
+            x0 = estimate_x0_images(backbone, torch.cat([a, b]), caps, t, g,
+                                    guidance_scale=config.guidance_scale, chunk=config.backbone_chunk)
+            labels = torch.as_tensor(pairs.labels[rows], dtype=torch.float32, device=device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                s = model(x0, torch.cat([t, t]).to(device), caps + caps)
+            loss = pair_loss(torch.stack([s[: len(rows)], s[len(rows):]], dim=1), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm else None
+            opt.step()
+            losses.append(float(loss.detach()))
+            done = step + 1
+            if config.log_every and (done % config.log_every == 0 or done == config.steps):
+                rec = {"step": done, "loss": float(np.mean(losses[-config.log_every:])),
+                       "grad_norm": None if gnorm is None else float(gnorm), "t_mean": float(t.float().mean()),
+                       "elapsed_s": round(time.perf_counter() - t_start, 2)}
+                log_f.write(json.dumps(rec) + "\n")
+                log_f.flush()
+                if progress:
+                    progress(rec)
+            if config.save_every and done % config.save_every == 0 and done < config.steps:
+                save_checkpoint(done)
+    finally:
+        if log_f:
+            log_f.close()
+
+    if config.steps > 0:
+        save_checkpoint(config.steps)
+    model.save(out / FINAL)
+    result["eval"] = evaluate_spm(backbone, model, val_pairs, val_rows, config, resolution)
+    model.counters = counters_before
+    k = max(1, min(10, len(losses) // 4)) if losses else 0
+    result.update({
+        "steps": config.steps,
+        "train_loss_first": float(np.mean(losses[:k])) if losses else None,
+        "train_loss_last": float(np.mean(losses[-k:])) if losses else None,
+        "losses": losses,
+        "model": str(out / FINAL),
+        "wall_s": round(time.perf_counter() - t_start, 2),
+        "counters": backbone.counters.as_dict(),
+        "provenance": provenance(),
+    })
+    atomic_write_json(out / METRICS, result)
+    return result
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+def _load_backbone(name: str, model: Optional[str], device: str, dtype: str):
+    from spobench.models.backbones import load_backbone
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype not in dtypes:
+        raise InputError(f"--dtype must be one of {', '.join(dtypes)} (got {dtype!r})")
+    return load_backbone(name, model, device=device, dtype=dtypes[dtype])
+
+
+def default_init(backbone_name: str) -> Path:
+    """Where ``--init`` points when omitted: the metric weights folder of PickScore (or, for the
+    tiny backbone, the tiny world's toy PickScore: ``$SPOBENCH_WEIGHTS/toy_pickscore`` if present,
+    else the one shipped in the package)."""
+    from spobench.metrics.base import weights_root
+
+    if backbone_name == "tiny":
+        local = weights_root() / "toy_pickscore"
+        return local if local.exists() else ASSETS / "toy-pickscore"
+    return weights_root() / "pickscore"
