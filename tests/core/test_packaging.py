@@ -1,4 +1,5 @@
-"""The built wheel, installed into a fresh venv, carries the namespace mapping and the data files."""
+"""Packaging: the built wheel installs into a fresh venv with its data files, and every spobench module comes
+from one folder tree (issue 15: no mapped folders, so no mix of two checkouts)."""
 
 import os
 import shutil
@@ -54,3 +55,52 @@ print('ok')
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
     r = subprocess.run([str(env_dir / "bin" / "spobench"), "ls", "backbones"], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "tiny" in r.stdout, r.stderr[-2000:]
+
+
+def _module_names(root: Path) -> list[str]:
+    pkg = root / "spobench"
+    return sorted(".".join(p.relative_to(root).with_suffix("").parts[:-1] if p.name == "__init__.py"
+                           else p.relative_to(root).with_suffix("").parts)
+                  for p in pkg.rglob("*.py") if "assets" not in p.parts)
+
+
+def test_every_module_comes_from_the_package_it_belongs_to():
+    """Issue 15: with trainers/, metrics/ and recipes/ mapped into spobench.* by the build backend, a
+    second clone's `spobench` came with the first clone's `spobench.trainers`. Everything now lives in
+    one folder tree, so a subpackage is always found through its parent's __path__."""
+    import importlib
+
+    import spobench
+
+    root = Path(spobench.__file__).resolve().parent
+    names = _module_names(root.parent)
+    assert "spobench.trainers.spo" in names and "spobench.metrics.pickscore" in names
+    for name in names:
+        mod = importlib.import_module(name)
+        assert Path(mod.__file__).resolve().is_relative_to(root), (name, mod.__file__)
+
+
+def test_the_build_maps_no_folder_into_the_package():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert "package-dir" not in text
+    for old in ("trainers", "metrics", "recipes"):
+        assert not (ROOT / old).exists(), f"{old}/ at the top of the repo would be a second source of spobench.{old}"
+
+
+@pytest.mark.slow
+def test_a_second_clone_runs_whole_from_itself(tmp_path):
+    """`python -m spobench.cli` from a second checkout takes every module from that checkout, even
+    though this venv's editable install points at the first."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "spobench"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    clone = tmp_path / "clone"
+    for f in files:
+        if (ROOT / f).is_file():
+            (clone / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, clone / f)
+    code = ("import pathlib, sys, spobench, spobench.trainers.spo, spobench.metrics.toy, spobench.core.catalog\n"
+            "mods = [spobench, spobench.trainers.spo, spobench.metrics.toy, spobench.core.catalog]\n"
+            "print({str(pathlib.Path(m.__file__).resolve()).startswith(sys.argv[1]) for m in mods})\n")
+    r = subprocess.run([sys.executable, "-c", code, str(clone.resolve())], capture_output=True, text=True,
+                       cwd=clone)
+    assert r.returncode == 0 and r.stdout.strip() == "{True}", (r.stdout, r.stderr[-2000:])
