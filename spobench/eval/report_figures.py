@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 from spobench.core.io import atomic_file
-from spobench.eval.report_tables import ROUND_SCORES, _paper_rows
+from spobench.eval.report_tables import ROUND_SCORES, _paper_rows, metric_label
 
 
 # =====================================================================================================
@@ -132,7 +132,7 @@ def metrics_png(out: Path, data: dict) -> Path | None:
             ax.bar(pos, vals, yerr=yerr, capsize=3, color="tab:blue", alpha=0.8)
         ax.set_xticks(pos)
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
-        ax.set_title(f"{m} (ours, {data['backbone']['name']})", fontsize=9)
+        ax.set_title(f"{metric_label(data, m)} (ours, {data['backbone']['name']})", fontsize=9)
         if abl and j == 0:
             ax.legend(fontsize=7)
     if paper_cells:

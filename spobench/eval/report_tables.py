@@ -150,14 +150,29 @@ def per_tag_tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     return out
 
 
+def lower_is_better(data: dict, metric: str) -> bool:
+    """Whether ``metric`` counts lower scores as better, as its comparisons (or its id) recorded it."""
+    for c in data["cells"]:
+        for entry in ((c.get("compare") or {}).get(metric), ((c.get("metrics") or {}).get(metric) or {}).get("id")):
+            if isinstance(entry, dict) and entry.get("higher_is_better") is False:
+                return True
+    return False
+
+
+def metric_label(data: dict, metric: str) -> str:
+    return f"{metric} (lower is better)" if lower_is_better(data, metric) else metric
+
+
 def compare_table(data: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Win rates count a pair as won when the cell's score is better in the metric's direction (compare
+    decides it); the mean difference is the raw cell - reference."""
     ref = data.get("compare_to")
     if not ref or not any(c.get("compare") for c in data["cells"]):
         return None
     ref_label = next(c["label"] for c in data["cells"] if c["id"] == ref)
     head = ["cell"]
     for m in data["metrics"]:
-        head += [f"{m}: win rate vs {ref_label} [95% CI]", f"{m}: mean diff [95% CI]"]
+        head += [f"{metric_label(data, m)}: win rate vs {ref_label} [95% CI]", f"{m}: mean diff [95% CI]"]
     rows = []
     for c in data["cells"]:
         cmp = c.get("compare")
