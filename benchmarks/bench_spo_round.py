@@ -90,7 +90,8 @@ def build(n_prompts: int, b: int, k: int, *, num_steps: int = 20, kappa: int = 7
           compile: bool = False,
           random_base: bool = False, lora_perturb: float = 0.1, seed: int = 0) -> Setup:
     from spobench.models.backbones.tiny import PRETRAINED_DIR, TinyBackbone, tiny_tokenizer
-    from spobench.models.spm import StepAwarePreferenceModel, make_tiny_clip_folder
+    from spobench.models.spm import StepAwarePreferenceModel
+    from spobench.toyworld.tiny_clip import make_tiny_clip_folder
     from spobench.trainers.base import load_prompts
 
     torch.manual_seed(seed)

@@ -533,7 +533,7 @@ def toy_clip(
     _tiny_clip_shape(hidden, patch)  # before the imports: transformers takes seconds to load
     from spobench.models.backbones.tiny import tiny_tokenizer
     from spobench.core import outdir
-    from spobench.models.spm import make_tiny_clip_folder
+    from spobench.toyworld.tiny_clip import make_tiny_clip_folder
 
     with outdir.claim(out, command="toy clip", overwrite=overwrite, resumable=False):
         make_tiny_clip_folder(out, seed=seed, image_size=32, patch_size=patch, hidden=hidden, layers=layers,

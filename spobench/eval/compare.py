@@ -5,17 +5,18 @@ Images of run A and run B are paired when they were made for the same prompt wit
 k-th image of that prompt in B (``pair_by="prompt"``); ``"auto"`` takes whichever pairs more images.
 For every metric:
 
-* **win rate of A over B**: each pair scores 1 (A higher), 0.5 (tie) or 0 (B higher); the outcomes are
+* **win rate of A over B**: each pair scores 1 (A better), 0.5 (tie) or 0 (B better); the outcomes are
   averaged per prompt and then over prompts, so every prompt weighs the same (the paper's "winning
-  percentage", here judged by the metric instead of people);
-* **mean difference** A - B, also averaged per prompt and then over prompts;
+  percentage", here judged by the metric instead of people). "Better" is the metric's own direction
+  (``Metric.higher_is_better``, recorded in the results' metric id; results written before it was
+  recorded are higher-is-better, as every spobench metric is);
+* **mean difference** A - B (raw, whatever the direction), also averaged per prompt and then over prompts;
 * percentile bootstrap 95% CIs of both, resampling prompts (images of one prompt move together);
 * an exact two-sided sign test over prompts that are not ties, and the pair counts.
 
 Scores are comparable only when both runs were scored by the same metric (name, version, checkpoint
 sha256 and options); anything else is refused, as is a pair of runs with no prompt in common. The result
-is written atomically to ``compare.json``. Every metric is taken as higher-is-better, as all of
-spobench's metrics are.
+is written atomically to ``compare.json``.
 """
 
 from __future__ import annotations
@@ -99,6 +100,11 @@ def pair_rows(rows_a: Sequence[dict], rows_b: Sequence[dict], pair_by: str = "au
     return mode, options[mode]
 
 
+def is_higher_better(mid: dict | None) -> bool:
+    """A results file's metric direction; ids written before it was recorded are higher-is-better."""
+    return True if not isinstance(mid, dict) else mid.get("higher_is_better", True) is not False
+
+
 def _id_text(mid: dict) -> str:
     sha = (mid.get("checkpoint_sha256") or "")[:12] or "none"
     return f"{mid.get('name')}@{mid.get('version')} checkpoint {sha} options {json.dumps(mid.get('options', {}), sort_keys=True)}"
@@ -108,6 +114,7 @@ def _check_ids(metric: str, pa: Path, ida, pb: Path, idb) -> None:
     for p, mid in ((pa, ida), (pb, idb)):
         if not isinstance(mid, dict):
             raise InputError(f"{p}: metric {metric!r} has no id (name/version/checkpoint); re-score with `spobench eval`")
+    ida, idb = ({**mid, "higher_is_better": is_higher_better(mid)} for mid in (ida, idb))
     fields = sorted(k for k in set(ida) | set(idb) if ida.get(k) != idb.get(k))
     if fields:
         raise InputError(
@@ -137,10 +144,12 @@ def _scores(rows: Sequence[dict], idx: Sequence[int], metric: str, path: Path) -
 
 
 def compare_metric(sa: np.ndarray, sb: np.ndarray, prompts: Sequence[str], n_boot: int = 1000, seed: int = 0,
-                   level: float = 0.95, tie_tol: float = 0.0) -> dict:
-    """Win rate of A over B and mean difference A - B, per prompt then over prompts, with bootstrap CIs."""
+                   level: float = 0.95, tie_tol: float = 0.0, higher_is_better: bool = True) -> dict:
+    """Win rate of A over B and mean difference A - B, per prompt then over prompts, with bootstrap CIs.
+    A pair is A's win when A's score is better by more than ``tie_tol`` in the metric's direction."""
     diff = sa - sb
-    outcome = np.where(diff > tie_tol, 1.0, np.where(diff < -tie_tol, 0.0, 0.5))
+    gain = diff if higher_is_better else -diff
+    outcome = np.where(gain > tie_tol, 1.0, np.where(gain < -tie_tol, 0.0, 0.5))
     uniq, inv = np.unique(np.asarray(prompts, dtype=object), return_inverse=True)
     counts = np.bincount(inv, minlength=len(uniq)).astype(np.float64)
     p_out = np.bincount(inv, weights=outcome, minlength=len(uniq)) / counts
@@ -158,6 +167,7 @@ def compare_metric(sa: np.ndarray, sb: np.ndarray, prompts: Sequence[str], n_boo
         "prompts": {"n": len(uniq), "a_wins": p_wins, "ties": int(len(uniq) - p_wins - p_losses),
                     "b_wins": p_losses},
         "sign_test_p": sign_test(p_wins, p_losses),
+        "higher_is_better": bool(higher_is_better),
     }
 
 
@@ -220,14 +230,16 @@ def compare_results(a: str | Path, b: str | Path, metrics: Sequence[str] | None 
     for m in names:
         sa = _scores(rows_a, ia, m, pa)
         sb = _scores(rows_b, ib, m, pb)
-        result["metrics"][m] = {**compare_metric(sa, sb, prompts, n_boot=n_boot, seed=seed, tie_tol=tie_tol),
+        result["metrics"][m] = {**compare_metric(sa, sb, prompts, n_boot=n_boot, seed=seed, tie_tol=tie_tol,
+                                                 higher_is_better=is_higher_better(ma[m]["id"])),
                                 "id": ma[m]["id"]}
     write_output(out_path, lambda p: atomic_write_json(p, result))
     return result
 
 
 def summary_table(result: dict):
-    """A rich Table: per metric, A and B means, A - B with its CI, A's win rate with its CI, pairs."""
+    """A rich Table: per metric, A and B means, A - B with its CI, A's win rate with its CI, pairs. The win
+    rate is green when A is better beyond its CI, red when B is (each metric's own direction)."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -239,8 +251,9 @@ def summary_table(result: dict):
         lo, hi = m["mean_diff_ci95"]
         wlo, whi = m["win_rate_ci95"]
         style = "green" if wlo > 0.5 else "red" if whi < 0.5 else ""
+        label = name if m.get("higher_is_better", True) else f"{name} (lower is better)"
         table.add_row(
-            escape(name), f"{m['mean_a']:.4f}", f"{m['mean_b']:.4f}", f"{m['mean_diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]",
+            escape(label), f"{m['mean_a']:.4f}", f"{m['mean_b']:.4f}", f"{m['mean_diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]",
             f"[{style}]{100 * m['win_rate']:.1f}%[/] [{100 * wlo:.1f}, {100 * whi:.1f}]" if style
             else f"{100 * m['win_rate']:.1f}% [{100 * wlo:.1f}, {100 * whi:.1f}]",
             f"{m['pairs']['n']} ({m['prompts']['n']})", f"{m['sign_test_p']:.3g}")

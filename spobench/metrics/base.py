@@ -21,7 +21,7 @@ from spobench.core.errors import MissingWeightsError
 
 @dataclass
 class MetricOutput:
-    scores: np.ndarray  # (N,) one score per image; higher is better
+    scores: np.ndarray  # (N,) one score per image; better is the metric's ``higher_is_better`` direction
     tags: list[str] | None = None  # (N,) category per image, for per-tag means (GenEval)
     details: list[dict] | None = None  # (N,) anything worth keeping per image
 
@@ -32,6 +32,8 @@ class MetricId:
     version: str
     checkpoint_sha256: str | None = None
     options: dict = field(default_factory=dict)
+    # the direction travels with the scores (results.json) so that compare and the report need no metric code
+    higher_is_better: bool = True
 
     def key(self) -> str:
         """Cache key part: a score is reusable only for the same metric, version and checkpoint."""
@@ -44,6 +46,7 @@ class Metric:
     name: ClassVar[str] = "base"
     version: ClassVar[str] = "1"
     needs_prompt: ClassVar[bool] = True
+    # False for a loss-like metric (a distance, an error rate): compare counts the lower score as the win
     higher_is_better: ClassVar[bool] = True
 
     def __init__(self, weights: str | Path | None = None, device: str = "cpu", batch_size: int = 16, **options):
@@ -78,7 +81,7 @@ class Metric:
         raise NotImplementedError
 
     def identity(self) -> MetricId:
-        return MetricId(self.name, self.version, self.checkpoint_sha256, dict(self.options))
+        return MetricId(self.name, self.version, self.checkpoint_sha256, dict(self.options), self.higher_is_better)
 
 
 def check_pairs(images: Sequence, prompts: Sequence[str] | None, need_prompts: bool = True) -> None:

@@ -27,7 +27,6 @@ The score is PickScore's: ``logit_scale.exp() * cos(image_emb, text_emb)``.
 
 from __future__ import annotations
 
-from spobench import ASSETS
 import functools
 import json
 import math
@@ -36,30 +35,35 @@ from typing import Sequence
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
-from spobench.core.errors import InputError, MissingWeightsError, ModelLoadError
-
-SPM_FORMAT = "spobench-spm"
-SPM_FORMAT_VERSION = 1
-CONFIG_NAME = "spm_config.json"
-CLIP_SUBDIR = "clip"
-TIME_WEIGHTS = "time_conditioning.safetensors"
-# the tiny world's SPM, trained on generic tiny-world pairs (how: assets/tiny-spm/train.json)
-TINY_SPM = ASSETS / "tiny-spm"
-
-PICKSCORE_ID = "yuvalkirstain/PickScore_v1"
-PICKSCORE_PROCESSOR_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
-
-HOW_TO_GET = (
-    f"For real use download the PickScore model ({PICKSCORE_ID}) and the tokenizer/processor files of "
-    f"{PICKSCORE_PROCESSOR_ID} (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json, "
-    f"preprocessor_config.json) into one folder, e.g. `hf download {PICKSCORE_ID} --local-dir DIR` and "
-    f"`hf download {PICKSCORE_PROCESSOR_ID} vocab.json merges.txt tokenizer_config.json special_tokens_map.json "
-    f"preprocessor_config.json --local-dir DIR`."
+from spobench.core.errors import InputError
+# The folder and preprocessing names stay importable from here: callers load and score SPMs through
+# this module.
+from spobench.models.spm_files import (  # noqa: F401
+    CLIP_SUBDIR,
+    CONFIG_NAME,
+    HOW_TO_GET,
+    PICKSCORE_ID,
+    PICKSCORE_PROCESSOR_ID,
+    SPM_FORMAT,
+    SPM_FORMAT_VERSION,
+    TIME_WEIGHTS,
+    TINY_SPM,
+    _load_clip,
+    _load_tokenizer,
+    _read_time_weights,
+    _resolve_folder,
+    _tokenizer_and_preprocess,
+    read_spm_config,
+)
+from spobench.models.spm_preprocess import (  # noqa: F401
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    RESIZE_MODES,
+    check_preprocess,
+    preprocess_images,
+    read_preprocess,
+    write_preprocessor_config,
 )
 
 
@@ -123,251 +127,6 @@ def _adaln_layer_forward(layer, head, hidden_states, attention_mask=None, spm_ti
         return ckpt(functools.partial(_adaln_block, layer, head, attention_mask, kwargs), hidden_states, spm_time_cond)
     return _adaln_block(layer, head, attention_mask, kwargs, hidden_states, spm_time_cond)
 
-
-# -- preprocessing ------------------------------------------------------------------------------
-def _as_int_size(value, key: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, dict):
-        for k in (key, "height", "shortest_edge"):
-            if k in value:
-                return int(value[k])
-    return None
-
-
-# How images are brought to the CLIP input size (``preprocess["resize"]``):
-# * "clip": what CLIPImageProcessor does through PIL (antialiased bicubic resize of the short side, long
-#   side floored, centre-crop offsets floored). spobench's own SPMs use it: it is what their PickScore
-#   init saw in training and what the PickScore metric does to the final images, and without antialiasing
-#   a 512 -> 224 resize aliases fine texture into the score.
-# * "spo": the official SPO scoring path, for the official checkpoints (trained on it): bicubic without
-#   antialias, both sides rounded (``int(side * scale + 0.5)``), then torchvision's centre crop (offsets
-#   ``int(round(d / 2))``, Python's round), only when the resized image is not square. From RockeyCoss/SPO
-#   @ecb68d886bf566552271e51f0a0410828438630e, spo/preference_models/models/step_aware_preference_model.py
-#   (``get_preference_score``). It works on [-1, 1] images and maps them with ``(x / 2 + 0.5).clamp(0, 1)``
-#   after the resize; bicubic weights sum to one, so resizing the [0, 1] images spobench's backbones decode
-#   is the same map, provided the decoded image reaches the SPM unclamped: the pool scorer
-#   (engine/scoring.py) decodes with ``clamp=False`` for "spo" SPMs, and the clamp here follows the resize.
-RESIZE_MODES = ("clip", "spo")
-
-
-def read_preprocess(folder: Path | None, image_size: int, resize: str = "clip") -> dict:
-    """Resize/crop/normalisation settings from ``preprocessor_config.json`` (CLIP defaults if absent)."""
-    out = {"size": image_size, "crop": image_size, "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD),
-           "resize": resize, "source": "clip-defaults"}
-    file = folder / "preprocessor_config.json" if folder is not None else None
-    if file is not None and file.exists():
-        try:
-            cfg = json.loads(file.read_text())
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"{file}: not valid JSON ({e})") from None
-        if not isinstance(cfg, dict):
-            raise ModelLoadError(f"{file}: not a preprocessor config (a JSON object)")
-        try:
-            out["size"] = _as_int_size(cfg.get("size"), "shortest_edge") or out["size"]
-            out["crop"] = _as_int_size(cfg.get("crop_size"), "height") or out["crop"]
-        except (TypeError, ValueError):
-            raise ModelLoadError(f"{file}: size/crop_size are not integers") from None
-        out["mean"] = cfg.get("image_mean", out["mean"])
-        out["std"] = cfg.get("image_std", out["std"])
-        out["source"] = str(file)
-    check_preprocess(out, image_size, str(file or "preprocess settings"))
-    out["mean"], out["std"] = list(out["mean"]), list(out["std"])
-    return out
-
-
-def check_preprocess(pp, image_size: int, source: str) -> None:
-    """Refuse preprocess settings a CLIP of ``image_size`` cannot use, naming ``source`` and the field."""
-    if not isinstance(pp, dict):
-        raise ModelLoadError(f"{source}: preprocess settings must be an object")
-    for key in ("size", "crop"):
-        v = pp.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ModelLoadError(f"{source}: {key} must be a positive integer (got {v!r})")
-    for key in ("mean", "std"):
-        v = pp.get(key)
-        if (not isinstance(v, (list, tuple)) or len(v) != 3
-                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
-            raise ModelLoadError(f"{source}: {key} must be 3 finite numbers (got {v!r})")
-    if not all(x > 0 for x in pp["std"]):
-        raise ModelLoadError(f"{source}: std must be positive (got {pp['std']!r})")
-    if pp.get("resize", "clip") not in RESIZE_MODES:
-        raise ModelLoadError(f"{source}: resize must be one of {', '.join(RESIZE_MODES)} (got {pp.get('resize')!r})")
-    if pp["crop"] != image_size:
-        raise ModelLoadError(f"{source}: crop size {pp['crop']} does not match the CLIP image size {image_size}")
-    if pp.get("resize") == "spo" and pp["size"] != pp["crop"]:
-        raise ModelLoadError(f"{source}: the 'spo' resize crops to the resize size, so size ({pp['size']}) "
-                             f"must equal crop ({pp['crop']})")
-
-
-def _resized_shape(h: int, w: int, size: int, resize: str) -> tuple[int, int]:
-    if resize == "spo":
-        scale = size / min(h, w)
-        return int(h * scale + 0.5), int(w * scale + 0.5)
-    short, long = (h, w) if h <= w else (w, h)
-    new_long = int(size * long / short)
-    return (size, new_long) if h <= w else (new_long, size)
-
-
-def _crop_offset(have: int, want: int, resize: str) -> int:
-    # torchvision's CenterCrop (the official path) rounds half to even; CLIPImageProcessor floors
-    return int(round((have - want) / 2.0)) if resize == "spo" else (have - want) // 2
-
-
-def preprocess_images(images: torch.Tensor, size: int, crop: int, mean: Sequence[float],
-                      std: Sequence[float], resize: str = "clip") -> torch.Tensor:
-    """CLIP preprocessing in torch (differentiable, batched): images (N, 3, H, W) in [0, 1] ->
-    bicubic resize of the short side to ``size`` (antialiased for ``resize="clip"``, as
-    CLIPImageProcessor through PIL; not for ``"spo"``, the official SPO path: see RESIZE_MODES),
-    centre crop ``crop`` x ``crop``, clamp to [0, 1], normalise with ``mean``/``std``."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise InputError(f"SPM expects images of shape (N, 3, H, W); got {tuple(images.shape)}")
-    if resize not in RESIZE_MODES:
-        raise InputError(f"resize must be one of {', '.join(RESIZE_MODES)} (got {resize!r})")
-    x = images.float()
-    h, w = x.shape[-2:]
-    size = max(size, crop)
-    nh, nw = _resized_shape(h, w, size, resize)
-    if (nh, nw) != (h, w):  # bicubic at scale 1 with align_corners=False is the identity: skipped
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=resize == "clip", align_corners=False)
-    if (nh, nw) != (crop, crop):
-        top, left = _crop_offset(nh, crop, resize), _crop_offset(nw, crop, resize)
-        x = x[..., top:top + crop, left:left + crop]
-    x = x.clamp(0, 1)
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
-
-
-def write_preprocessor_config(folder: str | Path, preprocess: dict) -> Path:
-    """Write ``preprocessor_config.json`` (CLIPImageProcessor keys) for the settings of
-    :func:`read_preprocess` (``size``, ``crop``, ``mean``, ``std``), so the folder reloads the same."""
-    file = Path(folder) / "preprocessor_config.json"
-    file.write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": preprocess["size"]},
-        "resample": 3, "do_center_crop": True, "crop_size": {"height": preprocess["crop"], "width": preprocess["crop"]},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(preprocess["mean"]), "image_std": list(preprocess["std"]), "do_convert_rgb": True}, indent=2))
-    return file
-
-
-# -- loading helpers ----------------------------------------------------------------------------
-def _has_tokenizer(folder: Path) -> bool:
-    return any(all((folder / f).exists() for f in group) for group in _TOKENIZER_FILES)
-
-
-def _resolve_folder(path: str | Path, what: str) -> Path:
-    """A local folder, or a hub id already in the local HF cache (never downloads)."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        return p
-    if not p.exists() and "/" in str(path) and not str(path).startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(str(path), local_files_only=True))
-        except Exception:  # noqa: BLE001 - anything here means "not on disk"
-            pass
-    raise MissingWeightsError(f"{what}: no CLIP model folder at {path} (not found). {HOW_TO_GET}")
-
-
-def _load_tokenizer(folder: Path, processor: str | Path | None):
-    from transformers import AutoTokenizer
-
-    candidates = [folder] + ([_resolve_folder(processor, "SPM tokenizer")] if processor is not None else [])
-    for c in candidates:
-        if _has_tokenizer(c):
-            try:
-                return AutoTokenizer.from_pretrained(str(c)), c
-            except Exception as e:  # noqa: BLE001
-                raise ModelLoadError(f"{c}: cannot load the CLIP tokenizer ({e})") from None
-    raise MissingWeightsError(
-        f"no CLIP tokenizer files (vocab.json + merges.txt, or tokenizer.json) in {folder}"
-        + (f" or {processor}" if processor else "")
-        + f". PickScore uses the processor of {PICKSCORE_PROCESSOR_ID}: put its tokenizer files beside the model "
-        f"or pass its folder as the processor. {HOW_TO_GET}"
-    )
-
-
-def _load_clip(folder: Path, dtype: torch.dtype, *, safetensors_only: bool):
-    """``safetensors_only``: True for the ``clip/`` of an SPM folder (spobench writes safetensors, so a
-    pickle there is refused unread); False for an outside CLIP/PickScore folder, whose ``.bin``
-    transformers reads with ``weights_only=True``."""
-    from transformers import CLIPModel
-
-    from spobench.core.weights import load_pretrained
-
-    if not (folder / "config.json").exists():
-        raise MissingWeightsError(f"{folder}: no config.json, not a CLIPModel folder. {HOW_TO_GET}")
-    try:
-        return load_pretrained(CLIPModel, folder, safetensors_only=safetensors_only, what="CLIP", dtype=dtype)
-    except MissingWeightsError as e:
-        if safetensors_only and any(folder.glob("*.bin")):
-            raise MissingWeightsError(f"{folder}: no model.safetensors (only a pickled .bin, which an SPM folder "
-                                      "never holds; it is not read)") from None
-        raise MissingWeightsError(f"{e} {HOW_TO_GET}") from None
-
-
-def _tokenizer_and_preprocess(folder: Path, processor, image_size: int, resize: str = "clip"):
-    """The tokenizer and preprocess settings for a CLIP folder: from the folder itself, else from
-    ``processor`` (PickScore's live in the laion ViT-H repo)."""
-    tokenizer, tok_dir = _load_tokenizer(folder, processor)
-    proc_dir = folder if (folder / "preprocessor_config.json").exists() else (
-        _resolve_folder(processor, "SPM processor") if processor is not None else tok_dir)
-    return tokenizer, read_preprocess(proc_dir, image_size, resize)
-
-
-def read_spm_config(directory: Path) -> dict:
-    """``spm_config.json`` of an SPM folder, checked field by field (one line naming the bad one)."""
-    file = directory / CONFIG_NAME
-    if not file.exists():
-        raise MissingWeightsError(f"{directory}: no {CONFIG_NAME}; not an SPM folder (train one with "
-                                  f"`spobench train-spm`, import an official one with `spobench spm import`). "
-                                  f"{HOW_TO_GET}")
-    try:
-        cfg = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        first = (str(e).splitlines() or [""])[0]
-        raise ModelLoadError(f"{file}: not valid JSON ({type(e).__name__}: {first})") from None
-    if not isinstance(cfg, dict):
-        raise ModelLoadError(f"{file}: not an SPM config (a JSON object)")
-    if cfg.get("format") != SPM_FORMAT:
-        raise ModelLoadError(f"{file}: not an SPM config (format {cfg.get('format')!r}, expected {SPM_FORMAT!r})")
-    version = cfg.get("format_version", SPM_FORMAT_VERSION)
-    if not isinstance(version, int) or isinstance(version, bool) or version > SPM_FORMAT_VERSION:
-        raise ModelLoadError(f"{file}: format_version {version!r} is not one this spobench reads "
-                             f"(<= {SPM_FORMAT_VERSION})")
-    if not isinstance(cfg.get("time_conditioned"), bool):
-        raise ModelLoadError(f"{file}: time_conditioned must be true or false (got {cfg.get('time_conditioned')!r})")
-    te = cfg.get("time_embedding", {})
-    if not isinstance(te, dict):
-        raise ModelLoadError(f"{file}: time_embedding must be an object")
-    for key, optional in (("freq_dim", False), ("hidden", True)):
-        v = te.get(key, 256 if key == "freq_dim" else None)
-        if not (v is None and optional) and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ModelLoadError(f"{file}: time_embedding.{key} must be a positive integer (got {v!r})")
-    ml = cfg.get("max_length")
-    if ml is not None and (not isinstance(ml, int) or isinstance(ml, bool) or ml < 1):
-        raise ModelLoadError(f"{file}: max_length must be a positive integer (got {ml!r})")
-    if not isinstance(cfg.get("base_clip", ""), str):
-        raise ModelLoadError(f"{file}: base_clip must be a string")
-    if "preprocess" in cfg and not isinstance(cfg["preprocess"], dict):
-        raise ModelLoadError(f"{file}: preprocess must be an object")
-    return cfg
-
-
-def _read_time_weights(file: Path) -> dict:
-    from safetensors.torch import load_file
-
-    if not file.is_file():
-        raise ModelLoadError(f"{file.parent}: time-conditioned SPM without {file.name}")
-    try:
-        return load_file(str(file))
-    except Exception as e:  # noqa: BLE001 - SafetensorError (truncated, not safetensors) and OSError alike
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ModelLoadError(f"{file}: cannot read the time-conditioning weights ({type(e).__name__}: {first})") from None
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -609,79 +368,3 @@ class StepAwarePreferenceModel(nn.Module):
     def train(self, mode: bool = True):
         self.clear_text_cache()
         return super().train(mode)
-
-
-# -- a tiny CLIP for the tiny world and tests ---------------------------------------------------
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def make_tiny_clip_tokenizer(words: Sequence[str] = ()):
-    """A byte-level CLIPTokenizer whose vocabulary is the 256 byte symbols (with and without
-    ``</w>``), one merged token per word in ``words`` (when the BPE merge order allows), and the
-    two special tokens at the top ids (as in CLIP)."""
-    from transformers import CLIPTokenizer
-
-    chars = list(_bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for c in chars + [c + "</w>" for c in chars]:
-        vocab.setdefault(c, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for w in words:
-        w = w.lower()
-        if len(w) < 2 or not w.isascii():
-            continue
-        left = w[0]
-        for i, c in enumerate(w[1:], start=1):
-            right = c + "</w>" if i == len(w) - 1 else c
-            pair = (left, right)
-            if pair not in merges:
-                merges.append(pair)
-            left = left + right
-            vocab.setdefault(left, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges)
-
-
-def make_tiny_clip_folder(folder: str | Path, *, seed: int = 0, image_size: int = 32, patch_size: int = 8,
-                          hidden: int = 32, layers: int = 2, heads: int = 2, projection_dim: int = 16,
-                          max_length: int = 77, words: Sequence[str] | None = None, tokenizer=None) -> Path:
-    """Write a randomly initialised tiny CLIPModel folder (config, safetensors, tokenizer,
-    preprocessor_config.json) that ``StepAwarePreferenceModel.from_clip`` loads like PickScore.
-    ``tokenizer``: any CLIPTokenizer (e.g. the tiny backbone's); default a byte-level one with the
-    tiny world's ``words`` merged."""
-    from transformers import CLIPConfig, CLIPModel
-
-    if words is None:
-        from spobench.toyworld.words import WORDS as words
-    folder = Path(folder)
-    tok = tokenizer if tokenizer is not None else make_tiny_clip_tokenizer(words)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_length,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=heads, image_size=image_size, patch_size=patch_size),
-        projection_dim=projection_dim,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(cfg).eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder), safe_serialization=True)
-    tok.save_pretrained(str(folder))
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
-        "resample": 3, "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(OPENAI_CLIP_MEAN),
-        "image_std": list(OPENAI_CLIP_STD), "do_convert_rgb": True}, indent=2))
-    return folder

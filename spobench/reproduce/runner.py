@@ -501,7 +501,7 @@ class Runner:
             if (out / "config.json").exists():
                 return info | {"reused": True}
             from spobench.models.backbones.tiny import tiny_tokenizer
-            from spobench.models.spm import make_tiny_clip_folder
+            from spobench.toyworld.tiny_clip import make_tiny_clip_folder
 
             with atomic_dir(out) as tmp:
                 make_tiny_clip_folder(tmp, seed=spec.seed, image_size=32, patch_size=spec.patch, hidden=spec.hidden,

@@ -73,7 +73,7 @@ class ToyPickScoreConfig:
 def random_tiny_clip(folder: str | Path, config: ToyPickScoreConfig) -> Path:
     """A random tiny CLIP as `spobench toy clip` writes it (the tiny backbone's tokenizer)."""
     from spobench.models.backbones.tiny import tiny_tokenizer
-    from spobench.models.spm import make_tiny_clip_folder
+    from spobench.toyworld.tiny_clip import make_tiny_clip_folder
 
     return make_tiny_clip_folder(folder, seed=config.seed, image_size=RESOLUTION, patch_size=config.patch,
                                  hidden=config.hidden, layers=config.layers, heads=4, projection_dim=32,

@@ -279,3 +279,115 @@ def test_compare_out_that_cannot_be_written(tmp_path):
     with pytest.raises(OutputError, match=r"cannot write it: .*file is not a folder"):
         compare_results(a, b, out=tmp_path / "file" / "c.json")
     assert json.loads(b.read_text()) == results(ROWS) and (tmp_path / "file").read_text() == "x"
+
+
+# -- direction: Metric.higher_is_better -----------------------------------------------------------
+def _scored_folders(tmp_path, metric_class, brighter: str):
+    """Two image folders scored by evaluate_folder; run ``brighter`` has the brighter images."""
+    from spobench.eval.evaluate import evaluate_folder
+
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = []
+        for i in range(6):
+            Image.new("RGB", (4, 4), (10 * i + (20 if name == brighter else 0),) * 3).save(folder / f"{i:05d}.png")
+            rows.append({"index": i, "file": f"{i:05d}.png", "prompt": f"p{i // 2}", "prompt_index": i // 2, "seed": i})
+        (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        evaluate_folder(folder, {metric_class.name: metric_class})
+    return tmp_path / "a", tmp_path / "b"
+
+
+def _darkness_metric():
+    from spobench.metrics.base import Metric, MetricOutput
+
+    class Darkness(Metric):
+        """A loss-like fake metric: mean grey level, where less is better."""
+        name, version = "darkness", "1"
+        higher_is_better = False
+
+        def score(self, images, prompts, metadata=None):
+            return MetricOutput(np.array([np.asarray(im, dtype=float).mean() for im in images]))
+
+    return Darkness
+
+
+def test_lower_is_better_metric_counts_the_lower_score_as_the_win(tmp_path):
+    Darkness = _darkness_metric()
+    a, b = _scored_folders(tmp_path, Darkness, brighter="b")  # A darker = A better
+    on_disk = json.loads((a / "results.json").read_text())
+    assert on_disk["metrics"]["darkness"]["id"]["higher_is_better"] is False  # recorded with the scores
+    res = compare_results(a, b)
+    m = res["metrics"]["darkness"]
+    assert m["higher_is_better"] is False
+    assert m["win_rate"] == 1.0 and m["win_rate_ci95"] == [1.0, 1.0]
+    assert m["pairs"] == {"n": 6, "a_wins": 6, "ties": 0, "b_wins": 0}
+    assert m["prompts"]["a_wins"] == 3 and m["prompts"]["b_wins"] == 0
+    assert m["mean_diff"] == pytest.approx(-20.0)  # the raw difference A - B keeps its sign
+    # and from B's side: B loses every pair
+    back = compare_results(b, a, out=tmp_path / "ba.json")["metrics"]["darkness"]
+    assert back["win_rate"] == 0.0 and back["pairs"]["b_wins"] == 6 and back["mean_diff"] == pytest.approx(20.0)
+
+
+def test_lower_is_better_ties_and_tolerance(tmp_path):
+    ids = {"loss": {**ID, "name": "loss", "higher_is_better": False}}
+    rows_b = [(f"p{i}", i, {"loss": 1.0}) for i in range(4)]
+    rows_a = [(p, s, {"loss": 1.0 - 1e-9}) for p, s, _ in rows_b]
+    ra, rb = results(rows_a, ("loss",), ids), results(rows_b, ("loss",), ids)
+    assert run(tmp_path, rows_a, rows_b, ra=ra, rb=rb)[2]["metrics"]["loss"]["win_rate"] == 1.0
+    assert run(tmp_path, rows_a, rows_b, ra=ra, rb=rb, tie_tol=1e-6)[2]["metrics"]["loss"]["win_rate"] == 0.5
+
+
+def test_higher_is_better_stays_the_default(tmp_path):
+    # results written before the direction was recorded (no higher_is_better in the id) are higher-is-better,
+    # and compare with new ones that say so explicitly
+    rows_b = [(f"p{i}", i, {"pickscore": 0.0}) for i in range(3)]
+    rows_a = [(p, s, {"pickscore": 1.0}) for p, s, _ in rows_b]
+    rb = results(rows_b, ids={"pickscore": {**ID, "higher_is_better": True}})
+    m = run(tmp_path, rows_a, rows_b, rb=rb)[2]["metrics"]["pickscore"]
+    assert m["higher_is_better"] is True and m["win_rate"] == 1.0
+
+
+def test_runs_scored_in_opposite_directions_are_refused(tmp_path):
+    rows = [("cat", 0, {"pickscore": 1.0})]
+    rb = results(rows, ids={"pickscore": {**ID, "higher_is_better": False}})
+    with pytest.raises(InputError, match=r"'pickscore' differs between the runs \(higher_is_better\)"):
+        run(tmp_path, rows, rows, rb=rb)
+
+
+def test_rich_summary_colours_by_the_metric_direction(tmp_path):
+    from rich.console import Console
+
+    Darkness = _darkness_metric()
+    a, b = _scored_folders(tmp_path, Darkness, brighter="b")
+    console = Console(record=True, width=200, color_system="truecolor")
+    console.print(compare_results(a, b))
+    text = console.export_text(clear=False)
+    assert "darkness (lower is better)" in text and "100.0%" in text and "-20.0000" in text
+    assert "\x1b[32m100.0%" in console.export_text(styles=True)  # A's win is shown as a win (green)
+
+
+def test_metric_identity_carries_the_direction():
+    Darkness = _darkness_metric()
+    ident = Darkness().identity()
+    assert ident.higher_is_better is False
+    assert ident.key() == "darkness@1#"  # the score cache key does not change with it
+    from spobench.metrics.base import Metric
+
+    assert Metric().identity().higher_is_better is True
+
+
+def test_report_names_a_lower_is_better_metric():
+    from spobench.eval.report_tables import compare_table
+
+    def cell(cid, cmp):
+        return {"id": cid, "label": cid, "metrics": {}, "compare": cmp}
+
+    win = {"win_rate": 1.0, "win_rate_ci95": [1.0, 1.0], "mean_diff": -2.0, "mean_diff_ci95": [-2.0, -2.0]}
+    data = {"compare_to": "base", "metrics": ["darkness", "pickscore"],
+            "cells": [cell("base", None), cell("spo", {"darkness": {**win, "higher_is_better": False},
+                                                       "pickscore": win})]}
+    head, rows = compare_table(data)
+    assert head[1] == "darkness (lower is better): win rate vs base [95% CI]"
+    assert head[3] == "pickscore: win rate vs base [95% CI]"
+    assert rows == [["spo"] + ["1.000 [1.000, 1.000]", "-2.0000 [-2.0000, -2.0000]"] * 2]

@@ -11,7 +11,7 @@ from pickapic_fixtures import write_pairs
 
 from spobench.trainers import spm as spm_train
 from spobench.core.errors import InputError
-from spobench.models.spm import make_tiny_clip_folder
+from spobench.toyworld.tiny_clip import make_tiny_clip_folder
 from spobench.eval.spm_eval import compare_spms, held_out_rows, load_scorer, paired_difference
 from spobench.trainers.spm import PairTable, train_spm
 

@@ -193,7 +193,7 @@ def _nonempty(path: Path) -> Path:
 
 
 def _clip(t: Path) -> Path:
-    from spobench.models.spm import make_tiny_clip_folder
+    from spobench.toyworld.tiny_clip import make_tiny_clip_folder
 
     return make_tiny_clip_folder(t / "clip", seed=0, image_size=16, patch_size=4)
 

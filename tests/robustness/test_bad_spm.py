@@ -37,7 +37,7 @@ TRAIN = ["k=2", "num_steps=4", "kappa=800", "threshold=0.0", "rollout_batch=1", 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny PickScore folder, its official-layout checkpoint, the imported SPM folder and pairs."""
-    from spobench.models.spm import make_tiny_clip_folder
+    from spobench.toyworld.tiny_clip import make_tiny_clip_folder
     from spobench.models.spm_official import import_official
     from spobench.toyworld.pairs import make_dataset
 

@@ -90,7 +90,8 @@ def test_bad_scorer_spec():
 
 
 def test_an_spm_folder_is_a_step_scorer_that_counts_its_passes(tmp_path):
-    from spobench.models.spm import StepAwarePreferenceModel, make_tiny_clip_folder
+    from spobench.models.spm import StepAwarePreferenceModel
+    from spobench.toyworld.tiny_clip import make_tiny_clip_folder
 
     clip = make_tiny_clip_folder(tmp_path / "clip")
     StepAwarePreferenceModel.from_clip(clip).save(tmp_path / "spm")
@@ -104,7 +105,8 @@ def test_an_spm_folder_is_a_step_scorer_that_counts_its_passes(tmp_path):
 
 
 def test_an_spm_follows_the_frozen_dtype_and_pools_get_float32_scores(tmp_path):
-    from spobench.models.spm import StepAwarePreferenceModel, make_tiny_clip_folder
+    from spobench.models.spm import StepAwarePreferenceModel
+    from spobench.toyworld.tiny_clip import make_tiny_clip_folder
 
     clip = make_tiny_clip_folder(tmp_path / "clip")
     StepAwarePreferenceModel.from_clip(clip).save(tmp_path / "spm")

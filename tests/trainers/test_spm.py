@@ -15,7 +15,8 @@ from pickapic_fixtures import write_pairs
 
 from spobench.trainers import spm as spm_train
 from spobench.core.errors import InputError
-from spobench.models.spm import StepAwarePreferenceModel, make_tiny_clip_folder
+from spobench.models.spm import StepAwarePreferenceModel
+from spobench.toyworld.tiny_clip import make_tiny_clip_folder
 from spobench.trainers.spm import PairTable, SPMTrainConfig, split_rows, train_spm
 
 BUCKETS = ["0", "250", "500", "750", "950"]

@@ -178,7 +178,7 @@ def make_lora_file(path: str | Path, backbone, style: str = "diffusers", rank: i
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from spobench.models.backbones.base import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME
+    from spobench.models.backbones.lora_files import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME
 
     if style not in LORA_KEY_STYLES:
         raise ValueError(f"style must be one of {LORA_KEY_STYLES}")
