@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from spobench.core.io import atomic_file, atomic_write_json, atomic_write_text
+from spobench.data.manifest import read_manifest
 
 COUNTERS = (("unet_rows_grad", "UNet rows (grad)"), ("unet_rows_nograd", "UNet rows (no grad)"),
             ("vae_decodes", "VAE decodes"), ("reward_image_passes", "reward/SPM images"))
@@ -221,13 +222,6 @@ def inputs_table(data: dict) -> tuple[list[str], list[list[str]]] | None:
 # =====================================================================================================
 # images
 # =====================================================================================================
-def _manifest(folder: Path) -> list[dict]:
-    path = folder / "manifest.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _save(fig, path: Path) -> None:
     with atomic_file(path) as f:
         fig.savefig(f, format="png", dpi=100)
@@ -251,7 +245,7 @@ def grid_png(out: Path, data: dict) -> Path | None:
     rows = []
     for c in data["cells"]:
         by_prompt: dict[int, dict] = {}
-        for r in _manifest(out / c["images"]):
+        for r in read_manifest(out / c["images"]):
             by_prompt.setdefault(r.get("prompt_index", r["index"]), r)
         rows.append((c, by_prompt))
     prompt_ids = sorted(set().union(*(set(b) for _, b in rows)))[:n_cols] if rows else []

@@ -60,8 +60,8 @@ def test_visible_unicode_prompts_pass(tmp_path):
 
 
 def test_a_registered_prompt_set_name_is_never_a_file(tmp_path, monkeypatch):
-    """trainers' load_prompts: a file named like a prompt set in the current folder does not replace it."""
-    from spobench.trainers.base import load_prompts
+    """load_prompts (as a setting gives it): a file named like a prompt set in the current folder does not replace it."""
+    from spobench.data.prompts import load_prompts
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny-train").write_text("a planted prompt\n")

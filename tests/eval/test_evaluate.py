@@ -176,7 +176,7 @@ def test_manifest_files_that_are_not_json_lines(tmp_path):
 
 def test_generate_reads_manifests_through_the_same_checks(tmp_path):
     from spobench.core.errors import InputError
-    from spobench.eval.generate import read_manifest
+    from spobench.data.manifest import read_manifest
 
     folder = _folder(tmp_path)
     assert [r["index"] for r in read_manifest(folder)] == [0, 1, 2, 3]
