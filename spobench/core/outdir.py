@@ -4,7 +4,9 @@
   (``--resume``) or replaced (``--overwrite``); its location must be writable (not under a file, not
   read-only). ``--overwrite`` replaces only a folder that spobench made: one holding the marker
   file :data:`MARKER` that :func:`claim` writes (what made it, when). Anything else - ``.`` with a
-  user's files, ``$HOME`` - is refused with one line, never emptied.
+  user's files, ``$HOME`` - is refused with one line, never emptied. What ``--resume`` may continue
+  differs per command and is said by parameters, not by a second guard: ``needs`` (reproduce: a
+  folder holding its ``plan.json``), ``results`` (train: no restart over a finished run's LoRA).
 * **A lock for the whole run** (:func:`claim`): ``fcntl.flock`` on the folder itself, non-blocking,
   so a second process on the same ``--out`` stops at once with one line instead of mixing its files
   with the first one's. flock rather than an O_EXCL pid file: the kernel drops the lock when its
