@@ -107,31 +107,12 @@ def _tiny_clip_shape(hidden: int, patch: int) -> None:
         raise InputError(f"--{name} {problem}")
 
 
-def _load_prompts(prompts: Optional[Path], prompt_set: Optional[str], limit: Optional[int]) -> list[str]:
-    from spobench.core import catalog
-
-    if prompts is None and prompt_set is None:
-        raise InputError("give --prompts FILE or --prompt-set NAME (see `spobench ls prompt-sets`)")
-    if prompts is not None and prompt_set is not None:
-        raise InputError("give only one of --prompts and --prompt-set")
-    if prompt_set == "file":  # the registry's entry for files takes the file itself
-        raise InputError("--prompt-set 'file': give the file with --prompts FILE")
-    items = catalog.PROMPT_SETS.get("file")(prompts) if prompts else catalog.PROMPT_SETS.get(prompt_set)()
-    if limit is not None:  # >= 1: checked by its option
-        items = items[:limit]
-    return list(items)
-
-
 def _backbone(name: str, model: Optional[str], device: str, dtype: str, lora: Optional[Path] = None,
               unet: Optional[str] = None, vae: Optional[str] = None):
-    import torch
-
+    from spobench.core.dtypes import torch_dtype
     from spobench.models.backbones import load_backbone
 
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if dtype not in dtypes:
-        raise InputError(f"--dtype must be one of {', '.join(dtypes)} (got {dtype!r})")
-    bb = load_backbone(name, model, device=device, dtype=dtypes[dtype], unet=unet, vae=vae)
+    bb = load_backbone(name, model, device=device, dtype=torch_dtype(dtype), unet=unet, vae=vae)
     if lora is not None:
         bb.load_lora(lora)
     return bb
@@ -169,9 +150,14 @@ def generate(
     from spobench.eval.generate import generate as run
 
     from spobench.core import outdir
+    from spobench.data.prompts import load_prompts
     from spobench.eval.generate import check_resume, plan
 
-    items = _load_prompts(prompts, prompt_set, limit)
+    if (prompts is None) == (prompt_set is None):
+        raise InputError("give only one of --prompts and --prompt-set" if prompts is not None else
+                         "give --prompts FILE or --prompt-set NAME (see `spobench ls prompt-sets`)")
+    items = load_prompts(prompt_set if prompts is None else prompts, limit,  # limit >= 1: checked by its option
+                         file=prompts is not None, what="--prompt-set", example="--prompts FILE")
     outdir.check(out, resume=resume, overwrite=overwrite)  # before minutes of model loading
     if resume:
         check_resume(out, plan(items, seed, images_per_prompt))

@@ -4,7 +4,9 @@
   (``--resume``) or replaced (``--overwrite``); its location must be writable (not under a file, not
   read-only). ``--overwrite`` replaces only a folder that spobench made: one holding the marker
   file :data:`MARKER` that :func:`claim` writes (what made it, when). Anything else - ``.`` with a
-  user's files, ``$HOME`` - is refused with one line, never emptied.
+  user's files, ``$HOME`` - is refused with one line, never emptied. What ``--resume`` may continue
+  differs per command and is said by parameters, not by a second guard: ``needs`` (reproduce: a
+  folder holding its ``plan.json``), ``results`` (train: no restart over a finished run's LoRA).
 * **A lock for the whole run** (:func:`claim`): ``fcntl.flock`` on the folder itself, non-blocking,
   so a second process on the same ``--out`` stops at once with one line instead of mixing its files
   with the first one's. flock rather than an O_EXCL pid file: the kernel drops the lock when its
@@ -30,7 +32,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from spobench.core.errors import InputError, OutputError, SpobenchError
 
@@ -91,11 +93,20 @@ def _dangerous(out: Path) -> bool:
 
 
 def check(out: str | Path, *, resume: bool = False, overwrite: bool = False, resumable: bool = True,
-          how: str | None = None) -> None:
+          how: str | None = None, needs: str | None = None, command: str | None = None,
+          results: Sequence[str] = ()) -> None:
     """Refuse an ``--out`` this command may not write (reads only; call before minutes of loading).
 
     ``resumable``: the command has a ``--resume`` (the error message offers it); ``how``: what the
-    message about a non-empty folder tells the user to do instead."""
+    message about a non-empty folder tells the user to do instead. What a ``--resume`` may continue:
+
+    * ``needs`` (reproduce: ``plan.json``): a file every folder of ``command`` holds; a non-empty
+      folder without it is another command's, and continuing in it would mix two runs' files.
+    * ``results`` (train: ``summary.json``, ``lora``): what a finished run leaves. The command resumes
+      from :mod:`spobench.core.checkpoint` checkpoints; with no complete one left it would start over,
+      so a folder that holds a finished run's results or once held checkpoints is refused (starting
+      over would delete its log and replace its LoRA). One with no checkpoint ever (killed before
+      its first) starts over: the same rounds are redone identically."""
     out = Path(out)
     if resume and overwrite:
         raise InputError("give only one of --resume and --overwrite")
@@ -113,6 +124,25 @@ def check(out: str | Path, *, resume: bool = False, overwrite: bool = False, res
         how = how or ("pass --resume or --overwrite (continue it, or replace it)" if resumable else
                       "pass --overwrite to replace it")
         raise InputError(f"{out}: output folder exists and is not empty; {how}")
+    if needs is not None and not (out / needs).exists():
+        raise InputError(f"{out}: not a `spobench {command}` run folder (no {needs}); choose another --out")
+    if results:
+        _check_restart(out, results)
+
+
+def _check_restart(out: Path, results: Sequence[str]) -> None:
+    from spobench.core.checkpoint import CHECKPOINTS, latest_checkpoint
+
+    if latest_checkpoint(out) is not None:
+        return
+    ckpts = out / CHECKPOINTS
+    held = [p.name for p in (out / r for r in results) if p.exists()]
+    if ckpts.is_dir() and any(not is_temp(p.name) for p in ckpts.iterdir()):
+        held.append(f"{CHECKPOINTS}/ without a complete checkpoint")
+    if held:
+        raise InputError(f"{out}: --resume cannot continue this run: it has no complete checkpoint in "
+                         f"{ckpts} (it holds {', '.join(held)}); starting over would replace them; "
+                         "pass --overwrite to start again, or choose another --out")
 
 
 def remove_stale_temps(root: str | Path) -> list[Path]:

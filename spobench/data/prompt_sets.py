@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from spobench.core.errors import InputError
-from spobench.data.prompts import MAX_PROMPT_CHARS
+from spobench.data.prompts import clean as _clean
 
 LOADER_VERSION = "1"
 
@@ -130,15 +130,6 @@ def sample(prompt_set: PromptSet, n: int, seed: int = 0) -> PromptSet:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-def _clean(prompt: object, where: str) -> str:
-    if not isinstance(prompt, str):
-        raise InputError(f"{where}: expected a prompt string, got {type(prompt).__name__}")
-    prompt = prompt.strip()
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise InputError(f"{where}: prompt is {len(prompt)} characters long (limit {MAX_PROMPT_CHARS})")
-    return prompt
-
 
 def _read_json(path: Path):
     try:

@@ -1,4 +1,8 @@
-"""Prompt files: plain text (one prompt a line), JSON (a list of strings, or of objects with a
+"""The one prompt loader: :func:`load_prompts` takes a prompt file or a registered prompt set name
+(``spobench ls prompt-sets``; the paper's sets are read by :mod:`spobench.data.prompt_sets`) for
+every command - training settings, ``generate --prompts/--prompt-set`` and recipes.
+
+Prompt files: plain text (one prompt a line), JSON (a list of strings, or of objects with a
 "caption" as in the official SPO 4k training list) or JSONL. Bad files fail with the file and line."""
 
 from __future__ import annotations
@@ -6,10 +10,12 @@ from __future__ import annotations
 import json
 import unicodedata
 from pathlib import Path
+from typing import Sequence
 
 from spobench.core.errors import InputError
 
 MAX_PROMPT_CHARS = 2000  # CLIP sees 77 tokens; a line far longer than that is a broken file
+SUFFIXES = (".txt", ".json", ".jsonl")
 
 
 def _visible(ch: str) -> bool:
@@ -19,12 +25,20 @@ def _visible(ch: str) -> bool:
     return unicodedata.category(ch)[0] in "LNPS"
 
 
-def _check(prompt: object, where: str) -> str:
+def clean(prompt: object, where: str) -> str:
+    """A prompt string, stripped, and not absurdly long (every source of prompts checks this much)."""
     if not isinstance(prompt, str):
         raise InputError(f"{where}: expected a prompt string, got {type(prompt).__name__}")
     prompt = prompt.strip()
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InputError(f"{where}: prompt is {len(prompt)} characters long (limit {MAX_PROMPT_CHARS})")
+    return prompt
+
+
+def _check(prompt: object, where: str) -> str:
+    """:func:`clean`, and for a user's file also no control characters and something visible (the
+    published sets are read as published)."""
+    prompt = clean(prompt, where)
     control = next((c for c in prompt if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None)
     if control is not None:
         raise InputError(f"{where}: prompt contains the control character U+{ord(control):04X}")
@@ -82,3 +96,41 @@ def load_prompt_file(path: str | Path) -> list[str]:
     if not prompts:
         raise InputError(f"{path}: no prompts in file")
     return prompts
+
+
+def load_prompts(spec: str | Path, limit: int | None = None, *, file: bool | None = None,
+                 what: str = "setting 'prompts'", example: str = "prompts=./prompts.txt") -> Sequence[str]:
+    """The prompts of a file or a registered prompt set, only the first ``limit`` when given.
+
+    ``file``: True - ``spec`` is a file (``--prompts``); False - a registered name (``--prompt-set``);
+    None (a setting) - a registered name always means the set, so a file of that name in the current
+    folder cannot stand in for it (``./name`` reads the file); otherwise a path with a prompt-file
+    suffix, or one that exists, is read, and anything else is looked up (an unknown name lists the
+    known ones). ``what`` / ``example``: how the user gave it, for the messages. A registered set comes
+    back as its loader gives it (a :class:`~spobench.data.prompt_sets.PromptSet` keeps its name,
+    version and metadata), a file as a list."""
+    from spobench.core import catalog
+
+    spec = str(spec)
+    if not file and not spec.strip():
+        raise InputError(f"{what} is empty: give a prompt file or a prompt set name")
+    if not file and spec == "file":  # the registry's entry for files takes the file itself
+        raise InputError(f"{what} 'file': give the prompt file's path (e.g. {example})")
+    if file is None:
+        file = spec not in catalog.PROMPT_SETS and (Path(spec).suffix in SUFFIXES or Path(spec).exists())
+    prompts = load_prompt_file(spec) if file else catalog.PROMPT_SETS.get(spec)()
+    if not all(isinstance(p, str) for p in prompts):
+        raise InputError(f"prompts {spec!r}: expected prompt strings")
+    prompts = first(prompts, limit)
+    if not prompts:
+        raise InputError(f"prompts {spec!r}: no prompts")
+    return prompts
+
+
+def first(prompts: Sequence[str], limit: int | None) -> Sequence[str]:
+    """The first ``limit`` prompts (all for None); a prompt set stays one, its version saying so."""
+    if limit is None:
+        return prompts
+    if hasattr(prompts, "subset"):
+        return prompts.subset(range(min(limit, len(prompts))), f"first{limit}")
+    return list(prompts)[:limit]

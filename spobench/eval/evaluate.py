@@ -24,8 +24,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from spobench.core.errors import InputError, OutputError
-from spobench.eval.generate import MANIFEST, read_manifest
 from spobench.data.images import SUFFIXES, open_image, probe_image
+from spobench.data.manifest import MANIFEST, read_manifest
 from spobench.core.io import atomic_write_json, atomic_write_text, provenance
 from spobench.metrics.base import sha256_of
 

@@ -1,4 +1,5 @@
-"""Generate images with fixed seeds: PNGs plus a JSONL manifest that says how each was made.
+"""Generate images with fixed seeds: PNGs plus a JSONL manifest that says how each was made
+(:mod:`spobench.data.manifest`).
 
 Image ``i`` of prompt ``p`` uses seed ``seed + p * images_per_prompt + i`` and its own generator,
 so an image does not depend on the batch it was drawn in. Every PNG and the manifest are written
@@ -19,9 +20,8 @@ import numpy as np
 
 from spobench.core import outdir
 from spobench.core.errors import InputError
-from spobench.core.io import atomic_file, atomic_write_text, provenance
-
-MANIFEST = "manifest.jsonl"
+from spobench.core.io import atomic_file, provenance
+from spobench.data.manifest import MANIFEST, read_manifest, write_manifest
 
 
 @dataclass
@@ -43,71 +43,6 @@ def plan(prompts: Sequence[str], seed: int, images_per_prompt: int = 1) -> list[
             n = p * images_per_prompt + i
             jobs.append(ImageJob(n, p, prompt, seed + n))
     return jobs
-
-
-def read_manifest(out: Path) -> list[dict]:
-    """The rows of ``out/manifest.jsonl`` ([] when there is none), each checked: one JSON object per
-    line with an int ``index``, a str ``file`` and ``prompt`` (int ``prompt_index`` and int/null ``seed``
-    when present), no index or file twice, and every file inside ``out`` once symlinks are resolved (a
-    manifest cannot make eval score, or generate skip, a file elsewhere). Errors name the line."""
-    import posixpath
-
-    out = Path(out)
-    path = out / MANIFEST
-    if not path.exists() and not path.is_symlink():
-        return []
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, not a manifest file") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not valid UTF-8 (a manifest is JSON lines)") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read it: {e.strerror}") from None
-    root = out.resolve()
-    rows, where = [], {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: corrupt manifest line ({e.msg})") from None
-        except RecursionError:
-            raise InputError(f"{path}:{n}: corrupt manifest line (nested too deeply)") from None
-        _check_manifest_row(row, f"{path}:{n}", root)
-        for key, value in (("index", row["index"]), ("file", posixpath.normpath(row["file"]))):  # ./a.png is a.png
-            if (key, value) in where:
-                raise InputError(f"{path}:{n}: {key} {row[key]!r} is already on line {where[key, value]}")
-            where[key, value] = n
-        rows.append(row)
-    return rows
-
-
-def _check_manifest_row(row, at: str, root: Path) -> None:
-    if not isinstance(row, dict):
-        raise InputError(f"{at}: a manifest line must be a JSON object, got {type(row).__name__}")
-    for key, kinds, need in (("index", int, True), ("file", str, True), ("prompt", str, True),
-                             ("prompt_index", int, False), ("seed", (int, type(None)), False)):
-        if key not in row:
-            if need:
-                raise InputError(f"{at}: missing field {key!r}")
-            continue
-        if isinstance(row[key], bool) or not isinstance(row[key], kinds):
-            want = {int: "an integer", str: "a string"}.get(kinds, "an integer or null")
-            raise InputError(f"{at}: field {key!r} must be {want}, got {json.dumps(row[key])[:60]}")
-    if row["index"] < 0 or row.get("prompt_index", 0) < 0:
-        raise InputError(f"{at}: index and prompt_index must be >= 0")
-    file = row["file"]
-    try:
-        target = (root / file).resolve()
-    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symlink loop
-        raise InputError(f"{at}: file {file!r} is not a usable path ({e})") from None
-    if not file.strip() or target == root:
-        raise InputError(f"{at}: file {file!r} does not name a file in {root}")
-    if not target.is_relative_to(root):
-        raise InputError(f"{at}: file {file!r} resolves to {target}, outside {root} (manifest paths must stay "
-                         "inside the folder)")
 
 
 def _first_difference(a, b, name: str) -> tuple[str, object, object] | None:
@@ -198,7 +133,7 @@ def generate(backbone, prompts: Sequence[str], out: str | Path, *, seed: int = 0
                 save_png(out / job.file, arr)
                 rows[job.index] = {"index": job.index, "file": job.file, "prompt": job.prompt,
                                    "prompt_index": job.prompt_index, "seed": job.seed, **common}
-            atomic_write_text(out / MANIFEST, "".join(json.dumps(rows[i]) + "\n" for i in sorted(rows)))
+            write_manifest(out, rows.values())
             done += len(batch)
             if progress:
                 progress(done, len(jobs))

@@ -9,19 +9,13 @@ import textwrap
 from pathlib import Path
 
 from spobench.core.io import atomic_file
+from spobench.data.manifest import read_manifest
 from spobench.eval.report_tables import ROUND_SCORES, _paper_rows, metric_label
 
 
 # =====================================================================================================
 # images
 # =====================================================================================================
-def _manifest(folder: Path) -> list[dict]:
-    path = folder / "manifest.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _save(fig, path: Path) -> None:
     with atomic_file(path) as f:
         fig.savefig(f, format="png", dpi=100)
@@ -45,7 +39,7 @@ def grid_png(out: Path, data: dict) -> Path | None:
     rows = []
     for c in data["cells"]:
         by_prompt: dict[int, dict] = {}
-        for r in _manifest(out / c["images"]):
+        for r in read_manifest(out / c["images"]):
             by_prompt.setdefault(r.get("prompt_index", r["index"]), r)
         rows.append((c, by_prompt))
     prompt_ids = sorted(set().union(*(set(b) for _, b in rows)))[:n_cols] if rows else []

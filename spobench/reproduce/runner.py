@@ -241,30 +241,19 @@ def _check_metric(name: str, weights: str | None, device: str, where: str):
 
 
 def _load_generation_prompts(recipe: Recipe, out: Path):
-    from spobench.core import catalog
+    from spobench.data.prompts import first, load_prompts
     from spobench.reproduce.recipe import is_pathlike as pathlike
 
     g = recipe.generate
     where = f"{recipe.file} [{recipe.backbone}]: generate.prompt_set"
-    if pathlike(g.prompt_set):
-        from spobench.data.prompts import load_prompt_file
-
-        try:
-            items = load_prompt_file(resolve_path(g.prompt_set, out))
-        except InputError as e:
-            raise InputError(f"{where}: {e}") from None
-        info = {"name": g.prompt_set}
-    else:
-        try:
-            items = catalog.PROMPT_SETS.get(g.prompt_set)()
-        except InputError as e:
-            raise InputError(f"{where}: {e}") from None
-        info = {"name": g.prompt_set}
-    if hasattr(items, "info"):
-        info = items.info()
-    if g.limit is not None:
-        items = items.subset(range(min(g.limit, len(items))), f"first{g.limit}") if hasattr(items, "subset") \
-            else list(items)[:g.limit]
+    file = pathlike(g.prompt_set)
+    try:
+        items = load_prompts(resolve_path(g.prompt_set, out) if file else g.prompt_set, file=file, what=where,
+                             example="prompt_set = \"prompts.txt\"")
+    except InputError as e:
+        raise (e if str(e).startswith(where) else InputError(f"{where}: {e}")) from None
+    info = items.info() if hasattr(items, "info") else {"name": g.prompt_set}  # the whole set's, before the limit
+    items = first(items, g.limit)
     from spobench.data.prompt_sets import prompts_sha256
 
     prompts = [getattr(p, "prompt", p) for p in items]
@@ -281,7 +270,7 @@ def preflight(recipe: Recipe, cells: list[CellSpec], out: Path, device: str) -> 
     import torch
 
     from spobench.core import catalog
-    from spobench.trainers.base import load_prompts
+    from spobench.data.prompts import load_prompts
 
     where = f"{recipe.file} [{recipe.backbone}]"
     validate_settings(recipe, cells)  # trainers exist (else not implemented yet) and accept the settings
@@ -458,9 +447,9 @@ class Runner:
         self.console.rule(f"[bold][{self.stage}/{self.n_stages}][/] {what}", align="left")
 
     def dtype(self):
-        import torch
+        from spobench.core.dtypes import torch_dtype
 
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.plan.recipe.generate.dtype]
+        return torch_dtype(self.plan.recipe.generate.dtype, "generate.dtype")
 
     def load_backbone(self, model: str | None = None, lora: Path | None = None, unet: str | None = None,
                       vae: str | None = None):
@@ -563,7 +552,8 @@ class Runner:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
         from spobench.engine.rollout import SamplerConfig
-        from spobench.eval.generate import generate, read_manifest
+        from spobench.data.manifest import read_manifest
+        from spobench.eval.generate import generate
 
         g = self.plan.recipe.generate
         n = len(self.plan.prompts) * g.images_per_prompt
@@ -623,12 +613,6 @@ def _default_device() -> str:
 HOW = "pass --resume to continue it (finished cells are reused) or choose another --out"
 
 
-def check_out(out: Path, resume: bool) -> None:
-    outdir.check(out, resume=resume, how=HOW)
-    if resume and outdir.entries(out) and not (out / PLAN).exists():
-        raise InputError(f"{out}: not a `spobench reproduce` run folder (no {PLAN}); choose another --out")
-
-
 def reproduce(recipe_ref: str | Path, backbone: str | None = None, out: str | Path | None = None,
               resume: bool = False, device: str = "auto", cells: list[str] | None = None, console=None,
               compile: bool = False, released: bool = False, limit: int | None = None) -> dict:
@@ -660,7 +644,7 @@ def reproduce(recipe_ref: str | Path, backbone: str | None = None, out: str | Pa
             raise InputError(f"--cells: {bad[0]!r} is not a cell of {recipe.name} (cells: {', '.join(ids)})")
         chosen = [c for c in recipe.cell_list if c.id in cells]
     out = Path(out) if out is not None else Path("runs") / f"{recipe.name}-{backbone}{'-released' if released else ''}"
-    check_out(out, resume)
+    outdir.check(out, resume=resume, how=HOW, needs=PLAN, command="reproduce")
     device = _default_device() if device == "auto" else device
     plan = preflight(recipe, chosen, out, device)
     plan.compile = compile

@@ -269,63 +269,12 @@ def check_compile_toolchain(device) -> None:
                              "clang++; e.g. `apt-get install g++`); install one or leave compile=false")
 
 
-def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse an --out this run may not write (reads only): ``spobench.core.outdir.check``, and a
-    ``--resume`` that cannot continue - a folder whose checkpoints are gone but which holds a
-    finished run's results (summary, final LoRA) or once held checkpoints: starting over would
-    delete its log and replace its LoRA. A folder with no checkpoint ever (a run killed before
-    its first one) starts over: the same rounds are redone identically."""
-    from spobench.core import outdir
-    from spobench.core.checkpoint import CHECKPOINTS, latest_checkpoint
-
-    outdir.check(out, resume=resume, overwrite=overwrite)
-    if not resume or latest_checkpoint(out) is not None:
-        return
-    ckpts = out / CHECKPOINTS
-    held = [p.name for p in (out / "summary.json", out / "lora") if p.exists()]
-    if ckpts.is_dir() and any(not outdir.is_temp(p.name) for p in ckpts.iterdir()):
-        held.append(f"{CHECKPOINTS}/ without a complete checkpoint")
-    if held:
-        raise InputError(f"{out}: --resume cannot continue this run: it has no complete checkpoint in "
-                         f"{ckpts} (it holds {', '.join(held)}); starting over would replace them; "
-                         "pass --overwrite to start again, or choose another --out")
-
-
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (seed, epoch, round, prompt index, ...), well mixed."""
     import numpy as np
 
     words = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, dtype=np.uint32)
     return (int(words[0]) << 31) ^ int(words[1])
-
-
-def load_prompts(spec: str, limit: int | None = None) -> list[str]:
-    """A prompt file path or a registered prompt set name -> list of prompt strings. A registered name
-    always means the set, so a file of that name in the current folder cannot stand in for it
-    (``./name`` reads the file)."""
-    from spobench.core import catalog
-    from spobench.data.prompts import load_prompt_file
-
-    if not str(spec).strip():
-        raise InputError("setting 'prompts' is empty: give a prompt file or a prompt set name")
-    if spec == "file":  # the registry's entry for files takes the file itself
-        raise InputError("setting 'prompts' 'file': give the prompt file's path (e.g. prompts=./prompts.txt)")
-    path = Path(spec)
-    if spec not in catalog.PROMPT_SETS and (path.suffix in (".txt", ".json", ".jsonl") or path.exists()):
-        items = load_prompt_file(path)
-    else:
-        items = catalog.PROMPT_SETS.get(spec)()
-    prompts = []
-    for it in items:
-        if isinstance(it, dict):
-            it = it.get("prompt", it.get("caption"))
-        prompts.append(getattr(it, "prompt", it))
-    if not all(isinstance(p, str) for p in prompts):
-        raise InputError(f"prompts {spec!r}: expected prompt strings")
-    prompts = prompts[:limit] if limit else prompts
-    if not prompts:
-        raise InputError(f"prompts {spec!r}: no prompts")
-    return prompts
 
 
 class _RoutedUNet:
@@ -365,6 +314,9 @@ class Trainer:
         import torch
         from accelerate import Accelerator
 
+        from spobench.core.dtypes import torch_dtype
+        from spobench.data.prompts import load_prompts
+
         self.cfg = config
         self.bb = backbone
         self.out = Path(out)
@@ -374,8 +326,7 @@ class Trainer:
         self.progress = Progress()
         self._writer = None
 
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-        self.bb.to(self.acc.device, dtypes[config.dtype])
+        self.bb.to(self.acc.device, torch_dtype(config.dtype, "setting 'dtype'"))
         if not self.bb.has_lora:
             self.bb.add_lora(config.lora_rank, seed=derive_seed(config.seed, 0x10A))
         # a LIST, not a generator: clip_grad_norm_ on an exhausted iterator silently clips nothing
@@ -726,13 +677,13 @@ class Trainer:
         import torch
         from accelerate import Accelerator
 
-        from spobench.core import catalog
+        from spobench.core import catalog, outdir
         from spobench.core.checkpoint import latest_checkpoint, read_checkpoint
 
         out = Path(out)
         bb_cls = catalog.BACKBONES.get(backbone)
         cfg = cls.Config.load(config, overrides)
-        check_run_dir(out, resume, overwrite)
+        outdir.check(out, resume=resume, overwrite=overwrite, results=("summary.json", "lora"))  # what _finish writes
         ckpt = latest_checkpoint(out) if resume else None
         # the run's own config: its checkpoint's, or (killed before its first checkpoint) the one it started with
         where = ckpt / "config.json" if ckpt is not None else out / "config.json"
@@ -747,7 +698,6 @@ class Trainer:
         cfg = cls.prepare_config(cfg, backbone, bb_cls.defaults)
 
         acc = Accelerator(cpu=not torch.cuda.is_available())
-        from spobench.core import outdir
         from spobench.models.backbones import load_backbone
         from spobench.core.io import atomic_write_json
 

@@ -433,12 +433,10 @@ def _train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | 
 
 # -- CLI --------------------------------------------------------------------------------------------
 def _load_backbone(name: str, model: Optional[str], device: str, dtype: str):
+    from spobench.core.dtypes import torch_dtype
     from spobench.models.backbones import load_backbone
 
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if dtype not in dtypes:
-        raise InputError(f"--dtype must be one of {', '.join(dtypes)} (got {dtype!r})")
-    return load_backbone(name, model, device=device, dtype=dtypes[dtype])
+    return load_backbone(name, model, device=device, dtype=torch_dtype(dtype))
 
 
 def default_init(backbone_name: str) -> Path:

@@ -76,6 +76,56 @@ def test_check_file_refuses_a_folder_where_the_file_goes(tmp_path):
     outdir.check_file(tmp_path / "ok.json")
 
 
+TRAIN = {"results": ("summary.json", "lora")}  # the rules `spobench train` passes (trainers/base.py)
+
+
+def test_run_dir_policy(tmp_path):  # moved from tests/trainers/test_spo.py (trainers' check_run_dir is this now)
+    outdir.check(tmp_path / "new", resume=False, overwrite=False, **TRAIN)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "x").write_text("x")
+    with pytest.raises(InputError, match="not empty; pass --resume"):
+        outdir.check(tmp_path / "old", resume=False, overwrite=False, **TRAIN)
+    outdir.check(tmp_path / "old", resume=True, overwrite=False, **TRAIN)
+    with pytest.raises(InputError, match="--overwrite refused: this folder was not made by spobench"):
+        outdir.check(tmp_path / "old", resume=False, overwrite=True, **TRAIN)  # issue 14: only spobench's own folders
+    from spobench.core.outdir import write_marker
+
+    write_marker(tmp_path / "old", "train spo")
+    outdir.check(tmp_path / "old", resume=False, overwrite=True, **TRAIN)
+
+
+def test_resume_without_a_checkpoint_refuses_to_replace_a_finished_run(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / ".checkpoint-000001.ab12cd_9.tmp").mkdir(parents=True)  # killed before its first
+    (out / "log.jsonl").write_text("{}\n")
+    outdir.check(out, resume=True, **TRAIN)  # nothing to lose: it starts over
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(InputError, match=r"run: --resume cannot continue this run: it has no complete checkpoint "
+                                         r"in .*checkpoints \(it holds summary.json\)"):
+        outdir.check(out, resume=True, **TRAIN)
+    outdir.check(out, resume=True)  # a command without checkpoints (generate) has no such rule
+    (out / "summary.json").unlink()
+    (out / "checkpoints" / "checkpoint-000002").mkdir()  # no manifest.json: incomplete
+    with pytest.raises(InputError, match=r"holds checkpoints/ without a complete checkpoint"):
+        outdir.check(out, resume=True, **TRAIN)
+    (out / "checkpoints" / "checkpoint-000002" / "manifest.json").write_text("{}")
+    (out / "summary.json").write_text("{}")
+    outdir.check(out, resume=True, **TRAIN)  # a complete checkpoint: it continues from there
+
+
+def test_resume_needs_the_commands_own_file(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    outdir.check(out, resume=True, needs="plan.json", command="reproduce")  # empty: a fresh start
+    (out / "images").mkdir()
+    with pytest.raises(InputError, match=r"run: not a `spobench reproduce` run folder \(no plan.json\); choose another"):
+        outdir.check(out, resume=True, needs="plan.json", command="reproduce")
+    with pytest.raises(InputError, match="not empty; pass --resume"):  # without --resume: the usual refusal
+        outdir.check(out, needs="plan.json", command="reproduce")
+    (out / "plan.json").write_text("{}")
+    outdir.check(out, resume=True, needs="plan.json", command="reproduce")
+
+
 # -- claim: marker, undo ---------------------------------------------------------------------------------
 def test_claim_marks_the_folder_and_overwrite_then_replaces_it(tmp_path):
     out = tmp_path / "run"
@@ -250,7 +300,8 @@ def test_a_saved_lora_has_the_same_sha256_in_every_process(tmp_path):
 
 # -- generate --resume: the same run or a refusal -------------------------------------------------------
 def test_generate_resume_check_names_the_first_difference(tmp_path):
-    from spobench.eval.generate import MANIFEST, check_resume, plan
+    from spobench.data.manifest import MANIFEST
+    from spobench.eval.generate import check_resume, plan
 
     jobs = plan(["a red circle", "a blue square"], seed=3)
     common = {"sampler": {"num_steps": 2, "guidance_scale": 5.0}, "backbone": {"backbone": "tiny"},

@@ -60,8 +60,8 @@ def test_visible_unicode_prompts_pass(tmp_path):
 
 
 def test_a_registered_prompt_set_name_is_never_a_file(tmp_path, monkeypatch):
-    """trainers' load_prompts: a file named like a prompt set in the current folder does not replace it."""
-    from spobench.trainers.base import load_prompts
+    """load_prompts (as a setting gives it): a file named like a prompt set in the current folder does not replace it."""
+    from spobench.data.prompts import load_prompts
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny-train").write_text("a planted prompt\n")
@@ -71,3 +71,36 @@ def test_a_registered_prompt_set_name_is_never_a_file(tmp_path, monkeypatch):
         load_prompts("  ")
     with pytest.raises(InputError, match="setting 'prompts' 'file': give the prompt file's path"):
         load_prompts("file")
+
+
+def test_load_prompts_file_or_set_as_each_command_gives_it(tmp_path, monkeypatch):
+    """The one loader: ``file=True`` (--prompts) always reads a file, ``file=False`` (--prompt-set) always
+    looks the name up, and the limit keeps a prompt set's provenance (its version says so)."""
+    from spobench.core.registry import UnknownNameError
+    from spobench.data.prompt_sets import PromptSet
+    from spobench.data.prompts import first, load_prompts
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-val").write_text("a planted prompt\nanother\n")
+    assert load_prompts("tiny-val", file=True) == ["a planted prompt", "another"]
+    assert load_prompts("tiny-val", 1, file=True) == ["a planted prompt"]
+    assert "a planted prompt" not in load_prompts("tiny-val", file=False)
+    (tmp_path / "p.txt").write_text("x\n")
+    with pytest.raises(UnknownNameError, match="unknown prompt set 'p.txt'"):
+        load_prompts("p.txt", file=False)
+    with pytest.raises(InputError, match="--prompt-set 'file': give the prompt file's path \\(e.g. --prompts FILE\\)"):
+        load_prompts("file", file=False, what="--prompt-set", example="--prompts FILE")
+    ps = PromptSet(["a", "b", "c"], "demo", "here")
+    head = first(ps, 2)
+    assert head == ["a", "b"] and head.version == f"{ps.version}/first2" and head.name == "demo"
+    assert first(["a", "b"], 5) == ["a", "b"] and first(ps, None) is ps
+
+
+def test_published_sets_and_files_share_the_basic_prompt_check(tmp_path):
+    """prompt_sets reads the published files with the same length/type check as a user's file (and no
+    more: a published set is read as published)."""
+    from spobench.data.prompt_sets import spo_training_prompts
+
+    (tmp_path / "4k_training_prompts.json").write_text(json.dumps([{"caption": "x" * 2001, "trainset_idx": 0}]))
+    with pytest.raises(InputError, match=r"item 0: prompt is 2001 characters long \(limit 2000\)"):
+        spo_training_prompts(tmp_path / "4k_training_prompts.json")

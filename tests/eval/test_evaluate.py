@@ -176,7 +176,7 @@ def test_manifest_files_that_are_not_json_lines(tmp_path):
 
 def test_generate_reads_manifests_through_the_same_checks(tmp_path):
     from spobench.core.errors import InputError
-    from spobench.eval.generate import read_manifest
+    from spobench.data.manifest import read_manifest
 
     folder = _folder(tmp_path)
     assert [r["index"] for r in read_manifest(folder)] == [0, 1, 2, 3]
@@ -345,3 +345,13 @@ def test_prompt_metadata_must_match_the_manifest(tmp_path):
     folder = _folder(tmp_path)
     with pytest.raises(InputError, match="lists 4 images but 3 prompt metadata rows"):
         evaluate_folder(folder, {"brightness": Brightness}, metadata=[{}] * 3)
+
+
+def test_write_manifest_writes_what_read_manifest_reads_in_index_order(tmp_path):
+    from spobench.data.manifest import MANIFEST, read_manifest, write_manifest
+
+    rows = [{"index": 1, "file": "00001.png", "prompt": "b", "seed": None, "sampler": {"eta": 0.0}},
+            {"index": 0, "file": "00000.png", "prompt": "a", "prompt_index": 0, "seed": 7}]
+    write_manifest(tmp_path, rows)
+    assert read_manifest(tmp_path) == sorted(rows, key=lambda r: r["index"])
+    assert [p.name for p in tmp_path.iterdir()] == [MANIFEST]  # no temp file left beside it

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spobench.core.errors import InputError
-from spobench.trainers.base import check_run_dir, derive_seed
+from spobench.trainers.base import derive_seed
 from spobench.trainers.mspo import MSPOConfig, MSPOTrainer
 from spobench.trainers.spo import SPOConfig, SPOTrainer, preference_gap, spo_loss
 
@@ -370,21 +370,6 @@ def test_resume_refuses_changed_algorithm_settings():
     SPOConfig.load(None, ["k=4", "epochs=20"]).check_resume(stored)  # epochs may change
     with pytest.raises(InputError, match="setting 'k' differs from the run being resumed"):
         SPOConfig.load(None, ["k=2"]).check_resume(stored)
-
-
-def test_run_dir_policy(tmp_path):
-    check_run_dir(tmp_path / "new", resume=False, overwrite=False)
-    (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "x").write_text("x")
-    with pytest.raises(InputError, match="not empty; pass --resume"):
-        check_run_dir(tmp_path / "old", resume=False, overwrite=False)
-    check_run_dir(tmp_path / "old", resume=True, overwrite=False)
-    with pytest.raises(InputError, match="--overwrite refused: this folder was not made by spobench"):
-        check_run_dir(tmp_path / "old", resume=False, overwrite=True)  # issue 14: only spobench's own folders
-    from spobench.core.outdir import write_marker
-
-    write_marker(tmp_path / "old", "train spo")
-    check_run_dir(tmp_path / "old", resume=False, overwrite=True)
 
 
 def test_seeds_depend_on_every_part():
