@@ -432,15 +432,6 @@ def _train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | 
 
 
 # -- CLI --------------------------------------------------------------------------------------------
-def _load_backbone(name: str, model: Optional[str], device: str, dtype: str):
-    from spobench.models.backbones import load_backbone
-
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if dtype not in dtypes:
-        raise InputError(f"--dtype must be one of {', '.join(dtypes)} (got {dtype!r})")
-    return load_backbone(name, model, device=device, dtype=dtypes[dtype])
-
-
 def default_init(backbone_name: str) -> Path:
     """Where ``--init`` points when omitted: the metric weights folder of PickScore (or, for the
     tiny backbone, the tiny world's toy PickScore: ``$SPOBENCH_WEIGHTS/toy_pickscore`` if present,
