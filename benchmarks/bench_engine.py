@@ -11,7 +11,8 @@ import torch
 
 from spobench.models.backbones.tiny import TinyBackbone
 from spobench.engine.ddim import step_distribution
-from spobench.engine.rollout import PoolConfig, RolloutEngine, SamplerConfig, make_generators, randn
+from spobench.engine.rollout import RolloutEngine, SamplerConfig, make_generators, randn
+from spobench.trainers.spo_pools import PoolConfig, pool_rollout
 
 B, K = 8, 4
 
@@ -66,7 +67,7 @@ def test_pool_of_k_costs_one_call_for_its_k_draws(engine, state):
     assert c.unet_rows_nograd == 2 * B + 2 * B * K  # x2 for CFG, batched into the same calls
     c.reset()
     prompts = state[0]
-    engine.pool_rollout(prompts, make_generators(range(B)), PoolConfig(k=K), lambda x0, t, i: x0.mean((1, 2, 3)))
+    pool_rollout(engine, prompts, make_generators(range(B)), PoolConfig(k=K), lambda x0, t, i: x0.mean((1, 2, 3)))
     print(f"\nfull pool rollout, B={B} k={K}: {c.unet_calls} UNet calls, {c.unet_rows_nograd} rows "
           f"(official loop: per prompt 2*(5+15k) = {2 * (5 + 15 * K)} rows)")
     assert c.unet_rows_nograd == B * 2 * (5 + 15 * K)

@@ -14,7 +14,7 @@ random-init step-aware preference model (``spobench toy clip`` sizes: hidden 64,
 and the same prompts (``tiny-train``). Settings: 20 DDIM steps, eta 1, CFG 5, k candidates,
 kappa 750, threshold -1 (every pair is kept), train batch 10, AdamW, gradients clipped at 1.
 
-**spobench** (``SPOTrainer``): ``collect`` (``engine.pool_rollout`` + ``make_pool_scorer`` + the
+**spobench** (``SPOTrainer``): ``collect`` (``spo_pools.pool_rollout`` + ``make_pool_scorer`` + the
 SPM with its text cache), ``share`` and ``train_items`` (one policy + one reference forward per
 pair, LoRA switched off for the reference), exactly what ``Trainer.train`` runs per round minus
 logging and checkpoints.
@@ -64,8 +64,9 @@ import torch
 
 from spobench.core.counters import Counters
 from spobench.engine.ddim import predict_x0, step_distribution
-from spobench.engine.rollout import randint, randn
+from spobench.engine.rollout import randn
 from spobench.trainers.spo import PairItem, SPOTrainer
+from spobench.trainers.spo_pools import randint
 
 RESULTS = Path(__file__).resolve().parent / "results" / "spo_round.json"
 
@@ -297,7 +298,7 @@ class Official:
             n_pool += 1
 
         for t in ts:
-            if cand is None and not tr.engine.is_pooled(t, pool):  # plain DDIM while t > kappa
+            if cand is None and not pool.is_pooled(t, tr.engine.sched.step_ratio):  # plain DDIM while t > kappa
                 out = self.cfg_pred(self.policy, x, t, emb)
                 x = step_distribution(out, x, t, self.sched, eta).sample(randn(x.shape[1:], generators))
                 continue
@@ -431,7 +432,7 @@ def run(args) -> dict:
     official = Official(S, args.official_split)
     pool = tr.pool_config()
     ts = [int(t) for t in tr.engine.timesteps()]
-    n_pooled = sum(tr.engine.is_pooled(t, pool) for t in ts)
+    n_pooled = sum(pool.is_pooled(t, tr.engine.sched.step_ratio) for t in ts)
     n_plain = len(ts) - n_pooled
     R = tr.rounds_per_epoch()
     start = snapshot(tr)
@@ -615,7 +616,7 @@ def test_counts_and_identical_math():
     off = Official(S)
     pool = tr.pool_config()
     ts = [int(t) for t in tr.engine.timesteps()]
-    n_pooled = sum(tr.engine.is_pooled(t, pool) for t in ts)
+    n_pooled = sum(pool.is_pooled(t, tr.engine.sched.step_ratio) for t in ts)
     start = snapshot(tr)
     ours, ours_items = spobench_round(S, 0, 0)
     end_ours = snapshot(tr)

@@ -322,7 +322,6 @@ def train_spm_cmd(
 ):
     """Train the step-aware preference model (paper Sec. 4.2) on Pick-a-Pic-format pairs and report
     held-out pair accuracy at t = 0, 250, 500, 750, 950."""
-    from spobench.trainers import spm as spm_train
     from spobench.core.errors import MissingWeightsError
     from spobench.models.spm import HOW_TO_GET
     from spobench.trainers.spm import METRICS, SPMTrainConfig, default_init, train_spm
@@ -330,7 +329,7 @@ def train_spm_cmd(
     config = SPMTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, no_step=no_step,
                             time_lr_mult=time_lr_mult, val_pairs=str(val_pairs) if val_pairs else None,
                             processor=processor)
-    bb = spm_train._load_backbone(backbone, model, device, dtype)
+    bb = _backbone(backbone, model, device, dtype)
     if init is None:
         init = default_init(backbone)
         if not init.exists():
@@ -368,7 +367,6 @@ def eval_spm_cmd(
     """Pair accuracy of preference models per timestep on the same held-out pairs and noise, with each
     model's paired difference to the first (bootstrap 95% CI over captions, McNemar's exact test)."""
     from spobench.core import outdir
-    from spobench.trainers import spm as spm_train
     from spobench.core.io import atomic_write_json
     from spobench.eval.spm_eval import compare_spms
 
@@ -381,7 +379,7 @@ def eval_spm_cmd(
         raise InputError(f"--timesteps must be comma-separated integers (got {timesteps!r})") from None
     if any(t < 0 for t in ts):  # the upper bound is the backbone's, known once it is loaded
         raise InputError(f"--timesteps must be >= 0 (got {timesteps!r})")
-    bb = spm_train._load_backbone(backbone, model, device, dtype)
+    bb = _backbone(backbone, model, device, dtype)
     if ts and not all(0 <= t < bb.num_train_timesteps for t in ts):
         raise InputError(f"--timesteps must lie in [0, {bb.num_train_timesteps}) (got {timesteps!r})")
 

@@ -15,9 +15,6 @@ PROMPT_SETS: Registry = Registry("prompt set")
 RECIPES: Registry = Registry("recipe")
 
 register_trainer = TRAINERS.register
-register_metric = METRICS.register
-register_backbone = BACKBONES.register
-register_prompt_set = PROMPT_SETS.register
 
 # -- backbones ------------------------------------------------------------------------------------
 BACKBONES.declare("sd15", "spobench.models.backbones.sd:SD15Backbone", "Stable Diffusion 1.5 (diffusers folder or hub id)")

@@ -249,11 +249,14 @@ class PairTable:
                 f"{'kept' if keep_ties else 'dropped'}, {counts['unlabeled']} unlabeled)")
 
     def group_of(self, i: int) -> tuple[int, int]:
+        """(file, row group) of row ``i``: the unit images are read in (:class:`BatchOrder` keeps them together)."""
         return int(self.loc[i, 0]), int(self.loc[i, 1])
 
     # -- images -----------------------------------------------------------------------------------------
-    def _group(self, key: tuple[int, int]) -> dict:
-        """The image columns of one row group (at most ``CACHED_GROUPS`` held)."""
+    def row_group(self, key: tuple[int, int]) -> dict:
+        """The image columns of row group ``key`` = (file, row group) (:meth:`group_of`): column ->
+        arrow arrays by read batch, and ``starts``, each batch's first row; at most ``CACHED_GROUPS``
+        are held."""
         if key not in self._groups:
             while len(self._groups) >= CACHED_GROUPS:
                 self._groups.pop(next(iter(self._groups)))
@@ -266,7 +269,7 @@ class PairTable:
     def raw(self, i: int, column: str):
         """The stored bytes of one image (no decoding)."""
         fi, g, r, _ = (int(v) for v in self.loc[i])
-        grp = self._group((fi, g))
+        grp = self.row_group((fi, g))
         k = int(np.searchsorted(grp["starts"], r, side="right")) - 1
         return grp[column][k][r - int(grp["starts"][k])].as_py()
 

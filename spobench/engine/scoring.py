@@ -1,4 +1,5 @@
-"""How SPO's candidate pools are judged: the step scorer protocol and its adapters.
+"""How samples are judged (SPO's pool candidates at t, DDPO's and D3PO's x_0): the step scorer
+protocol and its adapters.
 
 A :class:`StepScorer` scores images (the decoded x0_hat of noisy candidates, or x_0 itself at the
 last step) at the timestep the candidates sit at. The step-aware preference model (SPM, paper
@@ -6,7 +7,8 @@ Sec. 4.2, ``spobench/models/spm.py``) is one; :class:`MetricScorer` turns any me
 ignores t (the paper's Table 5 "PickScore" row, or an oracle such as ``toy_aesthetic`` in the tiny
 world).
 
-:func:`make_pool_scorer` glues a step scorer to the rollout engine's ``Scorer`` hook: it decodes the
+:func:`make_pool_scorer` glues a step scorer to the ``Scorer`` hook (``spobench.engine.rollout``;
+SPO's ``pool_rollout`` calls it, the online trainers call it on x_0 at t = 0): it decodes the
 x0_hat latents with the backbone's VAE, maps each row to its prompt and counts the scorer's image
 passes in ``backbone.counters.reward_image_passes`` (VAE decodes are counted by the backbone).
 """
@@ -58,9 +60,9 @@ class MetricScorer:
 
 def make_pool_scorer(backbone, step_scorer: StepScorer, prompts: Sequence[str],
                      batch_size: int | None = None) -> Scorer:
-    """The engine's ``Scorer`` hook for one pool rollout of ``prompts``.
+    """A ``Scorer`` hook for one pool rollout (or one batch of final samples) of ``prompts``.
 
-    The engine calls it with x0_hat latents (N, C, H, W), the candidates' timestep and, per row, the
+    It is called with x0_hat latents (N, C, H, W), the candidates' timestep and, per row, the
     index of its prompt in ``prompts``. Rows are decoded and scored ``batch_size`` at a time (all at
     once when None) to bound VAE/SPM memory.
     """

@@ -51,8 +51,9 @@ import torch
 import torch.nn.functional as F
 
 from spobench.core.catalog import register_trainer
+from spobench.trainers import salts
 from spobench.trainers.base import TrainerConfig, setting
-from spobench.trainers.ddpo import OnlineConfig, OnlineTrainer
+from spobench.trainers.online import OnlineConfig, OnlineTrainer
 
 
 @dataclass
@@ -115,8 +116,8 @@ class D3POTrainer(OnlineTrainer):
     def collect(self, epoch: int, rnd: int, prompt_indices: list[int]) -> tuple[list[PairStepItem], dict]:
         B = len(prompt_indices)
         prompts = [self.prompts[i] for i in prompt_indices]
-        x_T = self.engine.initial_noise([self.seeded(epoch, rnd, i, 0xD3, 0) for i in prompt_indices])
-        gens = [self.seeded(epoch, rnd, i, 0xD3, 1 + side) for side in (0, 1) for i in prompt_indices]
+        x_T = self.engine.initial_noise([self.seeded(epoch, rnd, i, salts.D3PO_PAIR, 0) for i in prompt_indices])
+        gens = [self.seeded(epoch, rnd, i, salts.D3PO_PAIR, 1 + side) for side in (0, 1) for i in prompt_indices]
         traj = self.engine.sample(prompts + prompts, gens, x_T=torch.cat([x_T, x_T]))  # rows: side 0, side 1
         r = self.rewards(traj.x0, prompts, list(range(B)) * 2).reshape(2, B).T  # (B, 2)
         h = torch.sign(r[:, 0] - r[:, 1])  # +1: side 0 wins
@@ -125,7 +126,7 @@ class D3POTrainer(OnlineTrainer):
         for b, i in enumerate(prompt_indices):
             rows = [b, B + b]
             hb = (float(h[b]), float(-h[b]))
-            for j in self.trained_steps(epoch, rnd, i, 0xD3, 0x75):
+            for j in self.trained_steps(epoch, rnd, i, salts.D3PO_PAIR, salts.TRAINED_STEPS):
                 items.append(PairStepItem(key=(i, j), prompt=i, t=int(ts[j]), x_t=traj.latents[rows, j].cpu(),
                                           x_prev=traj.latents[rows, j + 1].cpu(), h=hb,
                                           reward_gap=float((r[b, 0] - r[b, 1]).abs())))

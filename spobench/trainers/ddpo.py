@@ -48,8 +48,8 @@ Where this deviates from the reference code, and why:
   (``train_batch_size`` 8 x ``grad_accum`` 50). The tiny backbone uses lr 3e-4 too, with its own
   LoRA rank (4).
 
-:class:`OnlineTrainer` holds what DDPO and D3PO (``d3po.py``) share: the sampler, the reward, the
-timestep subsets.
+What DDPO shares with D3PO (the sampler, the reward on x_0, the timestep subsets) is
+:class:`~spobench.trainers.online.OnlineTrainer` (``online.py``).
 """
 
 from __future__ import annotations
@@ -57,86 +57,16 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
 from spobench.core.catalog import register_trainer
-from spobench.core.errors import InputError
-from spobench.trainers.base import Trainer, TrainerConfig, derive_seed, setting
+from spobench.trainers import salts
+from spobench.trainers.base import TrainerConfig, setting
+from spobench.trainers.online import OnlineConfig, OnlineTrainer
 
 
-# -------------------------------------------------------------------------------------------------
-# what the online trainers (DDPO, D3PO) share
-# -------------------------------------------------------------------------------------------------
-@dataclass
-class OnlineConfig(TrainerConfig):
-    num_steps: int = setting(20, "DDIM steps of a rollout", min=2)
-    eta: float = setting(1.0, "DDIM eta (the policy is the step's Gaussian: needs > 0)", gt=0, max=1)
-    guidance_scale: float = setting(5.0, "classifier-free guidance in rollout AND training", min=0)
-    reduction: Literal["mean", "sum"] = setting("mean", "log-prob over C,H,W: mean (reference code) or sum (true)")
-    timestep_fraction: float = setting(1.0, "train on this fraction of each trajectory's steps", gt=0, max=1)
-    reward: str | None = setting(None, "metric:<name> or an SPM folder, judging x_0 "
-                                       "(tiny default: metric:toy_aesthetic)")
-    reward_batch: int | None = setting(None, "decode/score this many images at a time (None: all)", min=1)
-
-
-class OnlineTrainer(Trainer):
-    """Sampling with the current LoRA, a reward on x_0, and per-trajectory timestep subsets."""
-
-    cfg: OnlineConfig
-    default_lr: ClassVar[dict[str, float]] = {}
-
-    def __init__(self, config, backbone, out, *, reward_fn=None, **kwargs):
-        self.reward_fn = reward_fn  # a StepScorer; None: built from config.reward in setup()
-        super().__init__(config, backbone, out, **kwargs)
-
-    @classmethod
-    def prepare_config(cls, cfg, backbone, defaults):
-        if cfg.reward is None:
-            cfg.reward = defaults.reward
-            if cfg.reward is None:
-                raise InputError("setting 'reward' is required: metric:<name> or an SPM folder "
-                                 "(e.g. --set reward=metric:pickscore)")
-        if cfg.lr is None and backbone in cls.default_lr:
-            cfg.lr = cls.default_lr[backbone]
-        return super().prepare_config(cfg, backbone, defaults)
-
-    def setup(self) -> None:
-        from spobench.engine.rollout import RolloutEngine, SamplerConfig
-        from spobench.engine.scoring import load_step_scorer
-
-        c = self.cfg
-        self.engine = RolloutEngine(self.bb, SamplerConfig(num_steps=c.num_steps, guidance_scale=c.guidance_scale,
-                                                           eta=c.eta, reduction=c.reduction, resolution=c.resolution))
-        if self.reward_fn is None:
-            self.reward_fn = load_step_scorer(c.reward, self.acc.device, self.bb.counters, self.bb.dtype)
-
-    def rewards(self, x0: torch.Tensor, prompts: Sequence[str], rows: Sequence[int]) -> torch.Tensor:
-        """Reward of each final sample (N,), float32 on CPU; row n belongs to ``prompts[rows[n]]``.
-        Decodes with the VAE and counts reward passes (``make_pool_scorer``)."""
-        from spobench.engine.scoring import make_pool_scorer
-
-        score = make_pool_scorer(self.bb, self.reward_fn, prompts, self.cfg.reward_batch)
-        return score(x0, 0, torch.as_tensor(list(rows)))
-
-    def trained_steps(self, *seed_parts: int) -> list[int]:
-        """Indices of the steps a trajectory trains on: the first int(S * fraction) (at least one) of a
-        permutation drawn from (seed, epoch, round, prompt, ...), as the reference's per-sample shuffle."""
-        S = self.cfg.num_steps
-        n = max(1, int(S * self.cfg.timestep_fraction))
-        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, *seed_parts))
-        return sorted(torch.randperm(S, generator=g)[:n].tolist())
-
-    def seeded(self, *parts: int) -> torch.Generator:
-        from spobench.engine.rollout import make_generators
-
-        return make_generators([derive_seed(self.cfg.seed, *parts)], device=self.acc.device)[0]
-
-
-# -------------------------------------------------------------------------------------------------
-# DDPO
-# -------------------------------------------------------------------------------------------------
 @dataclass
 class DDPOConfig(OnlineConfig):
     num_steps: int = setting(50, "DDIM steps of a rollout (reference: 50)", min=2)
@@ -247,13 +177,13 @@ class DDPOTrainer(OnlineTrainer):
         m = self.cfg.images_per_prompt
         jobs = [(i, c) for i in prompt_indices for c in range(m)]
         prompts = [self.prompts[i] for i, _ in jobs]
-        gens = [self.seeded(epoch, rnd, i, 0xDD, c) for i, c in jobs]
+        gens = [self.seeded(epoch, rnd, i, salts.DDPO_SAMPLE, c) for i, c in jobs]
         traj = self.engine.sample(prompts, gens)
         rewards = self.rewards(traj.x0, prompts, range(len(jobs))).tolist()
         items: list[TransitionItem] = []
         ts = traj.timesteps.tolist()
         for n, (i, c) in enumerate(jobs):
-            for j in self.trained_steps(epoch, rnd, i, 0xDD, c, 0x75):
+            for j in self.trained_steps(epoch, rnd, i, salts.DDPO_SAMPLE, c, salts.TRAINED_STEPS):
                 items.append(TransitionItem(
                     key=(i, c, j), prompt=i, t=int(ts[j]), x_t=traj.latents[n, j].cpu(),
                     x_prev=traj.latents[n, j + 1].cpu(), old_log_prob=float(traj.log_probs[n, j]),

@@ -52,11 +52,13 @@ Deviations from the reference, and why:
   that x processes, so lower ``grad_accum`` on more processes). That lr was tuned for full
   fine-tuning; LoRA usually wants more, so treat it as the faithful starting point, not a tuned one.
   The tiny backbone defaults to lr 1e-4 and no warm-up.
-* **Data order.** The base loop's round = ``rollout_batch`` pairs per process in an epoch order
-  that shuffles parquet row groups, then rows within them (``pairs_data.BatchOrder``: locality for
-  lazily decoded shards); t, eps, flips and caption dropout come from generators derived from
-  (seed, epoch, round, pair), so a resumed run is identical to an uninterrupted one. Processes read
-  disjoint pairs and do not exchange them (no gather of latents); each deals its own shuffled share.
+* **Data order.** The base loop's round = ``rollout_batch`` pairs per process (the loop's round
+  size, named for the online trainers; this offline trainer's round reads pairs, nothing is rolled
+  out) in an epoch order that shuffles parquet row groups, then rows within them
+  (``spobench.data.pairs.BatchOrder``: locality for lazily decoded shards); t, eps, flips and
+  caption dropout come from generators derived from (seed, epoch, round, pair), so a resumed run
+  is identical to an uninterrupted one. Processes read disjoint pairs and do not exchange them (no
+  gather of latents); each deals its own shuffled share.
 * **Ties** (``keep_ties = true``): a tie trains with the soft-label DPO loss -(p log sigmoid(z) +
   (1 - p) log sigmoid(-z)) with p = 0.5, which pulls z towards 0 (and is exactly -log sigmoid(z) for
   p = 1). The reference drops ties.
@@ -72,6 +74,7 @@ import torch.nn.functional as F
 
 from spobench.core.catalog import register_trainer
 from spobench.core.errors import InputError
+from spobench.trainers import salts
 from spobench.trainers.base import Trainer, TrainerConfig, derive_seed, setting
 
 # per-backbone defaults when a setting is left unset (see the module docstring)
@@ -86,7 +89,8 @@ class DiffusionDPOConfig(TrainerConfig):
     max_pairs: int | None = setting(None, "use only the first N usable pairs", min=1)
     epochs: int = setting(5, "passes over the pairs (reference: 2000 steps x 2048 pairs ~ 5 passes over "
                              "Pick-a-Pic v2)", min=1, resumable=True)
-    rollout_batch: int = setting(2048, "pairs per round per process", min=1)
+    rollout_batch: int = setting(2048, "pairs per round per process (the loop's round size; nothing is "
+                                       "rolled out: a round reads pairs)", min=1)
     train_batch_size: int = setting(4, "pairs per micro-batch per process", min=1)
     grad_accum: int = setting(512, "micro-batches per optimizer step (4 x 512 = the reference's 2048)", min=1)
     lr: float | None = setting(None, "AdamW learning rate (default: 2.048e-5 SD/SDXL = the reference's 1e-8 "
@@ -188,7 +192,8 @@ class DiffusionDPOTrainer(Trainer):
     def setup(self) -> None:
         from spobench.data.pairs import BatchOrder
 
-        self._order = BatchOrder(self.pairs, self.rows, len(self.rows), derive_seed(self.cfg.seed, 0x9E0))
+        self._order = BatchOrder(self.pairs, self.rows, len(self.rows),
+                                 derive_seed(self.cfg.seed, salts.EPOCH_ORDER))
         self._index = {r: i for i, r in enumerate(self.rows)}
         self._epoch_order: tuple[int, list[int]] = (-1, [])
         if self.is_main and self.console is not None:
@@ -211,7 +216,7 @@ class DiffusionDPOTrainer(Trainer):
         comes from (seed, epoch, round, pair); the VAE posterior samples from (seed, epoch, round)."""
         c = self.cfg
         g_vae = torch.Generator(device=self.acc.device).manual_seed(
-            derive_seed(c.seed, epoch, rnd, prompt_indices[0], 0x7AE))
+            derive_seed(c.seed, epoch, rnd, prompt_indices[0], salts.DPO_VAE))
         chunk = max(1, c.vae_batch // 2)
         items: list[DPOItem] = []
         for s in range(0, len(prompt_indices), chunk):
@@ -229,7 +234,7 @@ class DiffusionDPOTrainer(Trainer):
         shape = bb.latent_shape(res)
         imgs, meta = [], []
         for n, (i, row) in enumerate(zip(indices, rows)):
-            g = torch.Generator().manual_seed(derive_seed(c.seed, epoch, rnd, i, 0xDB0))
+            g = torch.Generator().manual_seed(derive_seed(c.seed, epoch, rnd, i, salts.DPO_PAIR))
             flips = (torch.rand(2, generator=g) < 0.5).tolist() if c.hflip else [False, False]
             drop = bool(torch.rand(1, generator=g) < c.caption_dropout)
             t = int(torch.randint(0, bb.num_train_timesteps, (1,), generator=g))
@@ -261,7 +266,8 @@ class DiffusionDPOTrainer(Trainer):
             counts = gather(torch.tensor([n], device=self.acc.device)).cpu()
             n, total = int(counts.min()), int(counts.sum())
         items = sorted(items, key=self.item_key)
-        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, epoch, rnd, 0x5A1, self.acc.process_index))
+        seed = derive_seed(self.cfg.seed, epoch, rnd, salts.SHARE, self.acc.process_index)
+        g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(len(items), generator=g)[:n].tolist()
         return [items[i] for i in perm], total
 

@@ -2,7 +2,7 @@
 change too little for the SPM to tell candidates apart.
 
 From the shared x_t, k candidates x_{t-1}^i are drawn as in SPO, then each is denoised j-1 more
-steps with its own noise (``engine.pool_rollout`` with ``PoolConfig.inner_steps = j``); the SPM
+steps with its own noise (``spo_pools.pool_rollout`` with ``PoolConfig.inner_steps = j``); the SPM
 scores the candidates' x0_hat at t-j and the best/worst segment give the pair. As in the official
 SDXL code, the pool's label applies to EACH transition of the two segments:
 
@@ -12,7 +12,7 @@ SDXL code, the pool's label applies to EACH transition of the two segments:
 each a term of the SPO loss (Eq. 4) at its own timestep. Segments are laid as the official SDXL
 pipeline lays them (``tail = "merge"``): where a segment would start at the last transition
 (t = 1 -> 0), that transition ends the segment still open, which then has j + 1 transitions (at 20
-steps: j = 1, 3, 5; see ``engine/rollout.py``). All rows of a micro-batch still go through
+steps: j = 1, 3, 5; see ``spo_pools.py``). All rows of a micro-batch still go through
 ONE policy and ONE reference UNet call; a kept pool costs 1 + 2(j-1) policy rows (and as many
 reference rows; x2 for CFG) where the official loop runs 2j of each. Everything else (threshold,
 clamp, reduction, loop) is SPO's (``spo.py``).
@@ -26,6 +26,7 @@ from typing import ClassVar, Literal
 from spobench.core.catalog import register_trainer
 from spobench.trainers.base import TrainerConfig, setting
 from spobench.trainers.spo import PairItem, SPOConfig, SPOTrainer
+from spobench.trainers.spo_pools import PoolStep
 
 
 @dataclass
@@ -52,7 +53,7 @@ class MSPOTrainer(SPOTrainer):
     def pool_tail(self) -> str:
         return self.cfg.tail
 
-    def pair_items(self, step, b: int, prompt: int, n: int, score_gap: float, prob_gap: float) -> list[PairItem]:
+    def pair_items(self, step: PoolStep, b: int, prompt: int, n: int, score_gap: float, prob_gap: float) -> list[PairItem]:
         """Every transition of the winning and losing segments, labelled by the pool."""
         w, l = int(step.win[b]), int(step.lose[b])
         seg_w, seg_l = step.segments[b, w], step.segments[b, l]  # (j', C, H, W)

@@ -432,13 +432,6 @@ def _train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | 
 
 
 # -- CLI --------------------------------------------------------------------------------------------
-def _load_backbone(name: str, model: Optional[str], device: str, dtype: str):
-    from spobench.core.dtypes import torch_dtype
-    from spobench.models.backbones import load_backbone
-
-    return load_backbone(name, model, device=device, dtype=torch_dtype(dtype))
-
-
 def default_init(backbone_name: str) -> Path:
     """Where ``--init`` points when omitted: the metric weights folder of PickScore (or, for the
     tiny backbone, the tiny world's toy PickScore: ``$SPOBENCH_WEIGHTS/toy_pickscore`` if present,

@@ -1,9 +1,11 @@
-"""SPO: Step-aware Preference Optimization (paper Sec. 4), the whole algorithm in one file.
+"""SPO: Step-aware Preference Optimization (paper Sec. 4): the loss and the trainer here, the
+candidate-pool sampling in ``spo_pools.py``.
 
 Code <-> paper:
 
 * **Rollout with candidate pools** (Sec. 4.1-4.3, Fig. 3c): :meth:`SPOTrainer.collect` runs
-  ``engine.pool_rollout`` with the LoRA ON (the current policy p_theta), without grad. From each
+  :func:`~spobench.trainers.spo_pools.pool_rollout` (SPO's sampling, ``spo_pools.py`` beside this
+  file) with the LoRA ON (the current policy p_theta), without grad. From each
   x_t with t_prev <= kappa (Sec. 4.3, "only when t <= kappa") it draws k candidates
   x_{t-1}^1..k ~ p_theta(x_{t-1} | x_t, c), the step scorer (the SPM, Sec. 4.2; or a metric via
   ``metric:<name>``) scores each candidate's x0_hat at t-1, the best and the worst form the pair
@@ -52,6 +54,7 @@ import torch.nn.functional as F
 from spobench.core.catalog import register_trainer
 from spobench.core.errors import InputError
 from spobench.trainers.base import Trainer, TrainerConfig, setting
+from spobench.trainers.spo_pools import PoolConfig, PoolStep, pool_rollout
 
 
 # -------------------------------------------------------------------------------------------------
@@ -177,9 +180,7 @@ class SPOTrainer(Trainer):
         if self.step_scorer is None:
             self.step_scorer = load_step_scorer(c.scorer, self.acc.device, self.bb.counters, self.bb.dtype)
 
-    def pool_config(self):
-        from spobench.engine.rollout import PoolConfig
-
+    def pool_config(self) -> PoolConfig:
         c = self.cfg
         return PoolConfig(k=c.k, kappa=c.kappa, inner_steps=self.pool_inner_steps(), init=c.init, pair=c.pair,
                           t_min=c.t_min, tail=self.pool_tail())
@@ -197,8 +198,8 @@ class SPOTrainer(Trainer):
 
         prompts = [self.prompts[i] for i in prompt_indices]
         scorer = make_pool_scorer(self.bb, self.step_scorer, prompts, self.cfg.scorer_batch)
-        rollout = self.engine.pool_rollout(prompts, self.generators(epoch, rnd, prompt_indices),
-                                           self.pool_config(), scorer)  # LoRA on, no grad
+        rollout = pool_rollout(self.engine, prompts, self.generators(epoch, rnd, prompt_indices),
+                               self.pool_config(), scorer)  # LoRA on, no grad
         items: list[PairItem] = []
         pools = kept = 0
         gap_all = gap_kept = 0.0
@@ -218,7 +219,7 @@ class SPOTrainer(Trainer):
                  "scored": float(sum(s.scores.numel() for s in rollout.steps))}
         return items, stats
 
-    def pair_items(self, step, b: int, prompt: int, n: int, score_gap: float, prob_gap: float) -> list[PairItem]:
+    def pair_items(self, step: PoolStep, b: int, prompt: int, n: int, score_gap: float, prob_gap: float) -> list[PairItem]:
         """SPO trains the pool's first (and only) transition x_t -> x_{t-1}^{w,l}."""
         w, l = int(step.win[b]), int(step.lose[b])
         return [PairItem(key=(prompt, n, 0), prompt=prompt, t=int(step.timesteps[0]), x_t=step.x_t[b].cpu(),

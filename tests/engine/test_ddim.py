@@ -100,14 +100,13 @@ def test_set_alpha_to_one_makes_the_last_log_prob_non_finite():
 
 
 def test_set_alpha_to_one_is_refused_where_log_probs_are_needed_and_sampled_where_not():
-    from spobench.engine.rollout import PoolConfig, RolloutEngine, SamplerConfig, make_generators
+    from spobench.engine.rollout import RolloutEngine, SamplerConfig, make_generators
     from spobench.core.errors import ModelLoadError
 
+    # SPO's pools refuse it too: tests/trainers/test_spo_pools.py
     eng = RolloutEngine(_alpha_to_one_backbone(), SamplerConfig(num_steps=4, eta=1.0))
     gens = make_generators([0])
     with pytest.raises(ModelLoadError, match=r"^fake: scheduler set_alpha_to_one = true .*set_alpha_to_one\": false"):
-        eng.pool_rollout(["a"], gens, PoolConfig(k=2), lambda x0, t, idx: x0.mean((1, 2, 3)))
-    with pytest.raises(ModelLoadError, match="set_alpha_to_one"):
         eng.sample(["a"], gens)  # DDPO / D3PO rollouts
     cond, uncond = eng.encode(["a"])
     x = torch.randn(1, 3, 8, 8)

@@ -9,7 +9,6 @@ import pytest
 from fakes import FakeBackbone
 from pickapic_fixtures import write_pairs
 
-from spobench.trainers import spm as spm_train
 from spobench.core.errors import InputError
 from spobench.toyworld.tiny_clip import make_tiny_clip_folder
 from spobench.eval.spm_eval import compare_spms, held_out_rows, load_scorer, paired_difference
@@ -85,7 +84,7 @@ def test_cli_writes_json_and_table(world, tmp_path, monkeypatch):
 
     from spobench.cli import app
 
-    monkeypatch.setattr(spm_train, "_load_backbone", lambda *a, **k: FakeBackbone())
+    monkeypatch.setattr("spobench.models.backbones.load_backbone", lambda *a, **k: FakeBackbone())
     out = tmp_path / "cmp.json"
     r = CliRunner().invoke(app, ["eval-spm", str(world["clip"]), str(world["spm"]), "--pairs", str(world["test"]),
                                  "--exclude", str(world["train"]), "--timesteps", "0,500", "--out", str(out)])

@@ -156,7 +156,7 @@ def test_cli_command(world, tmp_path, monkeypatch):
 
     from spobench.cli import app
 
-    monkeypatch.setattr(spm_train, "_load_backbone", lambda *a, **k: FakeBackbone())
+    monkeypatch.setattr("spobench.models.backbones.load_backbone", lambda *a, **k: FakeBackbone())
     out = tmp_path / "cli"
     r = CliRunner().invoke(app, ["train-spm", "--pairs", str(world["pairs"]), "--init", str(world["clip"]),
                                  "--out", str(out), "--steps", "2", "--batch-size", "4", "--no-step",
