@@ -116,7 +116,9 @@ def test_batched_calls_equal_separate_forwards_and_the_v_target(tmp_path, data):
         per.append(-F.logsigmoid(z))
     four = torch.stack(per).mean()
     g_four = torch.autograd.grad(four, tr.params)
-    assert loss.item() == pytest.approx(four.item(), rel=1e-5) and abs(loss.item() - math.log(2)) > 1e-2
+    # batched and separate convolutions round differently (by thread count too); beta/2 = 2500 times four
+    # float32 MSEs' rounding (~1e-7 each) bounds the loss difference at ~1e-3: 1e-4 is 2x the worst seen
+    assert loss.item() == pytest.approx(four.item(), abs=1e-4) and abs(loss.item() - math.log(2)) > 1e-2
     flat_ours, flat_four = torch.cat([g.flatten() for g in g_ours]), torch.cat([g.flatten() for g in g_four])
     # float32 MSE differences times beta/2 = 2500 amplify rounding: compare the gradient as a whole
     assert (flat_ours - flat_four).norm() / flat_four.norm() < 1e-4
