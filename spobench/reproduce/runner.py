@@ -35,7 +35,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from spobench.core import outdir
 from spobench.core.errors import InputError, MissingWeightsError, NotImplementedYet
@@ -48,6 +48,8 @@ from spobench.reproduce.recipe import (
     SPMInput,
     ToyClipInput,
     ToyPairsInput,
+    TOY_BACKBONES,
+    cell_config,
     cell_settings,
     input_order,
     is_pathlike,
@@ -88,6 +90,7 @@ class CellPlan:
     dir: Path
     settings: dict = field(default_factory=dict)  # resolved trainer settings (references replaced)
     trainer: Any = None  # the trainer class
+    config: Any = None  # its typed config, per-backbone defaults filled: what the cell trains with
     model: str | None = None  # external cells: model source (a folder or hub id)
     unet: str | None = None  # external cells: a UNet-only folder or hub id
     vae: str | None = None  # external cells: a VAE-only folder or hub id
@@ -195,8 +198,11 @@ def _check_backbone(recipe: Recipe, out: Path) -> tuple[str | None, str, int | N
     if model.startswith("random:"):
         seed = int(model.removeprefix("random:"))
         return None, f"tiny-random-seed{seed}", seed
+    # a backbone without a hub default is the tiny world's: its models ship with the package and are
+    # small enough to hash (so that a resumed run notices new weights)
+    small = bb_cls.default_source is None
     if model == "default":
-        if name == "tiny":  # pinned now: a model shipped while the run goes on must not mix into it
+        if small:  # pinned now: a model shipped while the run goes on must not mix into it
             from spobench.models.backbones.tiny import PRETRAINED_DIR
 
             if PRETRAINED_DIR.is_dir():
@@ -211,7 +217,7 @@ def _check_backbone(recipe: Recipe, out: Path) -> tuple[str | None, str, int | N
     folder, model_id, revision = bb_cls._resolve(source)  # the same resolution load() does
     bb_cls.check_folder(folder, source)
     identity = f"{model_id}@{revision}" if revision else model_id
-    if name == "tiny":
+    if small:
         identity += f" (unet sha256 {_unet_sha(folder)})"
     return source, identity, None
 
@@ -301,7 +307,7 @@ def preflight(recipe: Recipe, cells: list[CellSpec], out: Path, device: str) -> 
                 raise MissingWeightsError(f"{at}: {values[name]} not found. {spec.how}".rstrip())
         elif isinstance(spec, MetricInput):
             _check_metric(spec.metric, None, device, at)
-        elif isinstance(spec, (ToyPairsInput, ToyClipInput)) and recipe.backbone != "tiny":
+        elif isinstance(spec, (ToyPairsInput, ToyClipInput)) and recipe.backbone not in TOY_BACKBONES:
             raise InputError(f"{at}: kind {spec.kind!r} exists only for the tiny backbone")
         elif isinstance(spec, SPMInput):
             for key in ("pairs", "init"):
@@ -318,9 +324,9 @@ def preflight(recipe: Recipe, cells: list[CellSpec], out: Path, device: str) -> 
         if cell.trained:
             cls = catalog.TRAINERS.get(cell.method)
             settings, must_exist = _resolve_settings(recipe, cell, values, out)
-            cfg = cls.Config.from_dict(settings, source=f"{where}: {cell.where}")
+            cfg = cell_config(recipe, cell, settings)
             try:
-                cfg = cls.prepare_config(copy.deepcopy(cfg), recipe.backbone, bb_cls.defaults)
+                cfg = cls.prepare_config(cfg, recipe.backbone, bb_cls.defaults)
             except InputError as e:
                 raise InputError(f"{where}: {cell.where}: {e}") from None
             for key, value in settings.items():
@@ -334,10 +340,7 @@ def preflight(recipe: Recipe, cells: list[CellSpec], out: Path, device: str) -> 
                     load_prompts(cfg.prompts, cfg.prompt_limit)
                 except InputError as e:
                     raise InputError(f"{where}: {cell.where}.prompts: {e}") from None
-            hook = getattr(cls, "preflight", None)
-            if callable(hook):
-                hook(cfg)
-            cp.settings, cp.trainer = settings, cls
+            cp.settings, cp.trainer, cp.config = settings, cls, cfg
         elif cell.method == "external":
             _check_external(cp, bb_cls, out, where)
         plans.append(cp)
@@ -425,16 +428,6 @@ def check_resume(plan: Plan, stored: dict) -> None:
 # =====================================================================================================
 # running
 # =====================================================================================================
-def _toml_literal(v: Any) -> str:
-    if v is None:
-        return "none"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v))
-
-
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -443,14 +436,13 @@ def _read_json(path: Path) -> dict | None:
 
 
 class Runner:
-    def __init__(self, plan: Plan, console=None, log: Callable[[str], None] | None = None):
+    def __init__(self, plan: Plan, console=None):
         from rich.console import Console
 
         self.plan = plan
         self.console = console or Console(stderr=True)
         self.stage = 0
         self.n_stages = 0
-        self.timing: dict[str, dict] = {}
 
     # -- helpers -------------------------------------------------------------------------------------
     def say(self, what: str) -> None:
@@ -545,13 +537,12 @@ class Runner:
             self.console.print(f"reusing the finished cell {cell.id!r} ({cell.train_dir})")
             return done | {"reused": True}
         t0 = time.perf_counter()
-        overrides = [f"{k}={_toml_literal(v)}" for k, v in cell.settings.items()]
+        cfg = copy.deepcopy(cell.config)  # the typed config preflight built, straight into the trainer
         if self.plan.compile:  # the same math up to rounding: not part of the cell's settings or done-marker
-            overrides.append("compile=true")
+            cfg.compile = True
         resume = cell.train_dir.exists() and any(cell.train_dir.iterdir())
-        summary = cell.trainer.cli(backbone=self.plan.recipe.backbone, model=self.plan.model_source,
-                                   out=cell.train_dir, config=None, overrides=overrides, resume=resume,
-                                   overwrite=False, console=self.console)
+        summary = cell.trainer.run(cfg, backbone=self.plan.recipe.backbone, model=self.plan.model_source,
+                                   out=cell.train_dir, resume=resume, overwrite=False, console=self.console)
         info = {"settings": json.loads(json.dumps(cell.settings, default=str)), "complete": summary["complete"],
                 "progress": summary["progress"], "counters": summary["counters"],
                 "config": summary["config"], "wall_s": round(time.perf_counter() - t0, 3),
