@@ -142,8 +142,17 @@ def type_phrase(tp) -> str:
 
 def type_label(tp) -> str:
     """``tp`` as ``--settings`` lists it: 'int', 'float | None', "'mean' | 'sum'"."""
-    if typing.get_origin(tp) is Literal:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_label(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    if tp is Ellipsis:
+        return "..."
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(type_label(a) for a in typing.get_args(tp))}]"
     return getattr(tp, "__name__", str(tp))
 
 

@@ -56,15 +56,15 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from spobench.core.catalog import recipe_files  # noqa: F401  (the shipped recipes, listed by the catalog)
 from spobench.core.config import SettingError, Source, read_toml
 from spobench.core.errors import InputError, NotImplementedYet
-from spobench.reproduce.paths import is_pathlike, model_problem, name_problem, path_problem, resolve_path  # noqa: F401
-from spobench.reproduce.schema import (  # noqa: F401  (the schema's names stay importable from here)
-    BACKBONE_NAMES, BUILTIN_METHODS, OVERRIDABLE, TOY_BACKBONES, AblationSpec, CellSpec, EvaluateSpec,
-    GenerateSpec, InputSpec, MetricInput, PaperRow, PaperSpec, PathInput, Recipe, ReportSpec, SPMInput,
-    ToyClipInput, ToyPairsInput, build_input,
-)
+from spobench.reproduce.paths import is_pathlike, model_problem, name_problem, path_problem
+from spobench.reproduce.schema import (BACKBONE_NAMES, BUILTIN_METHODS, OVERRIDABLE, TOY_BACKBONES, CellSpec,
+                                       Recipe, build_input)
+
+# where these lived before the schema and the paths had modules of their own
+from spobench.core.catalog import recipe_files  # noqa: E402,F401
+from spobench.reproduce.paths import resolve_path  # noqa: E402,F401
 
 
 # =====================================================================================================

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spobench.core.config import Config, SettingError, setting
+from spobench.core.config import Config, setting
 from spobench.core.errors import InputError
 # the pairs reader lives in spobench.data.pairs; these names stay importable from here
 from spobench.data.pairs import BatchOrder, PairTable, say, split_rows  # noqa: F401
