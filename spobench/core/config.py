@@ -408,6 +408,7 @@ class Config:
         lines = []
         for n, f in cls.fields().items():
             default = f.default_factory() if f.default_factory is not MISSING else f.default
-            shown = "required" if default is MISSING else f"default {default!r}"
+            shown = ("required" if default is MISSING else "a table of its own" if isinstance(default, Config)
+                     else f"default {default!r}")
             lines.append(f"{n} ({type_label(hints[n])}, {shown}): {f.metadata.get('help', '')}")
         return "\n".join(lines)

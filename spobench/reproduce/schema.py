@@ -327,3 +327,16 @@ class Recipe(Table):
         return next(c for c in self.cell_list if c.id == cid)
 
 
+
+
+def describe() -> str:
+    """Every recipe table and its keys (type, default, help), from the declarations above: the
+    recipe's reference, as ``--settings`` is the trainers'."""
+    tables = [("", Recipe), ("generate", GenerateSpec), ("evaluate", EvaluateSpec), ("report", ReportSpec),
+              *((f"inputs.<name> (kind = {k!r})", c) for k, c in INPUT_KINDS.items()), ("cells.<id>", CellSpec),
+              ("ablation", AblationSpec), ("paper", PaperSpec), ("paper.rows[]", PaperRow)]
+    out = []
+    for name, cls in tables:
+        out.append(f"[{name}]" if name else "(top level)")
+        out.extend(f"  {line}" for line in cls.describe().splitlines())
+    return "\n".join(out)

@@ -147,3 +147,13 @@ def test_a_recipe_cell_becomes_a_typed_trainer_config_without_strings(tmp_path, 
         cell_config(recipe, cell, bad)
     with pytest.raises(InputError, match=r"cells.spo.train.scorer: 'spm' is a bare name"):
         cell_config(recipe, cell, dict(cell.train, scorer="spm"))
+
+
+def test_the_recipe_reference_comes_from_the_schema():
+    from spobench.reproduce.schema import GenerateSpec, describe
+
+    text = describe()
+    for line in GenerateSpec.describe().splitlines():
+        assert f"  {line}" in text
+    assert "[generate]" in text and "[cells.<id>]" in text and "[inputs.<name> (kind = 'spm')]" in text
+    assert "  steps (int, default 20): DDIM steps (paper: 20)" in text
