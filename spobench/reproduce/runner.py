@@ -2,14 +2,15 @@
 
 Stages, in order:
 
-1. **Check everything first** (:func:`preflight`), writing nothing: every cell's trainer exists
+1. **Check everything first** (:func:`spobench.reproduce.plan.preflight`), writing nothing: every cell's trainer exists
    (``not implemented yet: trainer 'x'`` otherwise) and accepts its settings, the backbone's weights,
    every metric's weights, every input that must already be on disk, every prompt set. A run that
    would fail after hours of training fails here instead, with the backbone's / metric's own error.
 2. **Inputs** (``<out>/inputs/<name>``): tiny-world pairs, a tiny CLIP, SPMs trained with
    :func:`spobench.trainers.spm.train_spm`; ``random:<seed>`` tiny weights. Each is reused once done.
-3. **Train** every cell (``<out>/cells/<id>/train``) with its trainer, exactly as ``spobench train``
-   does (same configs, checkpoints, logs). A cell is done when its final LoRA and the done-marker
+3. **Train** every cell (``<out>/cells/<id>/train``): the typed config preflight built goes
+   straight into ``Trainer.run``, the path ``spobench train`` takes after parsing its options
+   (same checkpoints, logs). A cell is done when its final LoRA and the done-marker
    ``reproduce-done.json`` exist; ``--resume`` reuses done cells and continues unfinished ones from
    their last checkpoint.
 4. **Generate** (``<out>/cells/<id>/images``): the same prompts and seeds for every cell (DDIM,

@@ -403,13 +403,17 @@ def _load_backbone(name: str, model: Optional[str], device: str, dtype: str):
     return load_backbone(name, model, device=device, dtype=dtypes[dtype])
 
 
-def default_init(backbone_name: str) -> Path:
-    """Where ``--init`` points when omitted: the metric weights folder of PickScore (or, for the
-    tiny backbone, the tiny world's toy PickScore: ``$SPOBENCH_WEIGHTS/toy_pickscore`` if present,
-    else the one shipped in the package)."""
+def default_init(backbone) -> Path:
+    """Where ``--init`` points when omitted (``backbone``: a registered name or its
+    ``BackboneDefaults``): the weights folder of ``spm_init`` (PickScore; the tiny world's toy
+    PickScore, ``$SPOBENCH_WEIGHTS/toy_pickscore``), else the ``spm_init_shipped`` folder of the package."""
     from spobench.metrics.base import weights_root
 
-    if backbone_name == "tiny":
-        local = weights_root() / "toy_pickscore"
-        return local if local.exists() else ASSETS / "toy-pickscore"
-    return weights_root() / "pickscore"
+    if isinstance(backbone, str):
+        from spobench.core import catalog
+
+        backbone = catalog.BACKBONES.get(backbone).defaults
+    local = weights_root() / backbone.spm_init
+    if backbone.spm_init_shipped and not local.exists():
+        return ASSETS / backbone.spm_init_shipped
+    return local

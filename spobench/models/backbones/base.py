@@ -97,6 +97,10 @@ class BackboneDefaults:
     dpo_warmup: int = 0  # Diffusion-DPO LR warm-up (reference: 500 steps)
     dpo_hflip: bool = False  # Diffusion-DPO random flips (reference: on; the tiny world has left/right prompts)
     spm_lr: float = 1e-4  # step-aware preference model (paper Sec. 5.1: 3e-6 SD-1.5, 1e-6 SDXL)
+    # where an SPM starts (train-spm without --init): this metric's weights folder, else (when absent)
+    # this folder shipped in spobench/assets
+    spm_init: str = "pickscore"
+    spm_init_shipped: str | None = None
     # What a trainer uses when the user names none; None: the setting is required (real backbones:
     # no prompt list, preference model or reward can be assumed).
     prompts: str | None = None  # training prompt set
