@@ -342,7 +342,7 @@ def test_default_tiny_model_is_pinned_before_any_work(tmp_path, monkeypatch):
     import spobench.models.backbones.tiny as tiny
     from spobench.models.backbones.testing import make_tiny_folder
     from spobench.reproduce.recipe import load_recipe
-    from spobench.reproduce.runner import _check_backbone
+    from spobench.reproduce.plan import _check_backbone
 
     recipe = load_recipe(write_recipe(tmp_path, E2E.replace('model = "random:0"', 'model = "default"')), "tiny")
     shipped = tmp_path / "tiny-base"
