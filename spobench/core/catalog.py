@@ -6,7 +6,15 @@ A target of None means the name is part of the product but not built yet: using 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from spobench.core.registry import Registry
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 TRAINERS: Registry = Registry("trainer")
 METRICS: Registry = Registry("metric")
@@ -62,18 +70,38 @@ _PAPER_TABLES = {
 }
 
 
+def recipe_files() -> dict[str, Path]:
+    """The shipped recipes: name -> file (package data ``spobench.recipes``)."""
+    from importlib.resources import files
+
+    out = {}
+    for entry in sorted(files("spobench.recipes").iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".toml") and entry.is_file():
+            out[entry.name[:-5]] = Path(str(entry))
+    return out
+
+
+def recipe_header(path: Path) -> dict:
+    """``name``/``title``/``paper_table`` of a recipe file without validating the rest (for ``ls``;
+    the schema is :mod:`spobench.reproduce.schema`)."""
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        return {"name": Path(path).stem, "title": f"(unreadable: {e})"}
+    return {"name": raw.get("name", Path(path).stem), "title": str(raw.get("title", "")),
+            "paper_table": raw.get("paper_table")}
+
+
 def recipes() -> Registry:
     """The paper's tables (and extra recipes) as recipe names: every ``recipes/*.toml`` shipped as
     package data ``spobench.recipes`` is 'ready' (its entry holds the file's path); a paper table
     without a file stays 'planned'. Only the files' headers are read (no validation, no torch)."""
     if not RECIPES.names():
-        from spobench.reproduce.recipe import header, recipe_files
-
         files = recipe_files()
         for name, summary in _PAPER_TABLES.items():
             if name not in files:
                 RECIPES.declare(name, None, summary)
         for name, path in files.items():
-            RECIPES.declare(name, None, header(path).get("title") or _PAPER_TABLES.get(name, ""))
+            RECIPES.declare(name, None, recipe_header(path).get("title") or _PAPER_TABLES.get(name, ""))
             RECIPES.entry(name).obj = path
     return RECIPES

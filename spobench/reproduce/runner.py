@@ -2,14 +2,15 @@
 
 Stages, in order:
 
-1. **Check everything first** (:func:`preflight`), writing nothing: every cell's trainer exists
+1. **Check everything first** (:func:`spobench.reproduce.plan.preflight`), writing nothing: every cell's trainer exists
    (``not implemented yet: trainer 'x'`` otherwise) and accepts its settings, the backbone's weights,
    every metric's weights, every input that must already be on disk, every prompt set. A run that
    would fail after hours of training fails here instead, with the backbone's / metric's own error.
 2. **Inputs** (``<out>/inputs/<name>``): tiny-world pairs, a tiny CLIP, SPMs trained with
    :func:`spobench.trainers.spm.train_spm`; ``random:<seed>`` tiny weights. Each is reused once done.
-3. **Train** every cell (``<out>/cells/<id>/train``) with its trainer, exactly as ``spobench train``
-   does (same configs, checkpoints, logs). A cell is done when its final LoRA and the done-marker
+3. **Train** every cell (``<out>/cells/<id>/train``): the typed config preflight built goes
+   straight into ``Trainer.run``, the path ``spobench train`` takes after parsing its options
+   (same checkpoints, logs). A cell is done when its final LoRA and the done-marker
    ``reproduce-done.json`` exist; ``--resume`` reuses done cells and continues unfinished ones from
    their last checkpoint.
 4. **Generate** (``<out>/cells/<id>/images``): the same prompts and seeds for every cell (DDIM,
@@ -33,28 +34,16 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
 
 from spobench.core import outdir
-from spobench.core.errors import InputError, MissingWeightsError, NotImplementedYet
+from spobench.core.errors import InputError
 from spobench.core.io import atomic_dir, atomic_write_json, provenance
-from spobench.reproduce.recipe import (
-    CellSpec,
-    MetricInput,
-    PathInput,
-    Recipe,
-    SPMInput,
-    ToyClipInput,
-    ToyPairsInput,
-    cell_settings,
-    input_order,
-    is_pathlike,
-    load_recipe,
-    resolve_path,
-    validate_settings,
-)
+from spobench.reproduce.plan import CellPlan, Plan, _first_difference, check_resume, preflight
+from spobench.reproduce.paths import resolve_path
+from spobench.reproduce.recipe import load_recipe
+from spobench.reproduce.schema import SPMInput, ToyClipInput, ToyPairsInput
 
 PLAN = "plan.json"
 DONE = "reproduce-done.json"
@@ -80,350 +69,8 @@ def find_recipe(ref: str | Path) -> Path:
 
 
 # =====================================================================================================
-# the plan
-# =====================================================================================================
-@dataclass
-class CellPlan:
-    spec: CellSpec
-    dir: Path
-    settings: dict = field(default_factory=dict)  # resolved trainer settings (references replaced)
-    trainer: Any = None  # the trainer class
-    model: str | None = None  # external cells: model source (a folder or hub id)
-    unet: str | None = None  # external cells: a UNet-only folder or hub id
-    vae: str | None = None  # external cells: a VAE-only folder or hub id
-    lora: Path | None = None  # external cells: the LoRA weights file (from a folder or hub snapshot)
-
-    @property
-    def id(self) -> str:
-        return self.spec.id
-
-    @property
-    def train_dir(self) -> Path:
-        return self.dir / "train"
-
-    @property
-    def images(self) -> Path:
-        return self.dir / "images"
-
-    @property
-    def lora_dir(self) -> Path | None:
-        if self.spec.method == "external":
-            return self.lora
-        return self.train_dir / "lora" if self.spec.trained else None
-
-
-@dataclass
-class Plan:
-    recipe: Recipe
-    out: Path
-    device: str
-    model_source: str | None  # what load_backbone gets (None: the backbone's default)
-    model_identity: str
-    cells: list[CellPlan]
-    prompts: Any  # the generation prompt list (a PromptSet when registered)
-    prompt_info: dict
-    metrics: dict[str, Any]  # name -> metric instance (constructed in preflight: weights found)
-    inputs: dict[str, Any]  # name -> spec, in preparation order
-    input_values: dict[str, str]  # name -> what "input:<name>" resolves to
-    random_model: int | None = None
-    compile: bool = False  # trainers' compile=true: how cells run, not what they are (kept out of identity)
-
-    def identity(self) -> dict:
-        g = asdict(self.recipe.generate)
-        g.pop("batch_size")
-        return {"recipe": self.recipe.name, "backbone": self.recipe.backbone, "model": self.model_identity,
-                "generate": g, "prompts": self.prompt_info.get("version"),
-                "inputs": {n: asdict(s) for n, s in self.inputs.items()},
-                "cells": {c.id: {"method": c.spec.method, "settings": c.settings, "model": c.model,
-                                 "lora": str(c.lora) if c.lora else None,
-                                 **{k: getattr(c, k) for k in ("unet", "vae") if getattr(c, k)}}
-                          for c in self.cells}}
-
-
-def _input_value(name: str, spec, out: Path) -> str:
-    if isinstance(spec, MetricInput):
-        return f"metric:{spec.metric}"
-    if isinstance(spec, PathInput):
-        return str(resolve_path(spec.path, out))
-    if isinstance(spec, ToyPairsInput):
-        return str(out / "inputs" / name / "pairs.parquet")
-    if isinstance(spec, SPMInput):
-        return str(out / "inputs" / name / "spm")
-    return str(out / "inputs" / name)  # toy-clip
-
-
-def _resolve_settings(recipe: Recipe, cell: CellSpec, values: dict[str, str], out: Path) -> tuple[dict, set]:
-    """The cell's settings with ``input:`` references and recipe paths made real; also the keys whose
-    value is a path that must already exist."""
-    resolved, must_exist = {}, set()
-    for key, value in cell_settings(recipe, cell).items():
-        if isinstance(value, str) and value.startswith("input:"):
-            value = values[value[6:]]
-        elif isinstance(value, str) and not value.startswith("metric:") and is_pathlike(value):
-            value = str(resolve_path(value, out))
-            must_exist.add(key)
-        resolved[key] = value
-    return resolved, must_exist
-
-
-def _used_inputs(recipe: Recipe, cells: list[CellSpec]) -> set[str]:
-    used: set[str] = set()
-    for cell in cells:
-        for v in cell_settings(recipe, cell).values():
-            if isinstance(v, str) and v.startswith("input:"):
-                used.add(v[6:])
-    changed = True
-    while changed:  # inputs of used inputs
-        changed = False
-        for name in list(used):
-            spec = recipe.input_specs[name]
-            for key in ("pairs", "init"):
-                ref = getattr(spec, key, None)
-                if isinstance(ref, str) and ref.startswith("input:") and ref[6:] not in used:
-                    used.add(ref[6:])
-                    changed = True
-    return used
-
-
-def _check_backbone(recipe: Recipe, out: Path) -> tuple[str | None, str, int | None]:
-    """(source for load_backbone, identity string, random seed) - the backbone's own error if its
-    weights are missing. Reads only (a hub id that is not cached raises unless downloads are allowed)."""
-    from spobench.core import catalog
-
-    name, model = recipe.backbone, recipe.model
-    bb_cls = catalog.BACKBONES.get(name)
-    if model.startswith("random:"):
-        seed = int(model.removeprefix("random:"))
-        return None, f"tiny-random-seed{seed}", seed
-    if model == "default":
-        if name == "tiny":  # pinned now: a model shipped while the run goes on must not mix into it
-            from spobench.models.backbones.tiny import PRETRAINED_DIR
-
-            if PRETRAINED_DIR.is_dir():
-                bb_cls.check_folder(PRETRAINED_DIR)
-                return str(PRETRAINED_DIR), f"shipped tiny-base (unet sha256 {_unet_sha(PRETRAINED_DIR)})", None
-            return None, "tiny-random-seed0 (no shipped tiny-base: TinyBackbone.build(seed=0))", 0
-        source = bb_cls.default_source
-    elif model.startswith("hub:"):
-        source = model.removeprefix("hub:")
-    else:
-        source = str(resolve_path(model, out))
-    folder, model_id, revision = bb_cls._resolve(source)  # the same resolution load() does
-    bb_cls.check_folder(folder, source)
-    identity = f"{model_id}@{revision}" if revision else model_id
-    if name == "tiny":
-        identity += f" (unet sha256 {_unet_sha(folder)})"
-    return source, identity, None
-
-
-def _unet_sha(folder: Path) -> str:
-    """A short hash of a tiny model's UNet weights (4 MB), so that a resumed run notices new weights."""
-    import hashlib
-
-    files = sorted((Path(folder) / "unet").glob("*.safetensors"))
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.read_bytes())
-    return h.hexdigest()[:12]
-
-
-def _check_metric(name: str, weights: str | None, device: str, where: str):
-    from spobench.core import catalog
-
-    try:
-        cls = catalog.METRICS.get(name)
-    except NotImplementedYet as e:
-        raise NotImplementedYet(f"{e} ({where})") from None
-    try:
-        return cls(weights=weights, device=device)
-    except MissingWeightsError as e:
-        raise MissingWeightsError(f"{where}: {e}") from None
-
-
-def _load_generation_prompts(recipe: Recipe, out: Path):
-    from spobench.data.prompts import first, load_prompts
-    from spobench.reproduce.recipe import is_pathlike as pathlike
-
-    g = recipe.generate
-    where = f"{recipe.file} [{recipe.backbone}]: generate.prompt_set"
-    file = pathlike(g.prompt_set)
-    try:
-        items = load_prompts(resolve_path(g.prompt_set, out) if file else g.prompt_set, file=file, what=where,
-                             example="prompt_set = \"prompts.txt\"")
-    except InputError as e:
-        raise (e if str(e).startswith(where) else InputError(f"{where}: {e}")) from None
-    info = items.info() if hasattr(items, "info") else {"name": g.prompt_set}  # the whole set's, before the limit
-    items = first(items, g.limit)
-    from spobench.data.prompt_sets import prompts_sha256
-
-    prompts = [getattr(p, "prompt", p) for p in items]
-    sha = prompts_sha256(prompts)[:12]
-    info = dict(info) | {"n": len(prompts), "sha256": sha,
-                         "version": f"{info['version']}#{sha}" if info.get("version") else f"{info['name']}+{sha}"}
-    if not prompts:
-        raise InputError(f"{where}: no prompts")
-    return items, info
-
-
-def preflight(recipe: Recipe, cells: list[CellSpec], out: Path, device: str) -> Plan:
-    """Every check a run needs, before anything is written."""
-    import torch
-
-    from spobench.core import catalog
-    from spobench.data.prompts import load_prompts
-
-    where = f"{recipe.file} [{recipe.backbone}]"
-    validate_settings(recipe, cells)  # trainers exist (else not implemented yet) and accept the settings
-    source, identity, random_seed = _check_backbone(recipe, out)
-    metrics = {m: _check_metric(m, str(resolve_path(recipe.evaluate.weights[m], out))
-                                if m in recipe.evaluate.weights else None, device, f"{where}: evaluate.metrics")
-               for m in recipe.evaluate.metrics}
-
-    used = _used_inputs(recipe, cells)
-    order = [n for n in input_order(recipe) if n in used]
-    values = {n: _input_value(n, recipe.input_specs[n], out) for n in order}
-    for name in order:
-        spec = recipe.input_specs[name]
-        at = f"{where}: inputs.{name}"
-        if isinstance(spec, PathInput):
-            if not Path(values[name]).exists():
-                raise MissingWeightsError(f"{at}: {values[name]} not found. {spec.how}".rstrip())
-        elif isinstance(spec, MetricInput):
-            _check_metric(spec.metric, None, device, at)
-        elif isinstance(spec, (ToyPairsInput, ToyClipInput)) and recipe.backbone != "tiny":
-            raise InputError(f"{at}: kind {spec.kind!r} exists only for the tiny backbone")
-        elif isinstance(spec, SPMInput):
-            for key in ("pairs", "init"):
-                ref = getattr(spec, key)
-                if not ref.startswith("input:") and not resolve_path(ref, out).exists():
-                    raise MissingWeightsError(f"{at}.{key}: {resolve_path(ref, out)} not found")
-            if spec.processor and not resolve_path(spec.processor, out).exists():
-                raise MissingWeightsError(f"{at}.processor: {resolve_path(spec.processor, out)} not found")
-
-    bb_cls = catalog.BACKBONES.get(recipe.backbone)
-    plans = []
-    for cell in cells:
-        cp = CellPlan(spec=cell, dir=out / "cells" / cell.id)
-        if cell.trained:
-            cls = catalog.TRAINERS.get(cell.method)
-            settings, must_exist = _resolve_settings(recipe, cell, values, out)
-            cfg = cls.Config.from_dict(settings, source=f"{where}: {cell.where}")
-            try:
-                cfg = cls.prepare_config(copy.deepcopy(cfg), recipe.backbone, bb_cls.defaults)
-            except InputError as e:
-                raise InputError(f"{where}: {cell.where}: {e}") from None
-            for key, value in settings.items():
-                if key in must_exist and not Path(value).exists():
-                    raise MissingWeightsError(f"{where}: {cell.where}.{key}: {value} not found")
-            for key, value in cfg.to_dict().items():
-                if isinstance(value, str) and value.startswith("metric:"):
-                    _check_metric(value.removeprefix("metric:"), None, device, f"{where}: {cell.where}.{key}")
-            if getattr(cfg, "prompts", None):
-                try:
-                    load_prompts(cfg.prompts, cfg.prompt_limit)
-                except InputError as e:
-                    raise InputError(f"{where}: {cell.where}.prompts: {e}") from None
-            hook = getattr(cls, "preflight", None)
-            if callable(hook):
-                hook(cfg)
-            cp.settings, cp.trainer = settings, cls
-        elif cell.method == "external":
-            _check_external(cp, bb_cls, out, where)
-        plans.append(cp)
-    prompts, info = _load_generation_prompts(recipe, out)
-    del torch
-    return Plan(recipe=recipe, out=out, device=device, model_source=source, model_identity=identity, cells=plans,
-                prompts=prompts, prompt_info=info, metrics=metrics,
-                inputs={n: recipe.input_specs[n] for n in order}, input_values=values, random_model=random_seed)
-
-
-def _source(value: str, out: Path) -> str:
-    """A recipe's ``hub:<id>`` or path as what the loaders take (a hub id or an absolute folder)."""
-    return value.removeprefix("hub:") if value.startswith("hub:") else str(resolve_path(value, out))
-
-
-def _check_external(cp: CellPlan, bb_cls, out: Path, where: str) -> None:
-    """A released checkpoint's parts exist and are in a layout we load (reads only; a hub id must be
-    in the local cache when HF_HUB_OFFLINE is set). Errors name the cell's field."""
-    from spobench.models.backbones.base import lora_file, read_lora
-    from spobench.core.errors import SpobenchError
-
-    cell = cp.spec
-
-    def check(key: str) -> None:
-        value = getattr(cell, key)
-        if key == "model":
-            cp.model = _source(value, out)
-            folder, _, _ = bb_cls._resolve(cp.model)
-            bb_cls.check_folder(folder, cp.model, skip=tuple(k for k in ("unet", "vae") if getattr(cell, k)))
-        elif key in ("unet", "vae"):
-            if not hasattr(bb_cls, "resolve_component"):
-                raise InputError(f"the {bb_cls.name} backbone takes no released {key}")
-            setattr(cp, key, _source(value, out))
-            bb_cls.resolve_component(key, getattr(cp, key))
-        elif value.startswith("hub:"):  # lora
-            hub_id = value.removeprefix("hub:")
-            folder, _, _ = bb_cls._from_hub(hub_id, patterns=["*.safetensors", "*.json"],
-                                            hint=f'hf download {hub_id} --include "*.safetensors" "*.json"')
-            cp.lora = lora_file(folder)
-        else:
-            cp.lora = lora_file(resolve_path(value, out))
-        if key == "lora":
-            read_lora(cp.lora, bb_cls.pipeline_class)  # readable, finite, a UNet LoRA in a known layout
-
-    for key in ("model", "unet", "vae", "lora"):
-        if getattr(cell, key):
-            try:
-                check(key)
-            except SpobenchError as e:
-                raise type(e)(f"{where}: cells.{cell.id}.{key}: {e}") from None
-
-
-def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-            if d:
-                return d
-        return None
-    return None if a == b else f"{path}: {a!r} -> {b!r}"
-
-
-def check_resume(plan: Plan, stored: dict) -> None:
-    """A resumed run must be the same run: backbone, model, generation, inputs, and the settings of
-    every cell it already has."""
-    new = json.loads(json.dumps(plan.identity(), default=str))
-    for key in ("recipe", "backbone", "model", "generate", "prompts"):
-        d = _first_difference(stored.get(key), new.get(key), key)
-        if d:
-            raise InputError(f"{plan.out}: the recipe changed since this run started ({d}); use a new --out")
-    for name, spec in new["inputs"].items():
-        if name in stored.get("inputs", {}):
-            d = _first_difference(stored["inputs"][name], spec, f"inputs.{name}")
-            if d:
-                raise InputError(f"{plan.out}: input {name!r} changed since this run started ({d}); use a new --out "
-                                 f"or delete {plan.out / 'inputs' / name}")
-    for cid, cell in new["cells"].items():
-        if cid in stored.get("cells", {}):
-            d = _first_difference(stored["cells"][cid], cell, f"cells.{cid}")
-            if d:
-                raise InputError(f"{plan.out}: cell {cid!r} changed since this run started ({d}); use a new --out "
-                                 f"or delete {plan.out / 'cells' / cid}")
-
-
-# =====================================================================================================
 # running
 # =====================================================================================================
-def _toml_literal(v: Any) -> str:
-    if v is None:
-        return "none"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v))
-
-
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -432,14 +79,13 @@ def _read_json(path: Path) -> dict | None:
 
 
 class Runner:
-    def __init__(self, plan: Plan, console=None, log: Callable[[str], None] | None = None):
+    def __init__(self, plan: Plan, console=None):
         from rich.console import Console
 
         self.plan = plan
         self.console = console or Console(stderr=True)
         self.stage = 0
         self.n_stages = 0
-        self.timing: dict[str, dict] = {}
 
     # -- helpers -------------------------------------------------------------------------------------
     def say(self, what: str) -> None:
@@ -534,13 +180,12 @@ class Runner:
             self.console.print(f"reusing the finished cell {cell.id!r} ({cell.train_dir})")
             return done | {"reused": True}
         t0 = time.perf_counter()
-        overrides = [f"{k}={_toml_literal(v)}" for k, v in cell.settings.items()]
+        cfg = copy.deepcopy(cell.config)  # the typed config preflight built, straight into the trainer
         if self.plan.compile:  # the same math up to rounding: not part of the cell's settings or done-marker
-            overrides.append("compile=true")
+            cfg.compile = True
         resume = cell.train_dir.exists() and any(cell.train_dir.iterdir())
-        summary = cell.trainer.cli(backbone=self.plan.recipe.backbone, model=self.plan.model_source,
-                                   out=cell.train_dir, config=None, overrides=overrides, resume=resume,
-                                   overwrite=False, console=self.console)
+        summary = cell.trainer.run(cfg, backbone=self.plan.recipe.backbone, model=self.plan.model_source,
+                                   out=cell.train_dir, resume=resume, overwrite=False, console=self.console)
         info = {"settings": json.loads(json.dumps(cell.settings, default=str)), "complete": summary["complete"],
                 "progress": summary["progress"], "counters": summary["counters"],
                 "config": summary["config"], "wall_s": round(time.perf_counter() - t0, 3),
@@ -622,7 +267,6 @@ def reproduce(recipe_ref: str | Path, backbone: str | None = None, out: str | Pa
     its trained ones; ``backbone`` defaults to theirs (else ``tiny``). ``limit``: generate and score
     only the first N prompts (a quick check; the report says so)."""
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console(stderr=True)
     t_start = time.perf_counter()

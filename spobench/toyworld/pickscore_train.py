@@ -30,11 +30,12 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
 
+from spobench.core.config import Config, SettingError, setting
 
 MODEL = "model"  # the CLIPModel folder inside a run folder
 METRICS = "metrics.json"
@@ -45,28 +46,30 @@ ORACLE_COLUMNS = ("align_0", "align_1", "aesth_0", "aesth_1")
 
 
 @dataclass
-class ToyPickScoreConfig:
-    steps: int = 3000
-    batch_size: int = 32  # pairs per step
-    lr: float = 1e-3  # AdamW peak; linear warm-up, then cosine decay to 10 %
-    warmup: int = 100
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    seed: int = 0  # the random initial CLIP (without --init) and the data order
-    val_fraction: float = 0.1  # captions hashing below this are held out
-    val_max: int = 2000
-    eval_batch_size: int = 128
-    log_every: int = 50
+class ToyPickScoreConfig(Config):
+    what: ClassVar[str] = "toy_pickscore training"
+
+    steps: int = setting(3000, "optimizer steps", min=0)
+    batch_size: int = setting(32, "pairs per step", min=1)
+    lr: float = setting(1e-3, "AdamW peak; linear warm-up, then cosine decay to 10 %", gt=0)
+    warmup: int = setting(100, "warm-up steps", min=0)
+    weight_decay: float = setting(0.01, "AdamW weight decay", min=0)
+    max_grad_norm: float = setting(1.0, "clip the gradient norm (0: off)", min=0)
+    seed: int = setting(0, "the random initial CLIP (without --init) and the data order", min=0)
+    val_fraction: float = setting(0.1, "captions hashing below this are held out", min=0, lt=1)
+    val_max: int = setting(2000, "held-out pairs at most", min=1)
+    eval_batch_size: int = setting(128, "pairs per evaluation batch", min=1)
+    log_every: int = setting(50, "steps between log lines (0: off)", min=0)
     # the random tiny CLIP used without --init: `spobench toy clip`'s defaults
-    hidden: int = 64
-    layers: int = 3
-    patch: int = 4
+    hidden: int = setting(64, "width of the random tiny CLIP", min=8)
+    layers: int = setting(3, "layers of the random tiny CLIP", min=1)
+    patch: int = setting(4, "patch size of the random tiny CLIP", min=1)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "ToyPickScoreConfig":
-        from spobench.trainers.spm import coerce_config
+    def check(self) -> None:
+        from spobench.core.checks import tiny_clip_problem
 
-        return coerce_config(cls, d, "toy_pickscore training")
+        for name, problem in tiny_clip_problem(hidden=self.hidden, patch=self.patch):
+            raise SettingError(name, problem)
 
 
 # -- model ----------------------------------------------------------------------------------------
@@ -232,9 +235,9 @@ def _train_toy_pickscore(pairs_path: str | Path, out: str | Path, config: ToyPic
                          *, init: str | Path | None = None, command: str | None = None,
                          progress: Callable[[dict], None] | None = None) -> dict:
     from spobench.core.io import atomic_write_json, provenance
-    from spobench.trainers.spm import BatchOrder, PairTable, coerce_config, pair_loss, split_rows
+    from spobench.trainers.spm import BatchOrder, PairTable, pair_loss, split_rows
 
-    config = coerce_config(ToyPickScoreConfig, config, "toy_pickscore training")
+    config = ToyPickScoreConfig.coerce(config)
     out = Path(out)
     t0 = time.perf_counter()
     pairs = PairTable(pairs_path)

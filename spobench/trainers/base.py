@@ -19,24 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import json
 import math
 import shutil
-import sys
 import time
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal, Sequence
 
 from spobench.core.errors import InputError, SpobenchError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 class TrainingError(SpobenchError):
@@ -45,96 +36,16 @@ class TrainingError(SpobenchError):
 
 
 # =====================================================================================================
-# Config: typed dataclass fields with range checks, TOML file + --set overrides
+# Config: the trainers' settings (the mechanism is spobench.core.config)
 # =====================================================================================================
-def setting(default: Any = None, help: str = "", *, min: float | None = None, max: float | None = None,
-            gt: float | None = None, lt: float | None = None, backbone: str | None = None,
-            resumable: bool = False) -> Any:
-    """A config field. ``min``/``max`` are inclusive bounds, ``gt``/``lt`` exclusive ones;
-    ``backbone`` names the :class:`BackboneDefaults` attribute used when the value is None;
-    ``resumable`` fields may change when a run is resumed (e.g. ``epochs``)."""
-    meta = {"help": help, "min": min, "max": max, "gt": gt, "lt": lt, "backbone": backbone, "resumable": resumable}
-    return field(default=default, metadata=meta)
-
-
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(name: str, tp, value: Any) -> Any:
-    """``value`` (from TOML or a --set string) as type ``tp``, or an InputError naming the field."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if len(args) < len(typing.get_args(tp)):
-                return None
-        last = None
-        for a in args:
-            try:
-                return _coerce(name, a, value)
-            except InputError as e:
-                last = e
-        raise last  # type: ignore[misc]
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise InputError(f"setting {name!r} must be one of {', '.join(map(repr, choices))} (got {value!r})")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise InputError(f"setting {name!r} must be true or false (got {value!r})")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise InputError(f"setting {name!r} must be an integer (got {value!r})")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise InputError(f"setting {name!r} must be a number (got {value!r})")
-    if tp is str:
-        if isinstance(value, str) and not value.strip():  # `--set prompts=` would mean the folder "."
-            raise InputError(f"setting {name!r} is empty (give a value, or none for the default)")
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise InputError(f"setting {name!r} must be a string (got {value!r})")
-    raise TypeError(f"unsupported config type {tp!r} for {name}")
-
-
-# Names a user brings from another trainer or from other tools, which difflib cannot match by spelling
-# (D3PO/DDPO judge x_0 with a `reward`, SPO scores pools with a `scorer`).
-SAME_MEANING = {"scorer": ("reward",), "reward": ("scorer",), "learning_rate": ("lr",), "rank": ("lora_rank",),
-                "batch_size": ("train_batch_size", "rollout_batch"), "steps": ("num_steps",),
-                "cfg": ("guidance_scale",), "guidance": ("guidance_scale",), "epoch": ("epochs",)}
-
-
-def _did_you_mean(key: str, known) -> str:
-    """`` (did you mean 'x'?)`` for an unknown setting: a known name of the same meaning, else the
-    closest spelling; '' when nothing is close."""
-    known = list(known)
-    close = [k for k in SAME_MEANING.get(key, ()) if k in known]
-    close = close or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _parse_value(text: str) -> Any:
-    """A --set value: a TOML literal if it parses as one (4, 1e-5, true, "x"), else the raw string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+from spobench.core.config import Config, SettingError, Source, setting  # noqa: E402,F401
 
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(Config):
     """Settings every trainer has. Subclasses add their own fields (all need defaults)."""
+
+    empty_strings: ClassVar[bool] = False  # `--set prompts=` would mean the folder "."
 
     seed: int = setting(0, "base seed: LoRA init, prompt order, every rollout's noise")
     prompts: str | None = setting(None, "a prompt file (.txt/.json/.jsonl) or a registered prompt set name")
@@ -163,94 +74,6 @@ class TrainerConfig:
     keep_checkpoints: int | None = setting(3, "keep the newest N checkpoints (None: all)", min=1, resumable=True)
     max_rounds: int | None = setting(None, "stop (with a checkpoint) after this many rounds in total", min=1,
                                      resumable=True)
-
-    # -- building --------------------------------------------------------------------------------------
-    @classmethod
-    def fields(cls) -> dict[str, dataclasses.Field]:
-        return {f.name: f for f in dataclasses.fields(cls)}
-
-    @classmethod
-    def from_dict(cls, values: dict, source: str = "config", base: "TrainerConfig | None" = None) -> "TrainerConfig":
-        """``base`` (or the defaults) updated with ``values``; unknown keys and bad values raise InputError."""
-        hints = typing.get_type_hints(cls)
-        known = cls.fields()
-        kwargs = dataclasses.asdict(base) if base is not None else {}
-        try:
-            for key, value in values.items():
-                if key not in known:
-                    raise InputError(f"unknown setting {key!r}{_did_you_mean(key, known)}")
-                kwargs[key] = _coerce(key, hints[key], value)
-            cfg = cls(**kwargs)
-            cfg.validate()
-        except InputError as e:  # every error about these values names where they came from
-            raise (e if str(e).startswith(f"{source}: ") else InputError(f"{source}: {e}")) from None
-        return cfg
-
-    @classmethod
-    def load(cls, path: str | Path | None = None, overrides: Sequence[str] = (),
-             base: "TrainerConfig | None" = None) -> "TrainerConfig":
-        """Defaults (or ``base``) <- TOML file <- ``--set key=value`` overrides, validated."""
-        cfg = base
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise InputError(f"{path}: config file not found")
-            try:
-                raw = path.read_bytes()
-            except OSError as e:
-                raise InputError(f"{path}: cannot read the config file ({e.strerror})") from None
-            try:
-                text = raw.decode("utf-8-sig")  # TOML is UTF-8; a UTF-16 file (Windows editors) is not
-            except UnicodeDecodeError as e:
-                line = raw[: e.start].count(b"\n") + 1
-                raise InputError(f"{path}:{line}: not valid UTF-8 (TOML files are UTF-8; re-save it as UTF-8)") from None
-            try:
-                values = tomllib.loads(text)
-            except tomllib.TOMLDecodeError as e:
-                raise InputError(f"{path}: invalid TOML ({e})") from None
-            cfg = cls.from_dict(values, str(path), cfg)
-        sets = {}
-        for item in overrides:
-            key, eq, text = item.partition("=")
-            if not eq or not key.strip():
-                raise InputError(f"--set {item!r}: expected key=value")
-            sets[key.strip()] = _parse_value(text.strip())
-        return cls.from_dict(sets, "--set", cfg) if (sets or cfg is None) else cfg
-
-    def validate(self) -> None:
-        """Range checks from the field metadata (every number must also be finite: NaN passes any
-        ``v < bound``); subclasses add cross-field checks."""
-        from spobench.core.checks import check_number
-
-        for name, f in self.fields().items():
-            m = f.metadata
-            check_number(f"setting {name!r}", getattr(self, name), min=m.get("min"), max=m.get("max"),
-                         gt=m.get("gt"), lt=m.get("lt"))
-
-    def resolve(self, defaults) -> "TrainerConfig":
-        """Fill None fields that have a per-backbone default from ``defaults`` (BackboneDefaults)."""
-        for name, f in self.fields().items():
-            attr = f.metadata.get("backbone")
-            if attr and getattr(self, name) is None and hasattr(defaults, attr):
-                setattr(self, name, getattr(defaults, attr))
-        self.validate()
-        return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def check_resume(self, stored: "TrainerConfig") -> None:
-        """Only ``resumable`` settings may differ from the run being resumed."""
-        for name, f in self.fields().items():
-            if not f.metadata.get("resumable") and getattr(self, name) != getattr(stored, name):
-                raise InputError(f"setting {name!r} differs from the run being resumed "
-                                 f"({getattr(stored, name)!r} -> {getattr(self, name)!r}); start a new --out")
-
-    @classmethod
-    def describe(cls) -> str:
-        hints = typing.get_type_hints(cls)
-        return "\n".join(f"{n} ({_type_name(hints[n])}, default {f.default!r}): {f.metadata.get('help', '')}"
-                         for n, f in cls.fields().items())
 
 
 # =====================================================================================================
@@ -673,29 +496,58 @@ class Trainer:
     @classmethod
     def cli(cls, *, backbone: str, model: str | None, out: Path, config: Path | None, overrides: Sequence[str],
             resume: bool, overwrite: bool, console=None) -> dict:
-        """``spobench train <name>``: config, run folder, backbone, resume, train."""
-        import torch
-        from accelerate import Accelerator
-
+        """``spobench train <name>``: the settings from --config and --set (on a resume, over the run's
+        own), then :meth:`run`."""
         from spobench.core import catalog, outdir
-        from spobench.core.checkpoint import latest_checkpoint, read_checkpoint
 
         out = Path(out)
         bb_cls = catalog.BACKBONES.get(backbone)
         cfg = cls.Config.load(config, overrides)
         outdir.check(out, resume=resume, overwrite=overwrite, results=("summary.json", "lora"))  # what _finish writes
-        ckpt = latest_checkpoint(out) if resume else None
-        # the run's own config: its checkpoint's, or (killed before its first checkpoint) the one it started with
-        where = ckpt / "config.json" if ckpt is not None else out / "config.json"
-        if resume and where.is_file():
-            try:
-                values = read_checkpoint(ckpt).config if ckpt is not None else _read_config_json(where)
-                stored = cls.Config.from_dict(values, str(where))
-            except InputError as e:  # a bad value there names the file it is in
-                raise (e if str(where) in str(e) else InputError(f"{where}: {e}")) from None
+        stored = cls.stored_config(out) if resume else None
+        if stored is not None:
             cfg = cls.Config.load(config, overrides, base=stored)
             cfg.check_resume(stored)
         cfg = cls.prepare_config(cfg, backbone, bb_cls.defaults)
+        return cls.run(cfg, backbone=backbone, model=model, out=out, resume=resume, overwrite=overwrite,
+                       console=console)
+
+    @classmethod
+    def stored_config(cls, out: Path) -> TrainerConfig | None:
+        """The run's own config: its latest checkpoint's, or (killed before its first checkpoint) the
+        one it started with; None for a folder with neither. A bad value names the file it is in."""
+        from spobench.core.checkpoint import latest_checkpoint, read_checkpoint
+
+        ckpt = latest_checkpoint(out)
+        where = ckpt / "config.json" if ckpt is not None else out / "config.json"
+        if not where.is_file():
+            return None
+        try:
+            values = read_checkpoint(ckpt).config if ckpt is not None else _read_config_json(where)
+            return cls.Config.from_dict(values, Source(str(where)))
+        except InputError as e:  # a bad value there names the file it is in
+            raise (e if str(where) in str(e) else InputError(f"{where}: {e}")) from None
+
+    @classmethod
+    def run(cls, cfg: TrainerConfig, *, backbone: str, model: str | None, out: Path, resume: bool,
+            overwrite: bool, console=None) -> dict:
+        """Train with a ready config (validated, per-backbone defaults filled by
+        :meth:`prepare_config`): run folder, backbone, resume, train. ``spobench reproduce`` passes
+        its cells' typed configs here; on a resume only ``resumable`` settings may differ from the
+        run's own."""
+        import torch
+        from accelerate import Accelerator
+
+        from spobench.core import outdir
+        from spobench.core.checkpoint import latest_checkpoint
+
+        out = Path(out)
+        outdir.check(out, resume=resume, overwrite=overwrite, results=("summary.json", "lora"))  # what _finish writes
+        ckpt = latest_checkpoint(out) if resume else None
+        if resume:
+            stored = cls.stored_config(out)
+            if stored is not None:
+                cfg.check_resume(stored)
 
         acc = Accelerator(cpu=not torch.cuda.is_available())
         from spobench.models.backbones import load_backbone

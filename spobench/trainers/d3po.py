@@ -62,7 +62,7 @@ class D3POConfig(OnlineConfig):
     train_batch_size: int = setting(4, "(pair, step) items per micro-batch per process", min=1)
     grad_accum: int = setting(5, "micro-batches per optimizer step (4 x 5 = one pair's 20 steps)", min=1)
     lr: float | None = setting(None, "AdamW learning rate (default: 3e-5, the reference's; tiny 1e-4)", gt=0,
-                               backbone="lr")
+                               backbone=("d3po_lr", "lr"))
     beta: float = setting(0.1, "DPO regularisation strength (reference: 0.1)", gt=0)
     clamp_eps: float | None = setting(0.1, "clip ratios to [1-eps, 1+eps] (reference: 0.1; None: off)", gt=0, lt=1)
 
@@ -109,7 +109,6 @@ class D3POTrainer(OnlineTrainer):
 
     name: ClassVar[str] = "d3po"
     Config: ClassVar[type[TrainerConfig]] = D3POConfig
-    default_lr: ClassVar[dict[str, float]] = {"sd15": 3e-5, "sdxl": 3e-5, "tiny": 1e-4}
 
     cfg: D3POConfig
 

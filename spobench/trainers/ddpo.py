@@ -74,7 +74,7 @@ class DDPOConfig(OnlineConfig):
     train_batch_size: int = setting(8, "transitions per micro-batch per process", min=1)
     grad_accum: int = setting(50, "micro-batches per optimizer step (8 x 50 = 8 trajectories x 50 steps)", min=1)
     lr: float | None = setting(None, "AdamW learning rate (default: 3e-4, the reference's LoRA setting)", gt=0,
-                               backbone="lr")
+                               backbone=("ddpo_lr", "lr"))
     images_per_prompt: int = setting(1, "trajectories per prompt per round", min=1)
     adv_clip_max: float = setting(5.0, "clip advantages to [-x, x] (reference: 5)", gt=0)
     clip_range: float = setting(1e-4, "PPO ratio clip range (reference: 1e-4)", gt=0, lt=1)
@@ -157,7 +157,6 @@ class DDPOTrainer(OnlineTrainer):
 
     name: ClassVar[str] = "ddpo"
     Config: ClassVar[type[TrainerConfig]] = DDPOConfig
-    default_lr: ClassVar[dict[str, float]] = {"sd15": 3e-4, "sdxl": 3e-4, "tiny": 3e-4}
 
     cfg: DDPOConfig
 

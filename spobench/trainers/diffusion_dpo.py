@@ -77,11 +77,6 @@ from spobench.core.errors import InputError
 from spobench.trainers import salts
 from spobench.trainers.base import Trainer, TrainerConfig, derive_seed, setting
 
-# per-backbone defaults when a setting is left unset (see the module docstring)
-_LR = {"sd15": 2.048e-5, "sdxl": 2.048e-5, "tiny": 1e-4}
-_WARMUP = {"sd15": 500, "sdxl": 500}
-_HFLIP = {"sd15": True, "sdxl": True}  # the tiny world's prompts have left/right relations: no flips
-
 
 @dataclass
 class DiffusionDPOConfig(TrainerConfig):
@@ -94,15 +89,16 @@ class DiffusionDPOConfig(TrainerConfig):
     train_batch_size: int = setting(4, "pairs per micro-batch per process", min=1)
     grad_accum: int = setting(512, "micro-batches per optimizer step (4 x 512 = the reference's 2048)", min=1)
     lr: float | None = setting(None, "AdamW learning rate (default: 2.048e-5 SD/SDXL = the reference's 1e-8 "
-                                     "x 2048; tiny 1e-4)", gt=0, backbone="lr")
-    lr_warmup_steps: int | None = setting(None, "linear LR warm-up (default: 500 SD/SDXL, 0 tiny)", min=0)
+                                     "x 2048; tiny 1e-4)", gt=0, backbone=("dpo_lr", "lr"))
+    lr_warmup_steps: int | None = setting(None, "linear LR warm-up (default: 500 SD/SDXL, 0 tiny)", min=0,
+                                          backbone="dpo_warmup")
     weight_decay: float = setting(1e-2, "AdamW weight decay (reference: 1e-2)", min=0)
     beta: float = setting(5000.0, "DPO beta (reference: 5000; the loss scales it by 0.5)", gt=0)
     keep_ties: bool = setting(False, "train on tied pairs with the soft-label loss (reference: drop them)")
     caption_dropout: float = setting(0.2, "replace the caption by '' with this probability (reference: 0.2)",
                                      min=0, max=1)
     hflip: bool | None = setting(None, "random horizontal flips (default: on for SD/SDXL as the reference, "
-                                       "off for tiny)")
+                                       "off for tiny)", backbone="dpo_hflip")
     vae_batch: int = setting(16, "images decoded and VAE-encoded at a time (pairs x 2)", min=2)
 
 
@@ -181,12 +177,6 @@ class DiffusionDPOTrainer(Trainer):
         if cfg.prompts is not None or cfg.prompt_limit is not None:
             raise InputError("diffusion-dpo trains on the captions of 'pairs'; 'prompts' and 'prompt_limit' "
                              "are not used (use max_pairs to train on fewer pairs)")
-        if cfg.lr is None and backbone in _LR:
-            cfg.lr = _LR[backbone]
-        if cfg.lr_warmup_steps is None:
-            cfg.lr_warmup_steps = _WARMUP.get(backbone, 0)
-        if cfg.hflip is None:
-            cfg.hflip = _HFLIP.get(backbone, False)
         return cfg.resolve(defaults)
 
     def setup(self) -> None:

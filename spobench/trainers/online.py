@@ -7,7 +7,7 @@ steps that trains (``timestep_fraction``, as the reference codes' per-sample shu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 
@@ -31,7 +31,6 @@ class OnlineTrainer(Trainer):
     """Sampling with the current LoRA, a reward on x_0, and per-trajectory timestep subsets."""
 
     cfg: OnlineConfig
-    default_lr: ClassVar[dict[str, float]] = {}
 
     def __init__(self, config, backbone, out, *, reward_fn=None, **kwargs):
         self.reward_fn = reward_fn  # a StepScorer; None: built from config.reward in setup()
@@ -44,8 +43,6 @@ class OnlineTrainer(Trainer):
             if cfg.reward is None:
                 raise InputError("setting 'reward' is required: metric:<name> or an SPM folder "
                                  "(e.g. --set reward=metric:pickscore)")
-        if cfg.lr is None and backbone in cls.default_lr:
-            cfg.lr = cls.default_lr[backbone]
         return super().prepare_config(cfg, backbone, defaults)
 
     def setup(self) -> None:

@@ -24,14 +24,15 @@ from __future__ import annotations
 from spobench import ASSETS
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spobench.core.config import Config, setting
 from spobench.core.errors import InputError
 # the pairs reader lives in spobench.data.pairs; these names stay importable from here
 from spobench.data.pairs import BatchOrder, PairTable, say, split_rows  # noqa: F401
@@ -40,8 +41,6 @@ from spobench.data.pairs import BatchOrder, PairTable, say, split_rows  # noqa: 
 KEEP_TIES = True
 
 EVAL_TIMESTEPS = (0, 250, 500, 750, 950)
-SPM_LR = {"sd15": 3e-6, "sdxl": 1e-6}  # paper Sec. 5.1
-DEFAULT_LR = 1e-4  # tiny / test backbones (a randomly initialised tiny CLIP)
 CHECKPOINT = "checkpoint"
 FINAL = "spm"
 METRICS = "metrics.json"
@@ -49,84 +48,47 @@ LOG = "log.jsonl"
 
 
 @dataclass
-class SPMTrainConfig:
-    steps: int = 1000
-    batch_size: int = 8  # pairs per step
-    lr: Optional[float] = None  # None: 3e-6 (sd15), 1e-6 (sdxl), 1e-4 otherwise
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    no_step: bool = False  # Table 5 "SPM w/o step": same training, no time conditioning
-    time_lr_mult: float = 1.0  # lr multiplier for the time conditioning (zero-initialised, starts far from useful)
-    guidance_scale: float = 5.0
-    resolution: Optional[int] = None  # images are resized to this before encode_images (backbone default)
-    eval_timesteps: tuple = EVAL_TIMESTEPS
-    val_pairs: Optional[str] = None  # a separate held-out parquet; else a caption-hash split of the pairs
-    val_fraction: float = 0.05
-    val_max: int = 500
-    eval_batch_size: int = 8
-    eval_seed: int = 1234
-    eval_init: bool = False  # also evaluate the model before training
-    backbone_chunk: int = 8  # rows per UNet/VAE call when estimating x0_hat
-    train_text_encoder: bool = True
-    gradient_checkpointing: bool = False
-    amp: bool = True  # bf16 autocast for the SPM on CUDA
-    save_every: int = 500
-    log_every: int = 10
-    processor: Optional[str] = None  # tokenizer/preprocessor folder when --init lacks them (PickScore: laion ViT-H)
+class SPMTrainConfig(Config):
+    what: ClassVar[str] = "SPM training"
 
-    def lr_for(self, backbone_name: str) -> float:
-        return self.lr if self.lr is not None else SPM_LR.get(backbone_name, DEFAULT_LR)
+    steps: int = setting(1000, "optimizer steps (0: evaluate the init only)", min=0)
+    batch_size: int = setting(8, "pairs per step", min=1)
+    lr: Optional[float] = setting(None, "learning rate (backbone default: 3e-6 SD-1.5, 1e-6 SDXL, 1e-4 tiny)",
+                                  gt=0, backbone="spm_lr")
+    weight_decay: float = setting(0.01, "AdamW weight decay", min=0)
+    max_grad_norm: float = setting(1.0, "clip the gradient norm (0: off)", min=0)
+    seed: int = setting(0, "data order, timesteps, noise", min=0)
+    no_step: bool = setting(False, "Table 5 'SPM w/o step': same training, no time conditioning")
+    time_lr_mult: float = setting(1.0, "lr multiplier for the time conditioning (zero-initialised, starts far "
+                                       "from useful)", min=0)
+    guidance_scale: float = setting(5.0, "CFG of the frozen backbone when estimating x0_hat", min=0)
+    resolution: Optional[int] = setting(None, "images are resized to this before encode_images (backbone default)",
+                                        min=8)
+    eval_timesteps: tuple[int, ...] = setting(EVAL_TIMESTEPS, "held-out accuracy at these timesteps")
+    val_pairs: Optional[str] = setting(None, "a separate held-out parquet; else a caption-hash split of the pairs")
+    val_fraction: float = setting(0.05, "captions hashing below this are held out", min=0, lt=1)
+    val_max: int = setting(500, "held-out pairs at most", min=1)
+    eval_batch_size: int = setting(8, "pairs per evaluation batch", min=1)
+    eval_seed: int = setting(1234, "the evaluation's fixed noise", min=0)
+    eval_init: bool = setting(False, "also evaluate the model before training")
+    backbone_chunk: int = setting(8, "rows per UNet/VAE call when estimating x0_hat", min=1)
+    train_text_encoder: bool = setting(True, "train the text tower too")
+    gradient_checkpointing: bool = setting(False, "trade compute for memory")
+    amp: bool = setting(True, "bf16 autocast for the SPM on CUDA")
+    save_every: int = setting(500, "steps between checkpoints (0: off)", min=0)
+    log_every: int = setting(10, "steps between log lines (0: off)", min=0)
+    processor: Optional[str] = setting(None, "tokenizer/preprocessor folder when --init lacks them (PickScore: "
+                                             "laion ViT-H)")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "SPMTrainConfig":
-        return coerce_config(cls, d, "SPM training")
+    def lr_for(self, backbone) -> float:
+        """``lr``, else the backbone's SPM rate; ``backbone``: its ``BackboneDefaults`` or a registered name."""
+        if self.lr is not None:
+            return self.lr
+        if isinstance(backbone, str):
+            from spobench.core import catalog
 
-
-# Bounds of the preference-model trainers' settings, by name (SPMTrainConfig and the toy PickScore's
-# config share most names; 0 turns max_grad_norm, save_every and log_every off); every other number of
-# theirs only has to be finite.
-CONFIG_BOUNDS = {
-    "steps": {"min": 0}, "batch_size": {"min": 1}, "lr": {"gt": 0}, "weight_decay": {"min": 0},
-    "max_grad_norm": {"min": 0}, "seed": {"min": 0}, "time_lr_mult": {"min": 0}, "guidance_scale": {"min": 0},
-    "resolution": {"min": 8}, "val_fraction": {"min": 0, "lt": 1}, "val_max": {"min": 1},
-    "eval_batch_size": {"min": 1}, "eval_seed": {"min": 0}, "backbone_chunk": {"min": 1}, "save_every": {"min": 0},
-    "log_every": {"min": 0}, "warmup": {"min": 0}, "hidden": {"min": 8}, "layers": {"min": 1}, "patch": {"min": 1},
-}
-
-
-def coerce_config(cls, config, what: str):
-    """``None``, a dict or a ``cls`` instance -> a checked ``cls`` (unknown keys are named, with the
-    closest known one), for the preference-model trainers' configs: types, finiteness and bounds."""
-    import difflib
-    import typing
-
-    from spobench.core.checks import check_number, tiny_clip_problem
-
-    names = [f.name for f in fields(cls)]
-    if config is None:
-        config = cls()
-    elif isinstance(config, dict):
-        for key in config:
-            if key not in names:
-                close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-                raise InputError(f"unknown {what} setting {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        config = cls(**config)
-    hints = typing.get_type_hints(cls)
-    for name in names:
-        value = getattr(config, name)
-        if value is None:
-            continue
-        tp = hints[name]
-        want = {int, float} if float in (tp, *typing.get_args(tp)) else {int} if int in (tp, *typing.get_args(tp)) else None
-        if want and (isinstance(value, bool) or type(value) not in want):
-            raise InputError(f"{what} setting {name!r} must be {'a number' if float in want else 'an integer'} "
-                             f"(got {value!r})")
-        check_number(f"{what} setting {name!r}", value, **CONFIG_BOUNDS.get(name, {}))
-    if hasattr(config, "patch") and hasattr(config, "hidden"):  # the toy PickScore's random CLIP
-        for name, problem in tiny_clip_problem(hidden=config.hidden, patch=config.patch):
-            raise InputError(f"{what} setting {name!r} {problem}")
-    return config
+            backbone = catalog.BACKBONES.get(backbone).defaults
+        return backbone.spm_lr
 
 
 # -- x0_hat of a noised pair -----------------------------------------------------------------------
@@ -310,7 +272,7 @@ def _train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | 
     from spobench.core.io import atomic_dir, atomic_write_json, provenance, save_torch
     from spobench.models.spm import StepAwarePreferenceModel
 
-    config = coerce_config(SPMTrainConfig, config, "SPM training")
+    config = SPMTrainConfig.coerce(config)
     if not config.time_lr_mult > 0:
         raise InputError(f"time_lr_mult must be > 0 (got {config.time_lr_mult})")
     out = Path(out)
@@ -328,7 +290,7 @@ def _train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | 
         train_rows, val_rows = split_rows(pairs, config.val_fraction, usable)
     resolution = config.resolution or backbone.defaults.resolution
     device = backbone.device
-    lr = config.lr_for(backbone.name)
+    lr = config.lr_for(backbone.defaults)
 
     ckpt = out / CHECKPOINT
     start_step, losses = 0, []
@@ -432,13 +394,17 @@ def _train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | 
 
 
 # -- CLI --------------------------------------------------------------------------------------------
-def default_init(backbone_name: str) -> Path:
-    """Where ``--init`` points when omitted: the metric weights folder of PickScore (or, for the
-    tiny backbone, the tiny world's toy PickScore: ``$SPOBENCH_WEIGHTS/toy_pickscore`` if present,
-    else the one shipped in the package)."""
+def default_init(backbone) -> Path:
+    """Where ``--init`` points when omitted (``backbone``: a registered name or its
+    ``BackboneDefaults``): the weights folder of ``spm_init`` (PickScore; the tiny world's toy
+    PickScore, ``$SPOBENCH_WEIGHTS/toy_pickscore``), else the ``spm_init_shipped`` folder of the package."""
     from spobench.metrics.base import weights_root
 
-    if backbone_name == "tiny":
-        local = weights_root() / "toy_pickscore"
-        return local if local.exists() else ASSETS / "toy-pickscore"
-    return weights_root() / "pickscore"
+    if isinstance(backbone, str):
+        from spobench.core import catalog
+
+        backbone = catalog.BACKBONES.get(backbone).defaults
+    local = weights_root() / backbone.spm_init
+    if backbone.spm_init_shipped and not local.exists():
+        return ASSETS / backbone.spm_init_shipped
+    return local

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from spobench.core.catalog import register_trainer
 from spobench.core.errors import InputError
-from spobench.trainers.base import Trainer, TrainerConfig, setting
+from spobench.trainers.base import SettingError, Trainer, TrainerConfig, setting
 from spobench.trainers.spo_pools import PoolConfig, PoolStep, pool_rollout
 
 
@@ -80,10 +80,9 @@ class SPOConfig(TrainerConfig):
     scorer: str | None = setting(None, "an SPM folder, or metric:<name> (tiny default: the shipped SPM, spobench/assets/tiny-spm)")
     scorer_batch: int | None = setting(None, "decode/score this many x0_hat at a time (None: a whole pool)", min=1)
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
         if self.t_min > self.kappa:
-            raise InputError(f"setting 't_min' must be <= kappa ({self.kappa}) (got {self.t_min})")
+            raise SettingError("t_min", f"must be <= kappa ({self.kappa}) (got {self.t_min})")
 
 
 # -------------------------------------------------------------------------------------------------

@@ -184,13 +184,14 @@ def test_compile_reaches_the_trainer_but_not_the_cell_identity(tmp_path):
     from types import SimpleNamespace
 
     from spobench.reproduce.runner import DONE, Runner
+    from spobench.trainers.spo import SPOConfig
 
     seen = {}
 
     class FakeTrainer:
         @staticmethod
-        def cli(**kw):
-            seen.update(kw)
+        def run(cfg, **kw):  # the cell's typed config itself, not --set strings
+            seen.update(kw, cfg=cfg)
             (kw["out"] / "lora").mkdir(parents=True)
             return {"complete": True, "progress": {}, "counters": {}, "config": {}}
 
@@ -199,10 +200,12 @@ def test_compile_reaches_the_trainer_but_not_the_cell_identity(tmp_path):
         runner = Runner.__new__(Runner)
         runner.console = None
         runner.plan = SimpleNamespace(compile=compile_, recipe=SimpleNamespace(backbone="tiny"), model_source=None)
+        config = SPOConfig.from_dict({"k": 2, "epochs": 1})
         cell = SimpleNamespace(id="k-2", train_dir=tmp_path / str(compile_) / "train", dir=tmp_path / str(compile_),
-                               settings={"k": 2, "epochs": 1}, trainer=FakeTrainer)
+                               settings={"k": 2, "epochs": 1}, trainer=FakeTrainer, config=config)
         info = runner.train(cell)
-        assert ("compile=true" in seen["overrides"]) is compile_ and "k=2" in seen["overrides"]
+        assert isinstance(seen["cfg"], SPOConfig) and seen["cfg"].compile is compile_ and seen["cfg"].k == 2
+        assert config.compile is False  # the plan's config is not changed by a run's compile
         assert info["settings"] == {"k": 2, "epochs": 1}
         assert json.loads((cell.train_dir / DONE).read_text())["settings"] == {"k": 2, "epochs": 1}
 
@@ -339,7 +342,7 @@ def test_default_tiny_model_is_pinned_before_any_work(tmp_path, monkeypatch):
     import spobench.models.backbones.tiny as tiny
     from spobench.models.backbones.testing import make_tiny_folder
     from spobench.reproduce.recipe import load_recipe
-    from spobench.reproduce.runner import _check_backbone
+    from spobench.reproduce.plan import _check_backbone
 
     recipe = load_recipe(write_recipe(tmp_path, E2E.replace('model = "random:0"', 'model = "default"')), "tiny")
     shipped = tmp_path / "tiny-base"

@@ -87,8 +87,18 @@ class BackboneDefaults:
     spo_threshold: float = 0.3  # official SPO: 0.3 for SD-1.5, 0.4 for SDXL
     spo_k: int = 4  # SPO/MSPO candidates per pool: the paper's k = 4 (Table 6); SDXL overrides it
     resolution: int = 512
-    guidance_scale: float = 5.0
     num_steps: int = 20
+    # learning rates of the other trainers (None: ``lr``): each reference's own setting
+    d3po_lr: float | None = None  # D3PO reference: 3e-5
+    ddpo_lr: float | None = None  # DDPO reference (LoRA): 3e-4
+    dpo_lr: float | None = None  # Diffusion-DPO reference: 1e-8 x 2048 pairs a step = 2.048e-5
+    dpo_warmup: int = 0  # Diffusion-DPO LR warm-up (reference: 500 steps)
+    dpo_hflip: bool = False  # Diffusion-DPO random flips (reference: on; the tiny world has left/right prompts)
+    spm_lr: float = 1e-4  # step-aware preference model (paper Sec. 5.1: 3e-6 SD-1.5, 1e-6 SDXL)
+    # where an SPM starts (train-spm without --init): this metric's weights folder, else (when absent)
+    # this folder shipped in spobench/assets
+    spm_init: str = "pickscore"
+    spm_init_shipped: str | None = None
     # What a trainer uses when the user names none; None: the setting is required (real backbones:
     # no prompt list, preference model or reward can be assumed).
     prompts: str | None = None  # training prompt set

@@ -52,7 +52,8 @@ class SD15Backbone(DiffusersFolder, Backbone):
     """
 
     name = "sd15"
-    defaults = BackboneDefaults(lora_rank=4, lr=6e-5, spo_threshold=0.3, resolution=512)
+    defaults = BackboneDefaults(lora_rank=4, lr=6e-5, spo_threshold=0.3, resolution=512, d3po_lr=3e-5, ddpo_lr=3e-4,
+                                dpo_lr=2.048e-5, dpo_warmup=500, dpo_hflip=True, spm_lr=3e-6)
     pipeline_class = StableDiffusionPipeline
     default_source: str | None = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     text_encoder_names: tuple[str, ...] = ("text_encoder",)
@@ -291,7 +292,8 @@ class SDXLBackbone(SD15Backbone):
 
     name = "sdxl"
     # k = 2: the official SDXL config (see the class docstring), not the paper's SD-1.5 k = 4
-    defaults = BackboneDefaults(lora_rank=64, lr=1e-5, spo_threshold=0.4, resolution=1024, spo_k=2)
+    defaults = BackboneDefaults(lora_rank=64, lr=1e-5, spo_threshold=0.4, resolution=1024, spo_k=2, d3po_lr=3e-5,
+                                ddpo_lr=3e-4, dpo_lr=2.048e-5, dpo_warmup=500, dpo_hflip=True, spm_lr=1e-6)
     pipeline_class = StableDiffusionXLPipeline
     default_source = "stabilityai/stable-diffusion-xl-base-1.0"
     text_encoder_names = ("text_encoder", "text_encoder_2")

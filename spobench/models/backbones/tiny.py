@@ -94,7 +94,9 @@ class TinyBackbone(SD15Backbone):
     # scorer: the shipped SPM trained on generic tiny-world pairs, as the paper's SPO uses an SPM (not the
     # toy_aesthetic oracle, which would let SPO see the truth); reward: the oracle, as DDPO optimises a metric
     defaults = BackboneDefaults(lora_rank=4, lr=1e-4, spo_threshold=0.1, resolution=RESOLUTION,
-                                prompts="tiny-train", scorer=str(ASSETS / "tiny-spm"), reward="metric:toy_aesthetic")
+                                prompts="tiny-train", scorer=str(ASSETS / "tiny-spm"), reward="metric:toy_aesthetic",
+                                d3po_lr=1e-4, ddpo_lr=3e-4, dpo_lr=1e-4, spm_lr=1e-4, spm_init="toy_pickscore",
+                                spm_init_shipped="toy-pickscore")
     default_source = None  # the shipped folder, or random weights (see load)
     pixel_space_model = True
     requires_marker = True
