@@ -45,10 +45,7 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
 
 # Known violations other helpers are fixing. Each is (importing file, imported module): excused from the
 # checks below, and test_known_violations_are_still_real fails once it is gone, so the entry gets removed.
-KNOWN_UPWARD = {
-    # TODO(coordinator): remove once helper `schema` breaks the catalog <-> recipe cycle (issue 15).
-    ("spobench/core/catalog.py", "spobench.reproduce.recipe"): "catalog lists recipe files through the recipe module",
-}
+KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 
 MAX_LINES = 500
 # Oversize modules with an owner splitting them; test_known_violations_are_still_real drops stale ones.
@@ -58,8 +55,6 @@ KNOWN_LONG = {
     "spobench/cli.py": "split after the parallel cli edits land",
     # TODO(coordinator): owned by other helpers in issue 15 (trainers/*, reproduce/*).
     "spobench/trainers/base.py": "the one training loop is being rebuilt (helper `loop`)",
-    "spobench/reproduce/recipe.py": "the recipe schema is being rebuilt (helper `schema`)",
-    "spobench/reproduce/runner.py": "typed configs straight into trainers (helper `schema`)",
 }
 
 
