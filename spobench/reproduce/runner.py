@@ -334,9 +334,6 @@ def preflight(recipe: Recipe, cells: list[CellSpec], out: Path, device: str) -> 
                     load_prompts(cfg.prompts, cfg.prompt_limit)
                 except InputError as e:
                     raise InputError(f"{where}: {cell.where}.prompts: {e}") from None
-            hook = getattr(cls, "preflight", None)
-            if callable(hook):
-                hook(cfg)
             cp.settings, cp.trainer = settings, cls
         elif cell.method == "external":
             _check_external(cp, bb_cls, out, where)
@@ -450,7 +447,6 @@ class Runner:
         self.console = console or Console(stderr=True)
         self.stage = 0
         self.n_stages = 0
-        self.timing: dict[str, dict] = {}
 
     # -- helpers -------------------------------------------------------------------------------------
     def say(self, what: str) -> None:
@@ -522,7 +518,9 @@ class Runner:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
                 TimeRemainingColumn
 
-            resume = (out / "checkpoint" / "state.json").exists()
+            from spobench.core.checkpoint import latest_checkpoint
+
+            resume = latest_checkpoint(out) is not None
             bb = self.load_backbone()
             with Progress(f"training SPM {name}", BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                           TimeElapsedColumn(), TimeRemainingColumn(), console=self.console) as bar:
