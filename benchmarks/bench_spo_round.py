@@ -93,7 +93,7 @@ def build(n_prompts: int, b: int, k: int, *, num_steps: int = 20, kappa: int = 7
     from spobench.models.backbones.tiny import PRETRAINED_DIR, TinyBackbone, tiny_tokenizer
     from spobench.models.spm import StepAwarePreferenceModel
     from spobench.toyworld.tiny_clip import make_tiny_clip_folder
-    from spobench.trainers.base import load_prompts
+    from spobench.data.prompts import load_prompts
 
     torch.manual_seed(seed)
     use_shipped = not random_base and PRETRAINED_DIR.is_dir()

@@ -301,7 +301,7 @@ def reproduce(
 @app.command("train-spm")
 def train_spm_cmd(
     pairs: Path = typer.Option(..., "--pairs", help="Pick-a-Pic-format parquet (or a folder of them): caption, jpg_0, jpg_1, label_0, label_1."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder: spm/, checkpoint/, log.jsonl, metrics.json."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: spm/, checkpoints/, log.jsonl, metrics.json."),
     backbone: str = typer.Option("tiny", "--backbone", "-b", help="tiny | sd15 | sdxl (whose x0_hat the SPM learns to score)."),
     model: Optional[str] = typer.Option(None, "--model", help="Backbone model folder or hub id."),
     init: Optional[Path] = typer.Option(None, "--init", help="CLIP/PickScore folder (or an SPM folder) to start from; default $SPOBENCH_WEIGHTS/pickscore (tiny: toy_pickscore)."),
@@ -440,7 +440,7 @@ app.add_typer(toy_app, name="toy")
 
 @toy_app.command("pretrain")
 def toy_pretrain(
-    out: Path = typer.Option(Path("runs/tiny-pretrain"), "--out", "-o", help="Run folder (checkpoint/, model/)."),
+    out: Path = typer.Option(Path("runs/tiny-pretrain"), "--out", "-o", help="Run folder (checkpoints/, model/)."),
     steps: int = typer.Option(2500, "--steps", callback=_COUNT, help="Optimizer steps (batch 32: ~0.9 s each on 2 cores)."),
     batch_size: int = typer.Option(32, "--batch-size", callback=_COUNT),
     lr: float = typer.Option(1e-3, "--lr", callback=_number(gt=0)),
@@ -455,11 +455,12 @@ def toy_pretrain(
 
     from spobench.models.backbones.tiny import TinyBackbone
     from spobench.core import outdir
+    from spobench.core.checkpoint import latest_checkpoint
     from spobench.toyworld.pretrain import PretrainConfig, Pretrainer, toy_batch
 
     cfg = PretrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every)
     with outdir.claim(out, command="toy pretrain", resume=resume, overwrite=overwrite,
-                      keep=lambda: (out / "checkpoint").exists()):
+                      keep=lambda: latest_checkpoint(out) is not None):
         trainer = Pretrainer(TinyBackbone.build(seed), cfg, toy_batch, out)
         if resume and trainer.load_checkpoint():
             console.print(f"resumed at step {trainer.step}")

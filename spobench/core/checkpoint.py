@@ -1,11 +1,12 @@
-"""Resumable training checkpoints, shared by every trainer.
+"""Resumable training checkpoints: the one format of every trainer (``spobench.trainers.loop``).
 
 A checkpoint is one folder ``<run>/checkpoints/checkpoint-<NNNNNN>`` (NNNNNN = rounds done), written
 to a temp folder and renamed into place (``io.atomic_dir``), so a killed run never leaves half a
 checkpoint. It holds::
 
-    manifest.json          what the folder holds; backbone name/source, LoRA rank, trainer, progress
-    lora/pytorch_lora_weights.safetensors   the LoRA in diffusers' format (loadable by a pipeline)
+    manifest.json          what the folder holds; the trained weights' identity, trainer, progress
+    lora/pytorch_lora_weights.safetensors   a LoRA in diffusers' format (loadable by a pipeline), or
+    weights/<name>.safetensors              whole modules (the SPM, the tiny world's UNet), by name
     optimizer.pt           optimizer state            (torch.load(weights_only=True))
     scheduler.pt           LR-scheduler state         (torch.load(weights_only=True))
     progress.json          epoch, round, rounds done, optimizer steps, cumulative counters
@@ -13,7 +14,9 @@ checkpoint. It holds::
     rng_rank<R>.pt         torch CPU/CUDA, numpy and python RNG states of process R
 
 Nothing is unpickled: tensors load with safetensors or ``torch.load(weights_only=True)``.
-A checkpoint from another backbone (name, source or LoRA rank) is refused with an error naming both.
+What is trained is a *weights* object (:class:`LoraWeights`, :class:`ModuleWeights`): it writes and reads
+its files and refuses a checkpoint of other weights (another backbone, base model, LoRA rank or model)
+with an error naming both.
 """
 
 from __future__ import annotations
@@ -111,6 +114,78 @@ def prune_checkpoints(run_dir: str | Path, keep: int | None) -> list[Path]:
     return old
 
 
+# -- what is trained ----------------------------------------------------------------------------------
+class LoraWeights:
+    """A backbone's LoRA: ``lora/`` in diffusers' format; the manifest names the backbone and the rank."""
+
+    def __init__(self, backbone):
+        self.backbone = backbone
+
+    def manifest(self) -> dict:
+        return {"backbone": self.backbone.identity(), "lora_rank": self.backbone.lora_rank}
+
+    def check(self, manifest: dict, where) -> None:
+        saved = manifest.get("backbone", {})
+        here = self.backbone.identity()
+        for key, what in (("backbone", "backbone"), ("source", "base model"), ("prediction_type", "prediction type")):
+            if saved.get(key) != here.get(key):
+                raise ModelLoadError(
+                    f"{where}: checkpoint was trained on {what} {saved.get(key)!r}, but this run uses "
+                    f"{here.get(key)!r}; resume with the same --backbone/--model or start a new --out"
+                )
+        if manifest.get("lora_rank") != self.backbone.lora_rank:
+            raise ModelLoadError(f"{where}: checkpoint has LoRA rank {manifest.get('lora_rank')}, this run uses "
+                                 f"rank {self.backbone.lora_rank}")
+
+    def save(self, folder: Path) -> None:
+        self.backbone.save_lora(folder / "lora")
+
+    def load(self, folder: Path) -> None:
+        self.backbone.load_lora(folder / "lora", rank=self.backbone.lora_rank)
+
+
+class ModuleWeights:
+    """Whole modules trained from their first to their last parameter: ``weights/<name>.safetensors`` each
+    (state dicts, buffers included); ``identity`` (JSON) says what they are and must match on resume."""
+
+    def __init__(self, modules: dict, identity: dict):
+        self.modules, self.identity = modules, identity
+
+    def manifest(self) -> dict:
+        return {"weights": {"modules": sorted(self.modules), **self.identity}}
+
+    def check(self, manifest: dict, where) -> None:
+        saved, here = manifest.get("weights"), self.manifest()["weights"]
+        if not isinstance(saved, dict):
+            raise ModelLoadError(f"{where}: checkpoint holds no whole-model weights (a LoRA run's?); start a new --out")
+        for key in sorted(set(saved) | set(here)):
+            if saved.get(key) != here.get(key):
+                raise ModelLoadError(f"{where}: checkpoint weights have {key} {saved.get(key)!r}, this run has "
+                                     f"{here.get(key)!r}; start a new --out")
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        (folder / "weights").mkdir()
+        for name, module in self.modules.items():
+            # clones: safetensors refuses tensors that share storage (tied weights load back through the module)
+            state = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+            save_file(state, str(folder / "weights" / f"{name}.safetensors"))
+
+    def load(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        for name, module in self.modules.items():
+            file = folder / "weights" / f"{name}.safetensors"
+            if not file.is_file():
+                raise InputError(f"{file}: missing from the checkpoint; resume from another one or start a new --out")
+            try:
+                module.load_state_dict(load_file(str(file)))
+            except Exception as e:  # noqa: BLE001 - a truncated file (safetensors) or other keys/shapes (torch)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise InputError(f"{file}: does not fit this run ({first[:200]})") from None
+
+
 # -- saving -------------------------------------------------------------------------------------------
 KILL_ENV = "SPOBENCH_TEST_KILL_AT"
 
@@ -143,7 +218,7 @@ class Checkpoint:
     config: dict
 
 
-def save_checkpoint(run_dir: str | Path, index: int, *, backbone, optimizer, scheduler, progress: dict,
+def save_checkpoint(run_dir: str | Path, index: int, *, weights, optimizer, scheduler, progress: dict,
                     config: dict, trainer: str, rng_states: list[dict] | None = None,
                     keep: int | None = None) -> Path:
     """Write checkpoint ``index`` atomically (call on the main process only) and prune old ones.
@@ -155,7 +230,7 @@ def save_checkpoint(run_dir: str | Path, index: int, *, backbone, optimizer, sch
     rng_states = rng_states if rng_states is not None else [capture_rng()]
     remove_stale_temps(run_dir)
     with atomic_dir(path) as tmp:
-        backbone.save_lora(tmp / "lora")
+        weights.save(tmp)
         save_torch(tmp / "optimizer.pt", optimizer.state_dict())  # a full disk: one line, not torch's C++ error
         save_torch(tmp / "scheduler.pt", scheduler.state_dict() if scheduler is not None else {})
         for rank, state in enumerate(rng_states):
@@ -164,8 +239,7 @@ def save_checkpoint(run_dir: str | Path, index: int, *, backbone, optimizer, sch
         atomic_write_json(tmp / "config.json", config)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         manifest = {
-            "format": FORMAT, "version": VERSION, "trainer": trainer, "created": time.time(),
-            "backbone": backbone.identity(), "lora_rank": backbone.lora_rank,
+            "format": FORMAT, "version": VERSION, "trainer": trainer, "created": time.time(), **weights.manifest(),
             "progress": progress, "num_processes": len(rng_states), "files": files, **provenance(),
         }
         _test_kill_point(f"{path.name}:files")
@@ -192,19 +266,9 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def check_compatible(manifest: dict, backbone, trainer: str | None = None, where: str | Path = "checkpoint") -> None:
-    """Refuse a checkpoint written for another backbone, base model, LoRA rank or trainer."""
-    saved = manifest.get("backbone", {})
-    here = backbone.identity()
-    for key, what in (("backbone", "backbone"), ("source", "base model"), ("prediction_type", "prediction type")):
-        if saved.get(key) != here.get(key):
-            raise ModelLoadError(
-                f"{where}: checkpoint was trained on {what} {saved.get(key)!r}, but this run uses "
-                f"{here.get(key)!r}; resume with the same --backbone/--model or start a new --out"
-            )
-    if manifest.get("lora_rank") != backbone.lora_rank:
-        raise ModelLoadError(f"{where}: checkpoint has LoRA rank {manifest.get('lora_rank')}, this run uses "
-                             f"rank {backbone.lora_rank}")
+def check_compatible(manifest: dict, weights, trainer: str | None = None, where: str | Path = "checkpoint") -> None:
+    """Refuse a checkpoint written for other weights (backbone, base model, LoRA rank, model) or another trainer."""
+    weights.check(manifest, where)
     if trainer is not None and manifest.get("trainer") != trainer:
         raise ModelLoadError(f"{where}: checkpoint was written by trainer {manifest.get('trainer')!r}, not {trainer!r}")
 
@@ -252,14 +316,14 @@ def _load_tensors(file: Path):
         raise InputError(f"{file}: corrupt checkpoint file ({first[:200]})") from None
 
 
-def load_checkpoint(path: str | Path, *, backbone, optimizer, scheduler, trainer: str | None = None,
+def load_checkpoint(path: str | Path, *, weights, optimizer, scheduler, trainer: str | None = None,
                     rank: int = 0) -> Checkpoint:
-    """Restore LoRA weights (in place: the optimizer keeps its parameters), optimizer, scheduler and
-    this process's RNG states. The backbone must already carry a LoRA of the saved rank."""
+    """Restore the weights (in place: the optimizer keeps its parameters), optimizer, scheduler and
+    this process's RNG states. A LoRA backbone must already carry a LoRA of the saved rank."""
     ckpt = read_checkpoint(path)
     path = ckpt.path
-    check_compatible(ckpt.manifest, backbone, trainer, where=path)
-    backbone.load_lora(path / "lora", rank=backbone.lora_rank)
+    check_compatible(ckpt.manifest, weights, trainer, where=path)
+    weights.load(path)
     for name, target in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler)):
         if target is None:
             continue

@@ -157,7 +157,9 @@ class Runner:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
                 TimeRemainingColumn
 
-            resume = (out / "checkpoint" / "state.json").exists()
+            from spobench.core.checkpoint import latest_checkpoint
+
+            resume = latest_checkpoint(out) is not None
             bb = self.load_backbone()
             with Progress(f"training SPM {name}", BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                           TimeElapsedColumn(), TimeRemainingColumn(), console=self.console) as bar:

@@ -20,7 +20,8 @@ when the tiny world's analysis columns are there, against three oracle labels: a
 noise-free utility ``0.6 A + 0.4 Q / 10`` (:class:`spobench.toyworld.pairs.LabelModel`).
 
 Deterministic on CPU for a given seed and thread count: the initial tiny CLIP is drawn from the
-seed, the data order of step ``s`` depends only on ``(seed, s)`` and nothing else is random.
+seed, the data order of step ``s`` depends only on ``(seed, s)`` and nothing else is random. The steps
+run in the shared loop (``spobench.trainers.loop``), one optimizer step a round, without checkpoints.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from spobench.core.config import Config, SettingError, setting
+from spobench.trainers.loop import Round, Task
 
 MODEL = "model"  # the CLIPModel folder inside a run folder
 METRICS = "metrics.json"
@@ -218,6 +220,49 @@ def _lr_factor(step: int, config: ToyPickScoreConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, (step - config.warmup) / span)))
 
 
+class _Steps(Task):
+    """The toy PickScore's training as the loop's task: one round = one optimizer step on ``batch_size``
+    pairs of clean images, in the order of ``BatchOrder`` (a function of (seed, step))."""
+
+    def __init__(self, model, pairs, images: "PairImages", order, config: ToyPickScoreConfig, sched, t0: float,
+                 on_log: Callable[[dict], None] | None):
+        self.model, self.pairs, self.images, self.order, self.cfg = model, pairs, images, order, config
+        self.sched, self.t0, self.on_log = sched, t0, on_log
+        self.losses: list[float] = []
+
+    def rounds_per_epoch(self) -> int:
+        return self.cfg.steps
+
+    def round(self, epoch: int, rnd: int) -> Round:
+        return Round(epoch, rnd, list(self.order.batch(rnd)))
+
+    def loss(self, rows: list, total: int):
+        from spobench.trainers.spm import pair_loss
+
+        a, b = self.images.batch(rows)
+        labels = torch.as_tensor(self.pairs.labels[rows], dtype=torch.float32)
+        loss = pair_loss(pair_scores(self.model, a, b, [self.pairs.captions[r] for r in rows]), labels)
+        self._loss = loss.detach()
+        return loss if len(rows) == total else loss * (len(rows) / total), {}
+
+    def after_step(self, log: dict) -> None:
+        self.losses.append(float(self._loss))
+        self._grad_norm = log["grad_norm"]
+
+    def report(self, rnd: Round, steps: list[dict]) -> tuple[list[dict], str]:
+        cfg, done = self.cfg, len(self.losses)
+        if not cfg.log_every or not (done % cfg.log_every == 0 or done == cfg.steps):
+            return [], ""
+        rec = {"step": done, "loss": float(np.mean(self.losses[-cfg.log_every:])),
+               "grad_norm": self._grad_norm if cfg.max_grad_norm else None, "lr": self.sched.get_last_lr()[0],
+               "logit_scale": float(self.model.clip.logit_scale.detach().exp()),
+               "elapsed_s": round(time.perf_counter() - self.t0, 2)}
+        if self.on_log:
+            self.on_log(rec)
+        return [rec], ""
+
+
+
 def train_toy_pickscore(pairs_path: str | Path, out: str | Path, config: ToyPickScoreConfig | dict | None = None,
                         *, init: str | Path | None = None, overwrite: bool = False, command: str | None = None,
                         progress: Callable[[dict], None] | None = None) -> dict:
@@ -235,7 +280,9 @@ def _train_toy_pickscore(pairs_path: str | Path, out: str | Path, config: ToyPic
                          *, init: str | Path | None = None, command: str | None = None,
                          progress: Callable[[dict], None] | None = None) -> dict:
     from spobench.core.io import atomic_write_json, provenance
-    from spobench.trainers.spm import BatchOrder, PairTable, pair_loss, split_rows
+    from spobench.core.checkpoint import ModuleWeights
+    from spobench.data.pairs import BatchOrder, PairTable, split_rows
+    from spobench.trainers.loop import Loop, Schedule
 
     config = ToyPickScoreConfig.coerce(config)
     out = Path(out)
@@ -262,30 +309,15 @@ def _train_toy_pickscore(pairs_path: str | Path, out: str | Path, config: ToyPic
             "eval_init": evaluate(model, pairs, val_rows, images, columns, config.eval_batch_size),
         }
         order = BatchOrder(pairs, train_rows, config.batch_size, config.seed) if config.steps else None
-        losses: list[float] = []
+        task = _Steps(model, pairs, images, order, config, sched, t0, progress)
+        # not resumable (a failed run leaves nothing): the loop takes no checkpoints
+        task.loop = Loop(task, out=out, name="toy-pickscore", weights=ModuleWeights({"clip": model}, {}),
+                         params=params, optimizer=opt, scheduler=sched,
+                         schedule=Schedule(max_grad_norm=config.max_grad_norm or None), config=asdict(config))
         t_train = time.perf_counter()
-        with open(out / LOG, "w") as log:
-            for step in range(config.steps):
-                rows = order.batch(step)
-                a, b = images.batch(rows)
-                labels = torch.as_tensor(pairs.labels[rows], dtype=torch.float32)
-                loss = pair_loss(pair_scores(model, a, b, [pairs.captions[r] for r in rows]), labels)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm else None
-                opt.step()
-                sched.step()
-                losses.append(float(loss.detach()))
-                done = step + 1
-                if config.log_every and (done % config.log_every == 0 or done == config.steps):
-                    rec = {"step": done, "loss": float(np.mean(losses[-config.log_every:])),
-                           "grad_norm": None if gnorm is None else float(gnorm), "lr": sched.get_last_lr()[0],
-                           "logit_scale": float(model.clip.logit_scale.detach().exp()),
-                           "elapsed_s": round(time.perf_counter() - t0, 2)}
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    if progress:
-                        progress(rec)
+        (out / LOG).write_text("")
+        task.loop.run()
+        losses = task.losses
         train_s = time.perf_counter() - t_train
         model.eval()
         result["eval"] = evaluate(model, pairs, val_rows, images, columns, config.eval_batch_size)

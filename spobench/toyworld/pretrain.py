@@ -11,14 +11,14 @@ with 10% of prompts dropped to "" so classifier-free guidance works. Measured be
 epsilon-prediction failed on this pixel-space model (x0 estimates blow up at high t) while
 v-prediction without x0 clipping learned colours/positions in ~10 min and shapes in ~35 min on 2 cores.
 
-Each step's batch is a pure function of (seed, step), and checkpoints hold the weights, the EMA,
-the optimizer and the step, so ``resume`` continues exactly where a killed run stopped.
+Each step's batch is a pure function of (seed, step); the steps run in the shared loop
+(``spobench.trainers.loop``) whose checkpoints hold the weights, the EMA, the optimizer, the LR schedule,
+the step and the losses, so ``resume`` continues exactly where a killed run stopped.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,7 +26,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from spobench.core.io import atomic_dir, atomic_write_json, save_torch
+from spobench.core.io import atomic_write_json
+from spobench.trainers.loop import Loop, Round, Schedule, Task
 
 # (seed, step, batch_size) -> (prompts, uint8 images (B, H, W, 3))
 BatchFn = Callable[[int, int, int], tuple[list[str], np.ndarray]]
@@ -50,10 +51,13 @@ def _to_model_space(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-class Pretrainer:
-    """Trains the tiny backbone's UNet and text encoder from scratch."""
+class Pretrainer(Task):
+    """Trains the tiny backbone's UNet and text encoder from scratch (whole modules, not a LoRA) in the
+    shared loop (``spobench.trainers.loop``): one round = one optimizer step on one batch."""
 
     def __init__(self, backbone, config: PretrainConfig, batch_fn: BatchFn, out: str | Path):
+        from spobench.core.checkpoint import ModuleWeights
+
         self.bb, self.cfg, self.batch_fn, self.out = backbone, config, batch_fn, Path(out)
         self.modules = torch.nn.ModuleDict({"unet": backbone.unet, "text_encoder": backbone.text_encoder})
         self.modules.requires_grad_(True).train()
@@ -61,11 +65,32 @@ class Pretrainer:
         self.opt = torch.optim.AdamW(self.modules.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min(1.0, (s + 1) / max(1, config.warmup)))
-        self.step = 0
         self.losses: list[float] = []
+        self._on_step: Callable[[int, float], None] | None = None
+        weights = ModuleWeights({"modules": self.modules, "ema": self.ema}, {"model": "tiny-pretrain"})
+        self.loop = Loop(self, out=self.out, name="tiny-pretrain", weights=weights,
+                         params=list(self.modules.parameters()), optimizer=self.opt, scheduler=self.sched,
+                         schedule=Schedule(max_grad_norm=config.grad_clip, checkpoint_every=config.checkpoint_every,
+                                           keep_checkpoints=1),
+                         config=asdict(config))
 
-    # -- one step --------------------------------------------------------------------------------
-    def loss(self, step: int) -> torch.Tensor:
+    @property
+    def step(self) -> int:
+        return self.loop.progress.step
+
+    # -- the loop's task -------------------------------------------------------------------------
+    def rounds_per_epoch(self) -> int:
+        return self.cfg.steps
+
+    def round(self, epoch: int, rnd: int) -> Round:
+        return Round(epoch, rnd, [rnd])  # one item: the batch of step ``rnd``, a pure function of (seed, step)
+
+    def loss(self, items: list, total: int) -> tuple[torch.Tensor, dict]:
+        loss = self.batch_loss(items[0])
+        self._loss = loss.detach()
+        return loss, {}
+
+    def batch_loss(self, step: int) -> torch.Tensor:
         cfg = self.cfg
         prompts, images = self.batch_fn(cfg.seed, step, cfg.batch_size)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -88,47 +113,36 @@ class Pretrainer:
         ids = self.bb._token_ids(self.bb.tokenizer, prompts)
         return Conditioning(self.bb.text_encoder(ids, return_dict=True).last_hidden_state)
 
-    def train_step(self) -> float:
-        loss = self.loss(self.step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {self.step}")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(self.modules.parameters()), self.cfg.grad_clip)
-        self.opt.step()
-        self.sched.step()
+    def after_step(self, log: dict) -> None:
         # EMA with warm-up: a constant 0.999 from step 0 would keep half of the random init after
         # 700 steps (seen: pure-noise samples from the EMA while the live weights drew shapes)
-        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        before = self.step - 1
+        decay = min(self.cfg.ema_decay, (1 + before) / (10 + before))
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), self.modules.parameters()):
                 e.lerp_(p, 1 - decay)
-        self.step += 1
-        self.losses.append(loss.item())
+        self.losses.append(self._loss.item())
+
+    def state_dict(self) -> dict:
+        return {"losses": self.losses}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses = [float(v) for v in state.get("losses", [])]
+
+    # -- driving it --------------------------------------------------------------------------------
+    def train_step(self) -> float:
+        self.loop.run_round()
         return self.losses[-1]
 
-    # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        path = self.out / "checkpoint"
-        with atomic_dir(path) as tmp:
-            save_torch(tmp / "state.pt", {"modules": self.modules.state_dict(), "ema": self.ema.state_dict(),
-                                          "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                                          "step": self.step, "losses": self.losses})
-            atomic_write_json(tmp / "manifest.json", {"kind": "tiny-pretrain", "step": self.step,
-                                                      "config": asdict(self.cfg)})
-        return path
+        return self.loop.save()
 
     def load_checkpoint(self) -> bool:
-        path = self.out / "checkpoint" / "state.pt"
-        if not path.exists():
-            return False
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.modules.load_state_dict(state["modules"])
-        self.ema.load_state_dict(state["ema"])
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
-        self.step, self.losses = state["step"], list(state["losses"])
-        return True
+        """Continue from the run folder's latest checkpoint; False when it has none."""
+        from spobench.trainers.loop import refuse_old_checkpoint
+
+        refuse_old_checkpoint(self.out / "checkpoint", "state.pt", "toy pretrain")
+        return self.loop.resume() is not None
 
     def export(self, folder: str | Path, use_ema: bool = True) -> Path:
         """Write the (EMA) weights as a tiny-backbone diffusers folder."""
@@ -144,16 +158,13 @@ class Pretrainer:
         return Path(folder)
 
     def run(self, progress: Callable[[int, float], None] | None = None) -> None:
-        while self.step < self.cfg.steps:
-            loss = self.train_step()
-            if progress:
-                progress(self.step, loss)
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
-                self.save_checkpoint()
+        self._on_step = progress
+        self.loop.run()
 
-
-def dump_config(cfg: PretrainConfig) -> str:
-    return json.dumps(asdict(cfg), indent=2)
+    def report(self, rnd: Round, steps: list[dict]) -> tuple[list[dict], str]:
+        if self._on_step:
+            self._on_step(self.step, self.losses[-1])
+        return [], ""
 
 
 # -- the tiny world's pretraining data ------------------------------------------------------------

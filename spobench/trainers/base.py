@@ -1,8 +1,9 @@
-"""What every trainer shares: a typed config, the run folder, accelerate, the LoRA optimizer, the
-epoch/round loop with exact resume, checkpoints and logs. An algorithm (``spo.py``) only says how a
-round collects training items and what the loss of a micro-batch is.
+"""What the rollout and pairs trainers (SPO, MSPO, DDPO, D3PO, Diffusion-DPO) share: a typed config, the run
+folder, accelerate, the LoRA and its optimizer, and the round structure that they feed to the one training
+loop (``loop.py``: micro-batches, optimizer steps, checkpoints, logs, exact resume). An algorithm
+(``spo.py``) only says how a round collects training items and what the loss of a micro-batch is.
 
-The loop. An epoch visits every prompt once, in an order drawn from (seed, epoch). A round takes
+Rounds. An epoch visits every prompt once, in an order drawn from (seed, epoch). A round takes
 ``rollout_batch`` prompts per process, calls :meth:`Trainer.collect` (e.g. SPO's pool rollout with
 the current LoRA), gathers the items of all processes, shuffles them with a generator seeded by
 (seed, epoch, round), deals each process an equal share (the remainder is dropped, as the official
@@ -22,23 +23,18 @@ import dataclasses
 import json
 import math
 import shutil
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal, Sequence
+from typing import ClassVar, Iterator, Literal, Sequence
 
-from spobench.core.errors import InputError, SpobenchError
-
-
-class TrainingError(SpobenchError):
-    """Training cannot go on (non-finite loss, gradients or rollout statistics); the last good
-    checkpoint is kept."""
+from spobench.core.config import Config, Source, setting
+from spobench.core.errors import InputError
+from spobench.trainers.loop import Loop, Progress, Round, Schedule, Task
 
 
 # =====================================================================================================
 # Config: the trainers' settings (the mechanism is spobench.core.config)
 # =====================================================================================================
-from spobench.core.config import Config, SettingError, Source, setting  # noqa: E402,F401
 
 
 @dataclass
@@ -117,17 +113,11 @@ class _RoutedUNet:
 # =====================================================================================================
 # The trainer
 # =====================================================================================================
-@dataclass
-class Progress:
-    epoch: int = 0  # epoch of the next round
-    round: int = 0  # round (within the epoch) of the next round
-    rounds_done: int = 0
-    step: int = 0  # optimizer steps taken
-    counters: dict = field(default_factory=dict)  # cumulative over earlier sessions, summed over processes
-
-
-class Trainer:
-    """Base class. Subclasses set ``name``/``Config`` and implement :meth:`collect` and :meth:`loss`."""
+class Trainer(Task):
+    """The rollout/pairs trainers' base: the backbone with its LoRA, AdamW and the round structure, trained
+    by :class:`~spobench.trainers.loop.Loop`. Subclasses set ``name``/``Config`` and implement
+    :meth:`collect` and :meth:`loss`; optional hooks: :meth:`setup`, :meth:`round_items`,
+    :meth:`round_summary`, :meth:`bar_info`, :meth:`state_dict`/:meth:`load_state_dict`."""
 
     name: ClassVar[str] = "base"
     Config: ClassVar[type[TrainerConfig]] = TrainerConfig
@@ -137,6 +127,7 @@ class Trainer:
         import torch
         from accelerate import Accelerator
 
+        from spobench.core.checkpoint import LoraWeights
         from spobench.core.dtypes import torch_dtype
         from spobench.data.prompts import load_prompts
 
@@ -146,13 +137,10 @@ class Trainer:
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.console = console
         self.prompts = list(prompts) if prompts is not None else load_prompts(config.prompts, config.prompt_limit)
-        self.progress = Progress()
-        self._writer = None
 
         self.bb.to(self.acc.device, torch_dtype(config.dtype, "setting 'dtype'"))
         if not self.bb.has_lora:
             self.bb.add_lora(config.lora_rank, seed=derive_seed(config.seed, 0x10A))
-        # a LIST, not a generator: clip_grad_norm_ on an exhausted iterator silently clips nothing
         self.params: list = self.bb.trainable_parameters()
         self.bb.unet.eval()  # no dropout; the same forward in rollout and training
         if config.compile:
@@ -166,6 +154,13 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.model, self.optimizer = self.acc.prepare(self.bb.unet, optimizer)
+        schedule = Schedule(epochs=config.epochs, micro_batch=config.train_batch_size, grad_accum=config.grad_accum,
+                            max_grad_norm=config.max_grad_norm, checkpoint_every=config.checkpoint_every,
+                            keep_checkpoints=config.keep_checkpoints, max_rounds=config.max_rounds)
+        self.loop = Loop(self, out=self.out, name=self.name, weights=LoraWeights(self.bb), params=self.params,
+                         optimizer=self.optimizer, scheduler=self.scheduler, schedule=schedule,
+                         config=config.to_dict(), accelerator=self.acc, model=self.model, counters=self.bb.counters,
+                         console=console, tensorboard=True, hint="Try a lower lr or a smaller beta.")
         self.setup()
         self.bb.counters.reset()  # count the training's work only
 
@@ -177,28 +172,62 @@ class Trainer:
         """Training items for this process's prompts of a round, plus stats to log (local sums)."""
         raise NotImplementedError
 
-    def loss(self, items: list, total: int) -> tuple[Any, dict]:
-        """Loss of a micro-batch, scaled so that the micro-batches of one step sum to the step's mean
-        over its ``total`` items; stats are sums over the micro-batch's items."""
-        raise NotImplementedError
-
-    def state_dict(self) -> dict:
-        """Algorithm state a resume needs beyond weights, optimizer and progress (e.g. DDPO's
-        per-prompt reward buffers): JSON-serialisable, the same on every process; saved with the
-        checkpoint's progress and given back to :meth:`load_state_dict` on ``--resume``."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned (``{}`` for checkpoints without any)."""
-
     def item_key(self, item) -> tuple:
         """Sort key making the gathered item order independent of the number of processes."""
         return item.key
+
+    def round_items(self, items: list, epoch: int, rnd: int) -> list:
+        """All processes' items of a round, sorted (the same list on every process), before they are
+        dealt: the place for statistics over the whole round (DDPO's reward normalisation)."""
+        return items
+
+    def round_summary(self, rstats: dict, n_items: int, steps: list[dict]) -> dict:
+        out = dict(rstats) | {"items": float(n_items)}
+        if steps:
+            for k in (k for k in steps[0] if k != "step"):
+                out[f"mean_{k}"] = sum(s[k] for s in steps) / len(steps)
+        return out
+
+    def bar_info(self, info: dict, steps: list[dict]) -> str:
+        loss = info.get("mean_loss")
+        return f"items {int(info['items'])}" + (f" loss {loss:.4f}" if loss is not None else "")
+
+    # -- the loop's task -----------------------------------------------------------------------------
+    def rounds_per_epoch(self) -> int:
+        return math.ceil(len(self.prompts) / (self.cfg.rollout_batch * self.acc.num_processes))
+
+    def round(self, epoch: int, rnd: int) -> Round:
+        """Collect this process's prompts of the round, then gather and deal the items (:meth:`share`)."""
+        idx = self.round_prompts(epoch, rnd)
+        local, rstats = self.collect(epoch, rnd, idx) if idx else ([], {})
+        rstats = self.loop.reduce_stats({k: float(v) for k, v in sorted(rstats.items())}, any_keys=True)
+        bad = [k for k, v in rstats.items() if not math.isfinite(v)]
+        if bad:  # the same on every process (reduced): all stop together
+            self.loop.diverged(f"rollout statistic {bad[0]!r}", rstats[bad[0]])
+        mine, n_items = self.share(local, epoch, rnd)
+        return Round(epoch, rnd, mine, rstats, n_items)
+
+    def report(self, rnd: Round, steps: list[dict]) -> tuple[list[dict], str]:
+        """One ``train`` row per optimizer step, then the ``round`` row."""
+        before = self.progress.rounds_done - 1
+        head = {"epoch": rnd.epoch, "round": rnd.index}
+        rows = [{"kind": "train", "step": int(s["step"]), **head}
+                | {k: v for k, v in s.items() if k != "step"} | {"rounds_done_before": before} for s in steps]
+        info = self.round_summary(rnd.stats, rnd.n_items, steps)
+        info |= {"round_s": rnd.seconds, "steps": float(len(steps))}
+        info |= {f"counters/{k}": v for k, v in self.counters().items()}
+        rows.append({"kind": "round", "step": self.progress.rounds_done, **head}
+                    | {k: v for k, v in info.items() if k != "step"} | {"rounds_done_before": before})
+        return rows, self.bar_info(info, steps)
 
     # -- pieces --------------------------------------------------------------------------------------
     @property
     def is_main(self) -> bool:
         return self.acc.is_main_process
+
+    @property
+    def progress(self) -> Progress:
+        return self.loop.progress
 
     @contextlib.contextmanager
     def policy(self) -> Iterator[None]:
@@ -212,9 +241,6 @@ class Trainer:
             yield
         finally:
             self.bb.unet = raw
-
-    def rounds_per_epoch(self) -> int:
-        return math.ceil(len(self.prompts) / (self.cfg.rollout_batch * self.acc.num_processes))
 
     def round_prompts(self, epoch: int, rnd: int) -> list[int]:
         """This process's prompt indices for a round: the epoch's shuffled order, contiguous slices."""
@@ -248,232 +274,24 @@ class Trainer:
         mine = perm[self.acc.process_index * per:(self.acc.process_index + 1) * per]
         return [items[i] for i in mine], len(items)
 
-    def round_items(self, items: list, epoch: int, rnd: int) -> list:
-        """All processes' items of a round, sorted (the same list on every process), before they are
-        dealt: the place for statistics over the whole round (DDPO's reward normalisation)."""
-        return items
+    def train_items(self, items: list) -> list[dict]:
+        return self.loop.train_items(items)
 
     def clip_gradients(self):
-        """Clip the LoRA gradient norm (accelerate-aware); returns the norm before clipping."""
-        import torch
+        return self.loop.clip_gradients()
 
-        if self.cfg.max_grad_norm is None:
-            grads = [p.grad.detach().norm() for p in self.params if p.grad is not None]
-            return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.tensor(0.0)
-        return self.acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-
-    def train_items(self, items: list) -> list[dict]:
-        """Optimizer steps over this process's share of a round; returns one stats dict per step."""
-        import torch
-
-        bs, ga = self.cfg.train_batch_size, self.cfg.grad_accum
-        micro = [items[i:i + bs] for i in range(0, len(items), bs)]
-        logs = []
-        for g0 in range(0, len(micro), ga):
-            group = micro[g0:g0 + ga]
-            total = sum(len(m) for m in group)
-            sums: dict[str, float] = {}
-            for j, mb in enumerate(group):
-                sync = j == len(group) - 1
-                ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
-                with ctx:
-                    loss, stats = self.loss(mb, total)
-                    if not self.all_finite(loss):
-                        self._diverged("loss", loss)
-                    self.acc.backward(loss)
-                for key, v in stats.items():
-                    sums[key] = sums.get(key, 0.0) + float(v)
-            norm = self.clip_gradients()
-            if not torch.isfinite(torch.as_tensor(norm)).all():
-                self._diverged("gradient norm", norm)
-            lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.progress.step += 1
-            stats = self.reduce_stats(sums | {"items": float(total)})
-            n = max(stats.pop("items"), 1.0)
-            logs.append({k: v / n for k, v in stats.items()} | {"grad_norm": float(norm), "items": n,
-                                                                 "lr": lr,
-                                                                 "step": float(self.progress.step)})
-        return logs
-
-    def all_finite(self, value) -> bool:
-        """Finite on every process (so that all processes stop together, none hangs in a collective)."""
-        import torch
-
-        bad = torch.tensor([0.0 if torch.isfinite(value.detach()).all() else 1.0], device=self.acc.device)
-        if self.acc.num_processes > 1:
-            bad = self.acc.reduce(bad, reduction="sum")
-        return bool(bad.item() == 0)
-
-    def reduce_stats(self, sums: dict[str, float], any_keys: bool = False) -> dict[str, float]:
-        """Sum per-process stats over processes. Every process must pass the same keys, unless
-        ``any_keys`` (one more collective): then a key missing on a process counts 0 there (a
-        process whose share of a round's prompts is empty has no round stats at all)."""
-        import torch
-
-        if self.acc.num_processes == 1:
-            return dict(sums)
-        if any_keys:
-            from accelerate.utils import gather_object
-
-            keys = sorted({k for ks in gather_object([sorted(sums)]) for k in ks})
-        else:
-            keys = sorted(sums)
-        if not keys:
-            return {}
-        t = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64, device=self.acc.device)
-        t = self.acc.reduce(t, reduction="sum")
-        return dict(zip(keys, t.tolist()))
-
-    def _diverged(self, what: str, value) -> None:
-        from spobench.core.checkpoint import latest_checkpoint
-
-        last = latest_checkpoint(self.out)
-        keep = f"; the last good checkpoint is {last}" if last else "; no checkpoint was written yet"
-        raise TrainingError(
-            f"non-finite {what} ({float(torch_float(value))}) at epoch {self.progress.epoch}, round "
-            f"{self.progress.round}, step {self.progress.step}{keep}. Try a lower lr or a smaller beta.")
-
-    # -- counters, logs, checkpoints -----------------------------------------------------------------
     def counters(self) -> dict[str, float]:
-        """Cumulative counters of the whole run (earlier sessions included), summed over processes."""
-        now = {k: float(v) for k, v in self.bb.counters.as_dict().items() if k != "wall_s"}
-        now = self.reduce_stats(now)
-        now["wall_s"] = float(self.bb.counters.wall_s)
-        base = self.progress.counters
-        return {k: base.get(k, 0.0) + v for k, v in now.items()}
-
-    def log(self, values: dict[str, float], step: int, kind: str, epoch: int, rnd: int) -> None:
-        if not self.is_main:
-            return
-        values = {k: v for k, v in values.items() if k != "step"}
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.out / "tb"))
-        for k, v in values.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                self._writer.add_scalar(f"{kind}/{k}", v, step)
-        with open(self.out / "log.jsonl", "a") as f:
-            f.write(json.dumps({"kind": kind, "step": step, "epoch": epoch, "round": rnd, **values}) + "\n")
+        return self.loop.counters()
 
     def save(self) -> Path | None:
-        """A checkpoint of the state between rounds (every process must call it)."""
-        from accelerate.utils import gather_object
-
-        from spobench.core.checkpoint import capture_rng, save_checkpoint
-
-        progress = dataclasses.asdict(self.progress) | {"counters": self.counters(),
-                                                        "trainer_state": self.state_dict()}
-        rngs = [capture_rng()]
-        if self.acc.num_processes > 1:
-            rngs = gather_object(rngs)
-            self.check_in_sync()
-        path = None
-        if self.is_main:
-            path = save_checkpoint(self.out, self.progress.rounds_done, backbone=self.bb, optimizer=self.optimizer,
-                                   scheduler=self.scheduler, progress=progress, config=self.cfg.to_dict(),
-                                   trainer=self.name, rng_states=rngs, keep=self.cfg.keep_checkpoints)
-        self.acc.wait_for_everyone()
-        return path
-
-    def check_in_sync(self) -> None:
-        """Every process must hold the same LoRA (DDP keeps them equal); a cheap checksum proves it."""
-        import torch
-        from accelerate.utils import gather
-
-        local = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()])
-                             for p in self.params]).sum(0).to(self.acc.device)
-        sums = gather(local[None]).cpu()
-        if not torch.equal(sums, sums[:1].expand_as(sums)):
-            raise TrainingError(f"the {self.acc.num_processes} processes hold different LoRA weights "
-                                f"(checksums {sums[:, 0].tolist()}); gradients were not synchronised")
+        return self.loop.save()
 
     def restore(self, path: Path) -> None:
-        from spobench.core.checkpoint import load_checkpoint
+        self.loop.restore(path)
 
-        ckpt = load_checkpoint(path, backbone=self.bb, optimizer=self.optimizer, scheduler=self.scheduler,
-                               trainer=self.name, rank=self.acc.process_index)
-        saved_p = ckpt.manifest.get("num_processes", 1)
-        if saved_p != self.acc.num_processes and self.is_main:
-            import warnings
-
-            warnings.warn(f"{path} was written by {saved_p} processes, this run has {self.acc.num_processes}: "
-                          "rounds hold a different number of prompts from here on, so the run will not be "
-                          "identical to an uninterrupted one", stacklevel=2)
-        p = ckpt.progress
-        self.progress = Progress(epoch=p["epoch"], round=p["round"], rounds_done=p["rounds_done"], step=p["step"],
-                                 counters={k: v for k, v in p.get("counters", {}).items()})
-        self.load_state_dict(p.get("trainer_state", {}))
-        self.bb.counters.reset()
-        if self.is_main:  # drop log lines written after the checkpoint
-            log = self.out / "log.jsonl"
-            if log.exists():
-                keep = [line for line in log.read_text().splitlines()
-                        if (row := _log_row(line)) and row.get("rounds_done_before", -1) < p["rounds_done"]]
-                from spobench.core.io import atomic_write_text
-
-                atomic_write_text(log, "".join(line + "\n" for line in keep))
-
-    # -- the loop ------------------------------------------------------------------------------------
     def train(self) -> dict:
         """Run (or continue) training to the end; returns the summary written to summary.json."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
-
-        cfg, R = self.cfg, self.rounds_per_epoch()
-        total = cfg.epochs * R
-        stop_at = total if cfg.max_rounds is None else min(total, cfg.max_rounds)
-        since_ckpt = 0
-        bar = Bar(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                  console=self.console, disable=not self.is_main, transient=False)
-        with bar:
-            task = bar.add_task(f"{self.name} rounds", total=total, completed=self.progress.rounds_done, info="")
-            while self.progress.rounds_done < stop_at:
-                epoch, rnd = divmod(self.progress.rounds_done, R)
-                self.progress.epoch, self.progress.round = epoch, rnd
-                t0 = time.perf_counter()
-                idx = self.round_prompts(epoch, rnd)
-                local, rstats = self.collect(epoch, rnd, idx) if idx else ([], {})
-                rstats = self.reduce_stats(self.expand_stats(rstats), any_keys=True)
-                bad = [k for k, v in rstats.items() if not math.isfinite(v)]
-                if bad:  # the same on every process (reduced): all stop together
-                    self._diverged(f"rollout statistic {bad[0]!r}", rstats[bad[0]])
-                mine, n_items = self.share(local, epoch, rnd)
-                steps = self.train_items(mine)
-                for s in steps:
-                    self.log(s | {"rounds_done_before": self.progress.rounds_done}, int(s["step"]), "train", epoch, rnd)
-                self.progress.rounds_done += 1
-                since_ckpt += 1
-                self.progress.epoch, self.progress.round = divmod(self.progress.rounds_done, R)
-                info = self.round_summary(rstats, n_items, steps)
-                info |= {"round_s": time.perf_counter() - t0, "steps": float(len(steps))}
-                info |= {f"counters/{k}": v for k, v in self.counters().items()}
-                self.log(info | {"rounds_done_before": self.progress.rounds_done - 1}, self.progress.rounds_done,
-                         "round", epoch, rnd)
-                bar.update(task, completed=self.progress.rounds_done, info=self.bar_info(info, steps))
-                end_of_epoch = self.progress.rounds_done % R == 0
-                if since_ckpt >= cfg.checkpoint_every or end_of_epoch or self.progress.rounds_done >= stop_at:
-                    self.save()
-                    since_ckpt = 0
-        return self.finish(complete=self.progress.rounds_done >= total)
-
-    def expand_stats(self, stats: dict) -> dict:
-        return {k: float(v) for k, v in sorted(stats.items())}
-
-    def round_summary(self, rstats: dict, n_items: int, steps: list[dict]) -> dict:
-        out = dict(rstats) | {"items": float(n_items)}
-        if steps:
-            for k in (k for k in steps[0] if k != "step"):
-                out[f"mean_{k}"] = sum(s[k] for s in steps) / len(steps)
-        return out
-
-    def bar_info(self, info: dict, steps: list[dict]) -> str:
-        loss = info.get("mean_loss")
-        return f"items {int(info['items'])}" + (f" loss {loss:.4f}" if loss is not None else "")
+        return self.finish(complete=self.loop.run())
 
     def finish(self, complete: bool) -> dict:
         """Write the final LoRA (diffusers format) and summary.json (main process)."""
@@ -487,8 +305,7 @@ class Trainer:
             self.bb.save_lora(self.out / "lora")
             summary["lora"] = str(self.out / "lora")
             atomic_write_json(self.out / "summary.json", summary | provenance())
-            if self._writer is not None:
-                self._writer.close()
+            self.loop.close()
         self.acc.wait_for_everyone()
         return summary
 
@@ -605,19 +422,3 @@ def _read_config_json(path: Path) -> dict:
     if not isinstance(values, dict):
         raise InputError(f"{path}: corrupt run config (expected a JSON object)")
     return values
-
-
-def _log_row(line: str) -> dict:
-    """A log.jsonl row; {} for a blank line or the truncated last line of a killed run."""
-    try:
-        row = json.loads(line) if line.strip() else {}
-    except json.JSONDecodeError:
-        return {}
-    return row if isinstance(row, dict) else {}
-
-
-def torch_float(value) -> float:
-    try:
-        return float(value.detach()) if hasattr(value, "detach") else float(value)
-    except (TypeError, ValueError):
-        return float("nan")

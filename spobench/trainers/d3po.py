@@ -52,7 +52,8 @@ import torch.nn.functional as F
 
 from spobench.core.catalog import register_trainer
 from spobench.trainers import salts
-from spobench.trainers.base import TrainerConfig, setting
+from spobench.core.config import setting
+from spobench.trainers.base import TrainerConfig
 from spobench.trainers.online import OnlineConfig, OnlineTrainer
 
 

@@ -75,7 +75,8 @@ import torch.nn.functional as F
 from spobench.core.catalog import register_trainer
 from spobench.core.errors import InputError
 from spobench.trainers import salts
-from spobench.trainers.base import Trainer, TrainerConfig, derive_seed, setting
+from spobench.core.config import setting
+from spobench.trainers.base import Trainer, TrainerConfig, derive_seed
 
 
 @dataclass

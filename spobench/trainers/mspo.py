@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from spobench.core.catalog import register_trainer
-from spobench.trainers.base import TrainerConfig, setting
+from spobench.core.config import setting
+from spobench.trainers.base import TrainerConfig
 from spobench.trainers.spo import PairItem, SPOConfig, SPOTrainer
 from spobench.trainers.spo_pools import PoolStep
 

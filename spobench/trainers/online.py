@@ -12,7 +12,8 @@ from typing import Literal, Sequence
 import torch
 
 from spobench.core.errors import InputError
-from spobench.trainers.base import Trainer, TrainerConfig, derive_seed, setting
+from spobench.core.config import setting
+from spobench.trainers.base import Trainer, TrainerConfig, derive_seed
 
 
 @dataclass

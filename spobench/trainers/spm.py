@@ -16,13 +16,13 @@ Table 5's variants: ``no_step=True`` trains the same model without time input; `
 ``no_step=True`` evaluates the plain CLIP/PickScore with no step training.
 
 Runs are resumable: the data order, t, the noise and the VAE sample of step ``s`` depend only on
-``(seed, s)``, and checkpoints (model, optimizer, step) are written atomically (temp + rename).
+``(seed, s)``; the steps run in the shared loop (``spobench.trainers.loop``, one step a round) and
+checkpoint in its format (model, optimizer, step, the losses so far).
 """
 
 from __future__ import annotations
 
 from spobench import ASSETS
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,16 +32,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spobench.core.checkpoint import latest_checkpoint, read_checkpoint
 from spobench.core.config import Config, setting
 from spobench.core.errors import InputError
 # the pairs reader lives in spobench.data.pairs; these names stay importable from here
 from spobench.data.pairs import BatchOrder, PairTable, say, split_rows  # noqa: F401
+from spobench.trainers.loop import Loop, Round, Schedule, Task, _OneProcess, refuse_old_checkpoint
 
 # SPO's SPM trainer (as PickScore's) trains on ties with the soft label 0.5 / 0.5 (spobench.data.pairs)
 KEEP_TIES = True
 
 EVAL_TIMESTEPS = (0, 250, 500, 750, 950)
-CHECKPOINT = "checkpoint"
 FINAL = "spm"
 METRICS = "metrics.json"
 LOG = "log.jsonl"
@@ -257,25 +258,81 @@ def train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | N
     """Train (or, with ``steps=0``, only evaluate) an SPM; returns and writes ``metrics.json``.
 
     ``out`` receives ``spm/`` (the final model, loadable with ``StepAwarePreferenceModel.load``),
-    ``checkpoint/`` (model + optimizer + step, for ``resume``), ``log.jsonl`` and ``metrics.json``.
+    ``checkpoints/`` (``spobench.core.checkpoint``'s format, for ``resume``), ``log.jsonl`` and ``metrics.json``.
     ``out`` is claimed (``spobench.core.outdir``) for the whole run.
     """
     from spobench.core import outdir
+    from spobench.core.checkpoint import latest_checkpoint
 
     with outdir.claim(out, command="train-spm", resume=resume, overwrite=overwrite,
-                      keep=lambda: (Path(out) / CHECKPOINT / "state.json").exists()):
+                      keep=lambda: latest_checkpoint(out) is not None):
         return _train_spm(backbone, pairs_path, init, out, config, resume=resume, progress=progress)
+
+
+class _SPMSteps(Task):
+    """The SPM's training as the loop's task: one round = one optimizer step on ``batch_size`` pairs."""
+
+    def __init__(self, backbone, model, pairs: PairTable, order, config: SPMTrainConfig, resolution: int,
+                 t_start: float, progress):
+        self.bb, self.model, self.pairs, self.order, self.cfg = backbone, model, pairs, order, config
+        self.resolution, self.t_start, self.on_log = resolution, t_start, progress
+        self.losses: list[float] = []
+
+    def rounds_per_epoch(self) -> int:
+        return self.cfg.steps
+
+    def round(self, epoch: int, rnd: int) -> Round:
+        return Round(epoch, rnd, list(self.order.batch(rnd)))
+
+    def loss(self, rows: list, total: int):
+        # the data order, t, the noise and the VAE sample of step s depend only on (seed, s)
+        cfg, device = self.cfg, self.bb.device
+        g = _step_generator(cfg.seed, self.loop.progress.rounds_done)
+        t = torch.randint(0, self.bb.num_train_timesteps, (len(rows),), generator=g)
+        a, b = self.pairs.images(rows, self.resolution)
+        caps = [self.pairs.captions[r] for r in rows]
+        x0 = estimate_x0_images(self.bb, torch.cat([a, b]), caps, t, g, guidance_scale=cfg.guidance_scale,
+                                chunk=cfg.backbone_chunk)
+        labels = torch.as_tensor(self.pairs.labels[rows], dtype=torch.float32, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+            s = self.model(x0, torch.cat([t, t]).to(device), caps + caps)
+        loss = pair_loss(torch.stack([s[: len(rows)], s[len(rows):]], dim=1), labels)
+        self._last = (loss.detach(), float(t.float().mean()))
+        return loss if len(rows) == total else loss * (len(rows) / total), {}
+
+    def after_step(self, log: dict) -> None:
+        self.losses.append(float(self._last[0]))
+        self._grad_norm = log["grad_norm"]
+
+    def report(self, rnd: Round, steps: list[dict]) -> tuple[list[dict], str]:
+        cfg, done = self.cfg, self.loop.progress.rounds_done
+        if not cfg.log_every or not (done % cfg.log_every == 0 or done == cfg.steps):
+            return [], ""
+        rec = {"step": done, "loss": float(np.mean(self.losses[-cfg.log_every:])),
+               "grad_norm": self._grad_norm if cfg.max_grad_norm else None, "t_mean": self._last[1],
+               "elapsed_s": round(time.perf_counter() - self.t_start, 2)}
+        if self.on_log:
+            self.on_log(rec)
+        return [rec], ""
+
+    def state_dict(self) -> dict:
+        return {"losses": self.losses}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses = [float(v) for v in state.get("losses", [])]
 
 
 def _train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | None = None, *,
                resume: bool = False, progress: Callable[[dict], None] | None = None) -> dict:
-    from spobench.core.io import atomic_dir, atomic_write_json, provenance, save_torch
-    from spobench.models.spm import StepAwarePreferenceModel
+    from spobench.core.checkpoint import ModuleWeights
+    from spobench.core.io import atomic_write_json, provenance
 
     config = SPMTrainConfig.coerce(config)
     if not config.time_lr_mult > 0:
         raise InputError(f"time_lr_mult must be > 0 (got {config.time_lr_mult})")
     out = Path(out)
+    if resume:
+        refuse_old_checkpoint(out / "checkpoint", "state.json", "train-spm")
     t_start = time.perf_counter()
     pairs = PairTable(pairs_path)
     usable, counts = pairs.usable(KEEP_TIES)
@@ -292,18 +349,7 @@ def _train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | 
     device = backbone.device
     lr = config.lr_for(backbone.defaults)
 
-    ckpt = out / CHECKPOINT
-    start_step, losses = 0, []
-    if resume and (ckpt / "state.json").exists():
-        state = json.loads((ckpt / "state.json").read_text())
-        model = StepAwarePreferenceModel.load(ckpt / FINAL).to(device)
-        if model.time_conditioned == config.no_step:
-            raise InputError(f"{ckpt}: checkpoint time conditioning does not match --no-step={config.no_step}")
-        start_step, losses = int(state["step"]), list(state["losses"])
-        if start_step > config.steps:
-            raise InputError(f"{ckpt}: checkpoint is at step {start_step}, past --steps {config.steps}")
-    else:
-        model = load_init(init, config, device)
+    model = load_init(init, config, device)
     counters_before = model.counters
     model.counters = backbone.counters  # SPM image/text passes count as the run's reward passes
     for p in model.clip.text_model.parameters():
@@ -316,68 +362,37 @@ def _train_spm(backbone, pairs_path, init, out, config: SPMTrainConfig | dict | 
     groups = [{"params": [p for p in params if id(p) not in time_ids], "lr": lr},
               {"params": [p for p in params if id(p) in time_ids], "lr": lr * config.time_lr_mult}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
-    if start_step and (ckpt / "optimizer.pt").exists():
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
-    use_amp = config.amp and device.type == "cuda"
 
     result: dict = {"variant": _variant(config), "backbone": backbone.name, "lr": lr,
                     "n_train_pairs": len(train_rows), "n_val_pairs": len(val_rows), "pairs": counts,
                     "config": asdict(config) | {"eval_timesteps": list(config.eval_timesteps)}}
+    order = BatchOrder(pairs, train_rows, config.batch_size, config.seed) if config.steps else None
+    task = _SPMSteps(backbone, model, pairs, order, config, resolution, t_start, progress)
+    # 0 turns the SPM's clipping and checkpoints off; one checkpoint is kept, as the run's only resume point
+    schedule = Schedule(max_grad_norm=config.max_grad_norm or None, checkpoint_every=config.save_every or config.steps or None,
+                        keep_checkpoints=1)
+    weights = ModuleWeights({"spm": model}, {"model": "spm", "time_conditioned": model.time_conditioned})
+    task.loop = Loop(task, out=out, name="train-spm", weights=weights, params=params, optimizer=opt,
+                     schedule=schedule, config=result["config"], accelerator=_OneProcess(device))
+    if resume and (ckpt := latest_checkpoint(out)) is not None:
+        saved = read_checkpoint(ckpt)
+        if saved.manifest.get("weights", {}).get("time_conditioned") == config.no_step:
+            raise InputError(f"{ckpt}: checkpoint time conditioning does not match --no-step={config.no_step}")
+        if saved.progress["rounds_done"] > config.steps:
+            raise InputError(f"{ckpt}: checkpoint is at step {saved.progress['rounds_done']}, past --steps {config.steps}")
+        task.loop.restore(ckpt)
+    start_step = task.loop.progress.rounds_done
+    if start_step == 0:
+        (out / LOG).unlink(missing_ok=True)
     if config.eval_init and start_step == 0 and config.steps > 0:
         result["eval_init"] = evaluate_spm(backbone, model, val_pairs, val_rows, config, resolution)
 
-    def save_checkpoint(step: int) -> None:
-        with atomic_dir(ckpt) as tmp:
-            model.save(tmp / FINAL)
-            save_torch(tmp / "optimizer.pt", opt.state_dict())  # a full disk is one line, not a C++ error
-            (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, "lr": lr,
-                                                        "config": result["config"]}, default=str))
-
-    order = BatchOrder(pairs, train_rows, config.batch_size, config.seed) if config.steps > start_step else None
     model.train()
-    log_path = out / LOG
-    if log_path.exists():  # drop records past the checkpoint we resume from (a killed run's tail)
-        kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
-        log_path.write_text("".join(ln + "\n" for ln in kept))
-    log_f = open(log_path, "a") if config.steps > start_step else None
-    try:
-        for step in range(start_step, config.steps):
-            rows = order.batch(step)
-            g = _step_generator(config.seed, step)
-            t = torch.randint(0, backbone.num_train_timesteps, (len(rows),), generator=g)
-            a, b = pairs.images(rows, resolution)
-            caps = [pairs.captions[r] for r in rows]
-            x0 = estimate_x0_images(backbone, torch.cat([a, b]), caps, t, g,
-                                    guidance_scale=config.guidance_scale, chunk=config.backbone_chunk)
-            labels = torch.as_tensor(pairs.labels[rows], dtype=torch.float32, device=device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                s = model(x0, torch.cat([t, t]).to(device), caps + caps)
-            loss = pair_loss(torch.stack([s[: len(rows)], s[len(rows):]], dim=1), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm else None
-            opt.step()
-            losses.append(float(loss.detach()))
-            done = step + 1
-            if config.log_every and (done % config.log_every == 0 or done == config.steps):
-                rec = {"step": done, "loss": float(np.mean(losses[-config.log_every:])),
-                       "grad_norm": None if gnorm is None else float(gnorm), "t_mean": float(t.float().mean()),
-                       "elapsed_s": round(time.perf_counter() - t_start, 2)}
-                log_f.write(json.dumps(rec) + "\n")
-                log_f.flush()
-                if progress:
-                    progress(rec)
-            if config.save_every and done % config.save_every == 0 and done < config.steps:
-                save_checkpoint(done)
-    finally:
-        if log_f:
-            log_f.close()
-
-    if config.steps > 0:
-        save_checkpoint(config.steps)
+    task.loop.run()
     model.save(out / FINAL)
     result["eval"] = evaluate_spm(backbone, model, val_pairs, val_rows, config, resolution)
     model.counters = counters_before
+    losses = task.losses
     k = max(1, min(10, len(losses) // 4)) if losses else 0
     result.update({
         "steps": config.steps,

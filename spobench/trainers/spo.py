@@ -53,7 +53,8 @@ import torch.nn.functional as F
 
 from spobench.core.catalog import register_trainer
 from spobench.core.errors import InputError
-from spobench.trainers.base import SettingError, Trainer, TrainerConfig, setting
+from spobench.core.config import SettingError, setting
+from spobench.trainers.base import Trainer, TrainerConfig
 from spobench.trainers.spo_pools import PoolConfig, PoolStep, pool_rollout
 
 

@@ -30,7 +30,7 @@ def test_toy_pretrain_runs_resumes_and_exports(tmp_path):
     out = tmp_path / "pt"
     r = run("toy", "pretrain", "--out", out, "--steps", "2", "--batch-size", "4", "--checkpoint-every", "1")
     assert r.returncode == 0, r.stderr
-    assert (out / "model" / "unet").is_dir() and (out / "checkpoint" / "manifest.json").exists()
+    assert (out / "model" / "unet").is_dir() and (out / "checkpoints" / "checkpoint-000002" / "manifest.json").exists()
     r = run("toy", "pretrain", "--out", out, "--steps", "3", "--batch-size", "4", "--resume")
     assert r.returncode == 0 and "resumed at step 2" in r.stdout
     assert json.loads((out / "model" / "pretrain.json").read_text())["step"] == 3

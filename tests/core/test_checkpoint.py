@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from spobench.core.checkpoint import (capture_rng, checkpoint_dir, latest_checkpoint, list_checkpoints,
-                                        load_checkpoint, read_checkpoint, restore_rng, save_checkpoint)
+from spobench.core.checkpoint import (LoraWeights, capture_rng, checkpoint_dir, latest_checkpoint,
+                                        list_checkpoints, load_checkpoint, read_checkpoint, restore_rng, save_checkpoint)
 from spobench.core.errors import InputError, ModelLoadError
 
 
@@ -33,7 +33,7 @@ def _step(params, opt, sched, seed):
 
 
 def _save(tmp_path, bb, opt, sched, index=1, keep=None, trainer="spo"):
-    return save_checkpoint(tmp_path, index, backbone=bb, optimizer=opt, scheduler=sched,
+    return save_checkpoint(tmp_path, index, weights=LoraWeights(bb), optimizer=opt, scheduler=sched,
                            progress={"epoch": 0, "round": index, "rounds_done": index, "step": 3 * index},
                            config={"k": 4}, trainer=trainer, keep=keep)
 
@@ -50,7 +50,7 @@ def test_roundtrip_restores_weights_optimizer_scheduler_and_rng(tmp_path):
     want_opt = copy.deepcopy(opt.state_dict())
 
     _step(params, opt, sched, 2)  # diverge, then restore
-    load_checkpoint(path, backbone=bb, optimizer=opt, scheduler=sched, trainer="spo")
+    load_checkpoint(path, weights=LoraWeights(bb), optimizer=opt, scheduler=sched, trainer="spo")
     assert all(torch.equal(p, w) for p, w in zip(params, want))
     got = opt.state_dict()
     for i, s in want_opt["state"].items():
@@ -61,7 +61,7 @@ def test_roundtrip_restores_weights_optimizer_scheduler_and_rng(tmp_path):
     # continuing from the restored state is exactly continuing from the saved one
     _step(params, opt, sched, 2)
     after_restore = [p.detach().clone() for p in params]
-    load_checkpoint(path, backbone=bb, optimizer=opt, scheduler=sched)
+    load_checkpoint(path, weights=LoraWeights(bb), optimizer=opt, scheduler=sched)
     _step(params, opt, sched, 2)
     assert all(torch.equal(p, a) for p, a in zip(params, after_restore))
 
@@ -104,12 +104,12 @@ def test_checkpoint_from_another_backbone_is_refused(tmp_path):
     path = _save(tmp_path, bb, opt, sched)
     other, p2, o2, s2 = _setup(seed=1)  # another base model (source build(seed=1))
     with pytest.raises(ModelLoadError, match="base model 'build\\(seed=0\\)'.*'build\\(seed=1\\)'"):
-        load_checkpoint(path, backbone=other, optimizer=o2, scheduler=s2)
+        load_checkpoint(path, weights=LoraWeights(other), optimizer=o2, scheduler=s2)
     m = json.loads((path / "manifest.json").read_text())
     m["backbone"]["backbone"] = "sd15"
     (path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ModelLoadError, match="backbone 'sd15', but this run uses 'tiny'"):
-        load_checkpoint(path, backbone=bb, optimizer=opt, scheduler=sched)
+        load_checkpoint(path, weights=LoraWeights(bb), optimizer=opt, scheduler=sched)
 
 
 def test_other_rank_or_trainer_is_refused(tmp_path):
@@ -117,9 +117,9 @@ def test_other_rank_or_trainer_is_refused(tmp_path):
     path = _save(tmp_path, bb, opt, sched)
     bb8, p8, o8, s8 = _setup(rank=8)
     with pytest.raises(ModelLoadError, match="LoRA rank 4, this run uses rank 8"):
-        load_checkpoint(path, backbone=bb8, optimizer=o8, scheduler=s8)
+        load_checkpoint(path, weights=LoraWeights(bb8), optimizer=o8, scheduler=s8)
     with pytest.raises(ModelLoadError, match="trainer 'spo', not 'mspo'"):
-        load_checkpoint(path, backbone=bb, optimizer=opt, scheduler=sched, trainer="mspo")
+        load_checkpoint(path, weights=LoraWeights(bb), optimizer=opt, scheduler=sched, trainer="mspo")
 
 
 def test_not_a_checkpoint(tmp_path):

@@ -13,6 +13,7 @@ import torch
 from fakes import FakeBackbone
 from pickapic_fixtures import write_pairs
 
+from spobench.core.checkpoint import latest_checkpoint
 from spobench.trainers import spm as spm_train
 from spobench.core.errors import InputError
 from spobench.models.spm import StepAwarePreferenceModel
@@ -80,7 +81,7 @@ def test_no_step_and_plain_pickscore_variants(world, tmp_path):
 def test_resume_continues_exactly(world, tmp_path):
     full = train_spm(FakeBackbone(), world["pairs"], world["clip"], tmp_path / "a", _cfg(steps=6, log_every=1))
     part = train_spm(FakeBackbone(), world["pairs"], world["clip"], tmp_path / "b", _cfg(steps=3, log_every=1))
-    assert (tmp_path / "b" / "checkpoint" / "state.json").exists()
+    assert latest_checkpoint(tmp_path / "b").name == "checkpoint-000003"
     with pytest.raises(InputError, match="--resume or --overwrite"):
         train_spm(FakeBackbone(), world["pairs"], world["clip"], tmp_path / "b", _cfg(steps=6))
     resumed = train_spm(FakeBackbone(), world["pairs"], world["clip"], tmp_path / "b", _cfg(steps=6, log_every=1),

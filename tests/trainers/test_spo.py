@@ -275,7 +275,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
-    from spobench.trainers.base import TrainingError
+    from spobench.trainers.loop import TrainingError
 
     tr = make_trainer(tmp_path)
     items = _items(tr)
