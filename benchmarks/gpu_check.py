@@ -134,7 +134,8 @@ def build_backbone(name: str, device, dry: bool, tokdir: Path):
 def build_spm(device, dtype, dry: bool, tokdir: Path):
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    from spobench.models.spm import StepAwarePreferenceModel, read_preprocess
+    from spobench.models.spm import StepAwarePreferenceModel
+    from spobench.models.spm_preprocess import read_preprocess
 
     rw = _load("_real_world", HERE / "real_world.py")
     text, vision = dict(rw.PICK_TEXT), dict(rw.PICK_VISION)
@@ -279,7 +280,8 @@ def headline(args, device, left_s: float, tmp: Path) -> dict:
             device.type, "--out", str(out)]
     res = {"command": " ".join(argv[2:]).replace("spobench.cli", "spobench", 1), "budget_s": round(left_s, 1)}
     if args.dry_run:
-        from spobench.reproduce.recipe import load_recipe, recipe_files
+        from spobench.reproduce.recipe import load_recipe
+        from spobench.core.catalog import recipe_files
 
         recipe = load_recipe(recipe_files()["headline"])
         res.update(ran=False, why="dry run: planned only", cells=sorted(recipe.cells))

@@ -282,7 +282,7 @@ def reproduce(
         table.add_row(c["label"], *[f"{c['metrics'][m]['mean']:.4f}" if m in c["metrics"] else "-"
                                     for m in data["metrics"]])
     console.print(table)
-    from spobench.eval.report import paper_comparison_table
+    from spobench.eval.report_tables import paper_comparison_table
 
     versus = paper_comparison_table(data)
     if versus:  # the paper's rows beside ours, with the difference and its CI
@@ -323,7 +323,7 @@ def train_spm_cmd(
     """Train the step-aware preference model (paper Sec. 4.2) on Pick-a-Pic-format pairs and report
     held-out pair accuracy at t = 0, 250, 500, 750, 950."""
     from spobench.core.errors import MissingWeightsError
-    from spobench.models.spm import HOW_TO_GET
+    from spobench.models.spm_files import HOW_TO_GET
     from spobench.trainers.spm import METRICS, SPMTrainConfig, default_init, train_spm
 
     config = SPMTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, no_step=no_step,

@@ -45,6 +45,11 @@ class MetricScorer:
     step scorer. It ignores ``t``: the metric judges x0_hat as if it were a clean image."""
 
     def __init__(self, metric):
+        if not getattr(metric, "higher_is_better", True):  # SPO keeps the highest, DDPO/D3PO maximise it
+            from spobench.core.errors import InputError
+
+            raise InputError(f"metric {getattr(metric, 'name', type(metric).__name__)!r} is lower-is-better; "
+                             "a scorer or reward must rise with preference")
         self.metric = metric
 
     @property

@@ -14,12 +14,10 @@ from typing import Any
 
 from spobench.core.io import atomic_write_json, atomic_write_text
 from spobench.eval.report_figures import grid_png, metrics_png, training_png
-# the tables stay importable from here (`spobench paper` and the release tests read them)
-from spobench.eval.report_tables import (  # noqa: F401
+from spobench.eval.report_tables import (
     compare_table,
     compute_table,
     inputs_table,
-    paper_comparison,
     paper_comparison_table,
     per_tag_tables,
     results_table,

@@ -26,7 +26,8 @@ from spobench.core.errors import InputError
 
 
 def load_scorer(path: str | Path, processor: Optional[str] = None):
-    from spobench.models.spm import CONFIG_NAME, StepAwarePreferenceModel
+    from spobench.models.spm import StepAwarePreferenceModel
+    from spobench.models.spm_files import CONFIG_NAME
 
     p = Path(path)
     if p.is_file():
@@ -42,7 +43,7 @@ def load_scorer(path: str | Path, processor: Optional[str] = None):
 
 def held_out_rows(pairs, exclude: Sequence[str | Path] = ()) -> list[int]:
     """Rows of ``pairs`` whose caption appears in none of the ``exclude`` parquets."""
-    from spobench.trainers.spm import PairTable
+    from spobench.data.pairs import PairTable
 
     seen = {c for p in exclude for c in PairTable(p).captions}
     return [i for i, c in enumerate(pairs.captions) if c not in seen]
@@ -68,7 +69,8 @@ def compare_spms(backbone, models: Sequence[str | Path], pairs_path: str | Path,
     """Evaluate ``models`` on the same held-out pairs and x0_hat; differences are each model minus
     ``models[0]``. ``progress(done, total)`` is called after every batch of pairs."""
     from spobench.core.io import provenance
-    from spobench.trainers.spm import EVAL_TIMESTEPS, PairTable, SPMTrainConfig, evaluate_spms
+    from spobench.trainers.spm import EVAL_TIMESTEPS, SPMTrainConfig, evaluate_spms
+    from spobench.data.pairs import PairTable
 
     if not models:
         raise InputError("give at least one model folder")

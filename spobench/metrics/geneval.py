@@ -59,7 +59,7 @@ from spobench.core.errors import MissingWeightsError, ModelLoadError
 from spobench.metrics.base import Metric, MetricOutput, find_weights, sha256_of
 from spobench.metrics.clip_common import combined_sha256, has_model_weights, load_clip_model, weight_files
 from spobench.core.weights import load_pretrained
-from spobench.metrics.geneval_rules import (  # noqa: F401  (re-exported: the prompt-set loaders)
+from spobench.metrics.geneval_rules import (
     COLORS,
     OBJECT_NAMES,
     THRESHOLD,
@@ -68,8 +68,6 @@ from spobench.metrics.geneval_rules import (  # noqa: F401  (re-exported: the pr
     color_crop,
     color_templates,
     evaluate_detections,
-    geneval_metadata,
-    geneval_prompts,
     metadata_for_prompt,
 )
 from spobench.metrics.imagereward import CLIP_MEAN, CLIP_STD, clip_preprocess

@@ -70,7 +70,7 @@ def locate(weights: str | Path | None) -> Path:
 
 def _to_tensor(image, size: int, crop: int) -> torch.Tensor:
     """A PIL image (or uint8 HWC array) -> (3, crop, crop) float in [0, 1]."""
-    from spobench.models.spm import preprocess_images
+    from spobench.models.spm_preprocess import preprocess_images
 
     arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)
     x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255)

@@ -37,18 +37,12 @@ import torch
 from torch import nn
 
 from spobench.core.errors import InputError
-# The folder and preprocessing names stay importable from here: callers load and score SPMs through
-# this module.
-from spobench.models.spm_files import (  # noqa: F401
+from spobench.models.spm_files import (
     CLIP_SUBDIR,
     CONFIG_NAME,
-    HOW_TO_GET,
-    PICKSCORE_ID,
-    PICKSCORE_PROCESSOR_ID,
     SPM_FORMAT,
     SPM_FORMAT_VERSION,
     TIME_WEIGHTS,
-    TINY_SPM,
     _load_clip,
     _load_tokenizer,
     _read_time_weights,
@@ -56,10 +50,7 @@ from spobench.models.spm_files import (  # noqa: F401
     _tokenizer_and_preprocess,
     read_spm_config,
 )
-from spobench.models.spm_preprocess import (  # noqa: F401
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    RESIZE_MODES,
+from spobench.models.spm_preprocess import (
     check_preprocess,
     preprocess_images,
     read_preprocess,

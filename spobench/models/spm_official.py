@@ -134,7 +134,8 @@ def load_official(file: str | Path, clip: str | Path, processor: str | Path | No
     (official names), NaN/inf, and non-tensor content, with one line naming the file."""
     from transformers import CLIPModel
 
-    from spobench.models.spm import StepAwarePreferenceModel, _resolve_folder, _tokenizer_and_preprocess
+    from spobench.models.spm import StepAwarePreferenceModel
+    from spobench.models.spm_files import _resolve_folder, _tokenizer_and_preprocess
     from spobench.core.weights import check_finite, check_state_dict, mismatch_message
 
     file = Path(file)

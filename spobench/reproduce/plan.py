@@ -287,7 +287,7 @@ def _source(value: str, out: Path) -> str:
 def _check_external(cp: CellPlan, bb_cls, out: Path, where: str) -> None:
     """A released checkpoint's parts exist and are in a layout we load (reads only; a hub id must be
     in the local cache when HF_HUB_OFFLINE is set). Errors name the cell's field."""
-    from spobench.models.backbones.base import lora_file, read_lora
+    from spobench.models.backbones.lora_files import lora_file, read_lora
     from spobench.core.errors import SpobenchError
 
     cell = cp.spec

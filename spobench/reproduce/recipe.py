@@ -63,8 +63,6 @@ from spobench.reproduce.schema import (BACKBONE_NAMES, BUILTIN_METHODS, OVERRIDA
                                        Recipe, build_input)
 
 # where these lived before the schema and the paths had modules of their own
-from spobench.core.catalog import recipe_files  # noqa: E402,F401
-from spobench.reproduce.paths import resolve_path  # noqa: E402,F401
 
 
 # =====================================================================================================

@@ -379,7 +379,8 @@ def report_data(plan: Plan, inputs: dict, train_info: dict, gen_info: dict, eval
                      "settings": t.get("settings"), "log": str((c.train_dir / "log.jsonl").relative_to(plan.out))}
         cmp = None
         if c.id in compares:
-            cmp = {m: {k: v.get(k) for k in ("win_rate", "win_rate_ci95", "mean_diff", "mean_diff_ci95", "sign_test_p")}
+            cmp = {m: {k: v.get(k) for k in ("win_rate", "win_rate_ci95", "mean_diff", "mean_diff_ci95",
+                                                   "sign_test_p", "higher_is_better")}
                    for m, v in compares[c.id]["metrics"].items()}
         cells.append({
             "id": c.id, "label": c.spec.label, "method": c.spec.method, "paper_row": c.spec.paper_row,

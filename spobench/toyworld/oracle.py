@@ -65,8 +65,7 @@ from functools import lru_cache
 import numpy as np
 
 from spobench.toyworld.grammar import Scene, parse
-# classify_color and label stay importable from here (the oracle's tests check them)
-from spobench.toyworld.pixels import (  # noqa: F401
+from spobench.toyworld.pixels import (
     SIZE,
     _CONTRAST,
     _SATS,

@@ -52,6 +52,10 @@ PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_labe
 ANALYSIS_COLUMNS = ("align_0", "align_1", "aesth_0", "aesth_1", "generator_0", "generator_1",
                     "error_0", "error_1", "seed_0", "seed_1")
 
+# seed salts of the pair set's two random streams (values are part of every shipped data set)
+SCENES = 0x5A1B  # the scenes, the generator of each side and each side's image seed
+LAYOUT_ERRORS = 0xE77  # per image: whether its generator spoils the layout, and the knobs it draws
+
 
 @dataclass(frozen=True)
 class Generator:
@@ -131,7 +135,7 @@ def make_pairs(n_pairs: int, seed: int, out_path: str | Path | None = None,
 
     if len(generators) < 2:
         raise ValueError("need at least two generators: a pair's images come from different ones")
-    rng = np.random.default_rng([seed, 0x5A1B])
+    rng = np.random.default_rng([seed, SCENES])
     w = np.array([g.weight for g in generators], float)
     w /= w.sum()
     lm = label_model
@@ -166,7 +170,7 @@ def make_pairs(n_pairs: int, seed: int, out_path: str | Path | None = None,
                 errors.append("")
                 continue
             g = gens[i][k]
-            r = np.random.default_rng([seeds[i][k], 0xE77])
+            r = np.random.default_rng([seeds[i][k], LAYOUT_ERRORS])
             drawn, err = (perturb_scene(scene, r) if r.random() < g.p_layout_error else (scene, ""))
             imgs.append(render(drawn, g.knobs(r), seeds[i][k], size))
             names.append(g.name)

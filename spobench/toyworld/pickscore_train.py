@@ -101,7 +101,7 @@ def save_clip_folder(model, folder: str | Path, info: dict | None = None) -> Pat
     """Write the scorer's CLIP as a standard CLIPModel folder (safetensors, tokenizer,
     preprocessor_config.json, and ``info`` as toy_pickscore.json) - atomically."""
     from spobench.core.io import atomic_dir
-    from spobench.models.spm import write_preprocessor_config
+    from spobench.models.spm_preprocess import write_preprocessor_config
 
     folder = Path(folder)
     with atomic_dir(folder) as tmp:

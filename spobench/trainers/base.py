@@ -29,6 +29,7 @@ from typing import ClassVar, Iterator, Literal, Sequence
 
 from spobench.core.config import Config, Source, setting
 from spobench.core.errors import InputError
+from spobench.trainers import salts
 from spobench.trainers.loop import Loop, Progress, Round, Schedule, Task
 
 
@@ -140,7 +141,7 @@ class Trainer(Task):
 
         self.bb.to(self.acc.device, torch_dtype(config.dtype, "setting 'dtype'"))
         if not self.bb.has_lora:
-            self.bb.add_lora(config.lora_rank, seed=derive_seed(config.seed, 0x10A))
+            self.bb.add_lora(config.lora_rank, seed=derive_seed(config.seed, salts.LORA_INIT))
         self.params: list = self.bb.trainable_parameters()
         self.bb.unet.eval()  # no dropout; the same forward in rollout and training
         if config.compile:
@@ -246,7 +247,7 @@ class Trainer(Task):
         """This process's prompt indices for a round: the epoch's shuffled order, contiguous slices."""
         import torch
 
-        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, epoch, 0x9E0))
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, epoch, salts.EPOCH_ORDER))
         order = torch.randperm(len(self.prompts), generator=g).tolist()
         per, P = self.cfg.rollout_batch, self.acc.num_processes
         glob = order[rnd * per * P:(rnd + 1) * per * P]
@@ -268,7 +269,7 @@ class Trainer(Task):
         if P > 1:
             items = gather_object(items)
         items = self.round_items(sorted(items, key=self.item_key), epoch, rnd)
-        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, epoch, rnd, 0x5A1))
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, epoch, rnd, salts.SHARE))
         perm = torch.randperm(len(items), generator=g).tolist()
         per = len(items) // P
         mine = perm[self.acc.process_index * per:(self.acc.process_index + 1) * per]

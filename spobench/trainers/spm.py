@@ -35,8 +35,7 @@ import torch.nn.functional as F
 from spobench.core.checkpoint import latest_checkpoint, read_checkpoint
 from spobench.core.config import Config, setting
 from spobench.core.errors import InputError
-# the pairs reader lives in spobench.data.pairs; these names stay importable from here
-from spobench.data.pairs import BatchOrder, PairTable, say, split_rows  # noqa: F401
+from spobench.data.pairs import BatchOrder, PairTable, say, split_rows
 from spobench.trainers.loop import Loop, Round, Schedule, Task, _OneProcess, refuse_old_checkpoint
 
 # SPO's SPM trainer (as PickScore's) trains on ties with the soft label 0.5 / 0.5 (spobench.data.pairs)
@@ -230,7 +229,8 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 def load_init(init, config: SPMTrainConfig, device, default_folder: Path | None = None):
     """The model to start from: an SPM instance, an SPM folder (``spm_config.json``) or a CLIP
     folder / cached hub id (PickScore; a tiny CLIP in the tiny world)."""
-    from spobench.models.spm import CONFIG_NAME, StepAwarePreferenceModel
+    from spobench.models.spm import StepAwarePreferenceModel
+    from spobench.models.spm_files import CONFIG_NAME
 
     time_conditioned = not config.no_step
     if isinstance(init, StepAwarePreferenceModel):

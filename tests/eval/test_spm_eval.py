@@ -12,7 +12,8 @@ from pickapic_fixtures import write_pairs
 from spobench.core.errors import InputError
 from spobench.toyworld.tiny_clip import make_tiny_clip_folder
 from spobench.eval.spm_eval import compare_spms, held_out_rows, load_scorer, paired_difference
-from spobench.trainers.spm import PairTable, train_spm
+from spobench.trainers.spm import train_spm
+from spobench.data.pairs import PairTable
 
 BUCKETS = ["0", "250", "500", "750", "950"]
 

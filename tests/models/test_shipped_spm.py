@@ -6,7 +6,8 @@ import json
 import numpy as np
 import torch
 
-from spobench.models.spm import TINY_SPM, StepAwarePreferenceModel
+from spobench.models.spm import StepAwarePreferenceModel
+from spobench.models.spm_files import TINY_SPM
 from spobench.toyworld import grammar as g
 from spobench.toyworld.render import Knobs, render
 
@@ -48,7 +49,7 @@ def test_tiny_spo_defaults_to_the_shipped_spm():
 
 
 def test_recipes_reach_shipped_models_through_assets(tmp_path):
-    from spobench.reproduce.recipe import resolve_path
+    from spobench.reproduce.paths import resolve_path
 
     assert resolve_path("{assets}/tiny-spm", tmp_path) == TINY_SPM
 

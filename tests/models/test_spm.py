@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from spobench.core.errors import InputError, MissingWeightsError
-from spobench.models.spm import StepAwarePreferenceModel, preprocess_images
+from spobench.models.spm import StepAwarePreferenceModel
+from spobench.models.spm_preprocess import preprocess_images
 from spobench.toyworld.tiny_clip import make_tiny_clip_folder, make_tiny_clip_tokenizer
 
 PROMPTS = ["a red circle", "two blue squares", "a red circle"]

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from spobench.core.errors import InputError, ModelLoadError
-from spobench.models.spm import StepAwarePreferenceModel, preprocess_images
+from spobench.models.spm import StepAwarePreferenceModel
+from spobench.models.spm_preprocess import preprocess_images
 from spobench.toyworld.tiny_clip import make_tiny_clip_folder
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle"]

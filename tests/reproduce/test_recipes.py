@@ -11,7 +11,9 @@ import pytest
 from spobench.core import catalog
 from spobench.core.errors import InputError
 from recipe_fixtures import minimal_recipe
-from spobench.reproduce.recipe import load_recipe, recipe_files, resolve_path, validate_settings
+from spobench.reproduce.recipe import load_recipe, validate_settings
+from spobench.core.catalog import recipe_files
+from spobench.reproduce.paths import resolve_path
 
 PAPER = Path("/work/shared/paper/spo-paper.md")
 TABLES = [f"table{i}" for i in range(1, 10)]

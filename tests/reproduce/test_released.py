@@ -64,7 +64,7 @@ def test_paper_numbers_of_the_released_rows():
 
 
 def test_paper_comparison_is_ours_on_the_paper_scale_minus_the_paper():
-    from spobench.eval.report import paper_comparison
+    from spobench.eval.report_tables import paper_comparison
 
     data = {"paper": {"columns": ["A", "B"], "digits": [2, 2], "metrics": ["m", "g:overall"], "scale": [100, 100],
                       "rows": [{"row": "R", "values": [30.0, 50.0]}]},

@@ -5,7 +5,7 @@ import pytest
 from spobench.models.backbones.sd import SD15Backbone, SDXLBackbone
 from spobench.models.backbones.tiny import TinyBackbone
 from spobench.core.errors import InputError
-from spobench.models.spm import TINY_SPM
+from spobench.models.spm_files import TINY_SPM
 from spobench.trainers.ddpo import DDPOTrainer
 from spobench.trainers.d3po import D3POTrainer
 from spobench.trainers.mspo import MSPOTrainer

@@ -120,3 +120,14 @@ def test_an_spm_follows_the_frozen_dtype_and_pools_get_float32_scores(tmp_path):
     assert out[torch.bfloat16].dtype == torch.float32
     assert torch.allclose(out[torch.bfloat16], out[None], rtol=0.05, atol=0.05)
     assert not torch.equal(out[torch.bfloat16], out[None])  # it really ran in bf16
+
+
+def test_a_lower_is_better_metric_is_refused_as_a_scorer():
+    class Distance:
+        name, higher_is_better = "distance", False
+
+        def score(self, images, prompts):
+            return MetricOutput(np.zeros(len(images)))
+
+    with pytest.raises(InputError, match="'distance' is lower-is-better"):
+        MetricScorer(Distance())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -18,7 +17,8 @@ from spobench.trainers import spm as spm_train
 from spobench.core.errors import InputError
 from spobench.models.spm import StepAwarePreferenceModel
 from spobench.toyworld.tiny_clip import make_tiny_clip_folder
-from spobench.trainers.spm import PairTable, SPMTrainConfig, split_rows, train_spm
+from spobench.trainers.spm import SPMTrainConfig, train_spm
+from spobench.data.pairs import BatchOrder, PairTable, split_rows
 
 BUCKETS = ["0", "250", "500", "750", "950"]
 
@@ -129,8 +129,8 @@ def test_split_and_order_are_deterministic(world):
     assert val and train and not set(train) & set(val)
     assert not {pairs.captions[i] for i in train} & {pairs.captions[i] for i in val}
     assert split_rows(pairs, 0.25) == (train, val)
-    o1 = spm_train.BatchOrder(pairs, train, 4, seed=0)
-    o2 = spm_train.BatchOrder(pairs, train, 4, seed=0)
+    o1 = BatchOrder(pairs, train, 4, seed=0)
+    o2 = BatchOrder(pairs, train, 4, seed=0)
     assert [o1.batch(s) for s in range(5)] == [o2.batch(s) for s in range(5)]
     epoch = [r for s in range(len(train) // 4) for r in o1.batch(s)] if len(train) % 4 == 0 else None
     if epoch is not None:

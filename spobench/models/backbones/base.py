@@ -23,8 +23,7 @@ from typing import Iterator, Sequence
 import torch
 
 from spobench.core.counters import Counters
-# LoRA files: the names stay importable from here (callers check a LoRA before loading a backbone)
-from spobench.models.backbones.lora_files import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME, lora_file, read_lora  # noqa: F401
+from spobench.models.backbones.lora_files import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME, read_lora
 
 
 @dataclass

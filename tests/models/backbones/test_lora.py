@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from spobench.models.backbones.base import LORA_WEIGHT_NAME
+from spobench.models.backbones.lora_files import LORA_WEIGHT_NAME
 from spobench.models.backbones.sd import SD15Backbone, SDXLBackbone
 from spobench.models.backbones.tiny import TinyBackbone
 from spobench.core.errors import ModelLoadError

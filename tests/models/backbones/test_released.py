@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from spobench.models.backbones import load_backbone
-from spobench.models.backbones.base import LORA_WEIGHT_NAME
+from spobench.models.backbones.lora_files import LORA_WEIGHT_NAME
 from spobench.models.backbones.testing import (
     LORA_KEY_STYLES,
     fake_hub_cache,
