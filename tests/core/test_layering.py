@@ -48,14 +48,8 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
 KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 
 MAX_LINES = 500
-# Oversize modules with an owner splitting them; test_known_violations_are_still_real drops stale ones.
-KNOWN_LONG = {
-    # TODO(coordinator): cli.py is left whole while three helpers edit it; the split is proposed in the
-    # `layering` report.
-    "spobench/cli.py": "split after the parallel cli edits land",
-    # TODO(coordinator): owned by other helpers in issue 15 (trainers/*, reproduce/*).
-    "spobench/trainers/base.py": "the one training loop is being rebuilt (helper `loop`)",
-}
+# Oversize modules allowed for a stated reason; test_known_violations_are_still_real drops stale ones.
+KNOWN_LONG: dict[str, str] = {}
 
 
 @dataclass(frozen=True)

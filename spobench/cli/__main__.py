@@ -1,0 +1,3 @@
+from spobench.cli.app import main
+
+main()
