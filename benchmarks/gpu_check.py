@@ -198,7 +198,7 @@ def spo_rounds(name: str, args, device, dtype, tmp: Path) -> dict:
     bb.vae.decode = clock.timed("vae_decode", bb.vae.decode)
     spm.forward = clock.timed("spm", spm.forward)
     rounds, snaps = [], {}
-    orig_collect, orig_train = trainer.collect, trainer.train_items
+    orig_collect, orig_train = trainer.collect, trainer.loop.train_items  # the loop trains a round's items
 
     def collect(*a, **kw):
         clock.s.clear()
@@ -218,7 +218,7 @@ def spo_rounds(name: str, args, device, dtype, tmp: Path) -> dict:
         rounds.append(round_report(clock.s, snaps["start"], snaps["collected"], end, len(items), device))
         return out
 
-    trainer.collect, trainer.train_items = collect, train_items
+    trainer.collect, trainer.loop.train_items = collect, train_items
     t0 = time.perf_counter()
     trainer.train()
     for h in hooks:

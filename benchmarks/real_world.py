@@ -408,7 +408,7 @@ def build_spm_official(work: Path, tiny: bool) -> dict:
     from spobench.metrics import pickscore
 
     sys.path.insert(0, str(ROOT / "tests"))
-    tso = _load("_test_spm_official", ROOT / "tests" / "test_spm_official.py")
+    tso = _load("_test_spm_official", ROOT / "tests" / "models" / "test_spm_official.py")
     clip_dir = work / "metrics" / "pickscore" / pickscore.MODEL_DIR
     sd = tso.official_state_dict(clip_dir, seed=6, legacy_buffers=False)
     vision = CLIPConfig.from_pretrained(str(clip_dir)).vision_config
@@ -459,7 +459,7 @@ def build_released(work: Path, tiny: bool) -> dict:
         _hub_link(work / "hf", repo_id, folder)
     world.pickapic(work / "data")
     if tiny:  # the shipped recipe, sampled at the --tiny images' size (as tests/reproduce/test_released.py does)
-        text = (ROOT / "recipes" / "table2.toml").read_text() + "\n[released.generate]\nresolution = 64\n"
+        text = (ROOT / "spobench" / "recipes" / "table2.toml").read_text() + "\n[released.generate]\nresolution = 64\n"
         (rel / "table2.toml").write_text(text)
     return {"lora_bytes": lora.stat().st_size, "hub": [SD15_HUB, DPO_SD15_HUB, SPO_SD15_HUB]}
 
