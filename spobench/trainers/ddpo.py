@@ -29,7 +29,7 @@ PPO's clipping) and reference code (kvablack/ddpo-pytorch, ``scripts/train.py``)
 
 Where this deviates from the reference code, and why:
 
-* **Batching.** An item is one transition; the base loop (``spobench/trainers/base.py``) shuffles all of a
+* **Batching.** An item is one transition; the base trainer (``spobench/trainers/base.py``) shuffles all of a
   round's transitions and trains on micro-batches that mix trajectories and timesteps (one CFG-batched
   UNet call per micro-batch). The reference iterates a trajectory's timesteps one UNet call each and
   accumulates. Both average the same per-transition losses over an optimizer step; only which

@@ -36,7 +36,7 @@ Code <-> paper:
   the true log-density of the step (then beta and the clamp act on real log-ratios and the clamp
   binds far more often).
 
-Training follows the base loop (``spobench/trainers/base.py``): each round's pairs (from all its timesteps,
+Training follows the base trainer and its loop (``spobench/trainers/base.py``, ``loop.py``): each round's pairs (from all its timesteps,
 so a batch mixes timesteps; the engine takes a per-row t) are shuffled and trained on in
 micro-batches; AdamW on the LoRA, gradients clipped for real. MSPO (``mspo.py``) reuses all of this
 with multi-step segments.
