@@ -211,3 +211,24 @@ def test_old_format_tiny_pretrain_folder_is_refused(tmp_path):
     tr = Pretrainer(TinyBackbone.build(0), PretrainConfig(steps=1, batch_size=2), toy_batch, tmp_path)
     with pytest.raises(InputError, match="format before spobench's shared one; it cannot be resumed"):
         tr.load_checkpoint()
+
+
+@pytest.mark.parametrize("spoil", ["truncated", "missing-key"])
+def test_a_spoiled_whole_model_checkpoint_is_one_named_line(tmp_path, spoil):
+    from safetensors.torch import load_file, save_file
+
+    from spobench.core.errors import SpobenchError
+
+    task = make(tmp_path, Schedule(epochs=1, micro_batch=4, checkpoint_every=3))
+    task.loop.run()
+    ckpt = latest_checkpoint(tmp_path)
+    f = ckpt / "weights" / "model.safetensors"
+    if spoil == "truncated":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    else:
+        sd = load_file(f)
+        sd.pop(sorted(sd)[0])
+        save_file(sd, f)
+    with pytest.raises(SpobenchError, match="model.safetensors") as e:
+        make(tmp_path / "again").loop.restore(ckpt)
+    assert "\n" not in str(e.value)
