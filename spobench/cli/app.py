@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from spobench.cli import run, spm, toy
+from spobench.cli import export, run, spm, toy
 from spobench.cli.common import console, err_console
 from spobench.core.errors import SpobenchError
 
@@ -73,6 +73,7 @@ app.command("eval")(run.eval_)
 app.command()(run.reproduce)
 app.command("train-spm")(spm.train_spm_cmd)
 app.command("eval-spm")(spm.eval_spm_cmd)
+app.command("export-lora", help=export.HELP)(export.export_lora)
 app.add_typer(spm.spm_app, name="spm")
 app.add_typer(toy.toy_app, name="toy")
 

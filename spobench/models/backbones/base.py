@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import torch
 
 from spobench.core.counters import Counters
-from spobench.models.backbones.lora_files import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME, read_lora
+from spobench.models.backbones.lora_files import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME, read_lora, write_lora
 
 
 @dataclass
@@ -330,15 +330,10 @@ class Backbone:
     def save_lora(self, directory: str | Path) -> Path:
         """Write ``pytorch_lora_weights.safetensors`` in diffusers' format (atomic: temp dir + rename),
         byte-identical for identical weights (sorted header: ``io.canonical_safetensors``)."""
-        from spobench.core.io import atomic_dir, canonical_safetensors
+        from spobench.core.io import atomic_dir
 
         with atomic_dir(directory) as tmp:
-            self.pipeline_class.save_lora_weights(
-                tmp, unet_lora_layers=self.lora_state_dict(), weight_name=LORA_WEIGHT_NAME, safe_serialization=True,
-                unet_lora_adapter_metadata=self.lora_config(),
-            )
-            file = tmp / LORA_WEIGHT_NAME
-            file.write_bytes(canonical_safetensors(file.read_bytes()))
+            write_lora(tmp / LORA_WEIGHT_NAME, self.pipeline_class, self.lora_state_dict(), self.lora_config())
         return Path(directory) / LORA_WEIGHT_NAME
 
     def load_lora(self, path: str | Path, rank: int | None = None) -> None:

@@ -1,6 +1,7 @@
 """UNet LoRA files on disk: finding the weights file of a LoRA folder and reading it, in every key layout
 diffusers' loaders read (``save_lora_weights``, attention processors, kohya), into peft's keys plus the
-LoraConfig it was made with. Safetensors only; NaN/inf and text-encoder LoRAs are refused by name."""
+LoraConfig it was made with; and writing one in diffusers' own layout (:func:`write_lora`, what
+``save_lora_weights`` writes). Safetensors only; NaN/inf and text-encoder LoRAs are refused by name."""
 
 from __future__ import annotations
 
@@ -32,6 +33,33 @@ def lora_file(path: str | Path) -> Path:
     why = (f"{len(found)} .safetensors files and no {LORA_WEIGHT_NAME}" if found else
            f"no {LORA_WEIGHT_NAME}" + (f" (only pickle {pickled[0]}; spobench loads safetensors only)" if pickled else ""))
     raise ModelLoadError(f"{path}: {why}")
+
+
+def write_lora(file: str | Path, pipeline_class, unet_layers: dict, adapter_config: dict | None = None,
+               metadata: dict[str, str] | None = None) -> Path:
+    """Write a UNet LoRA exactly as diffusers' ``save_lora_weights`` writes it (``unet.``-prefixed
+    diffusers keys, its ``lora_adapter_metadata`` from ``adapter_config``), with ``metadata`` added to
+    the header; atomic, and byte-identical for identical inputs (``io.canonical_safetensors``).
+    ``unet_layers``: diffusers-keyed weights without the prefix (``convert_state_dict_to_diffusers``)."""
+    import json
+    import struct
+    import tempfile
+
+    from spobench.core.io import atomic_file, canonical_safetensors
+
+    with tempfile.TemporaryDirectory(prefix="spobench-lora-") as tmp:
+        pipeline_class.save_lora_weights(tmp, unet_lora_layers=unet_layers, weight_name=LORA_WEIGHT_NAME,
+                                         safe_serialization=True, unet_lora_adapter_metadata=adapter_config)
+        blob = (Path(tmp) / LORA_WEIGHT_NAME).read_bytes()
+    if metadata:
+        (n,) = struct.unpack("<Q", blob[:8])
+        header = json.loads(blob[8:8 + n])
+        header["__metadata__"] = {**header.get("__metadata__", {}), **metadata}
+        text = json.dumps(header).encode()
+        blob = struct.pack("<Q", len(text)) + text + blob[8 + n:]
+    with atomic_file(file) as f:
+        f.write(canonical_safetensors(blob))
+    return Path(file)
 
 
 def read_lora(path: str | Path, pipeline_class, unet_config=None) -> tuple[Path, dict, dict]:
