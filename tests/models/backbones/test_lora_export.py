@@ -1,0 +1,160 @@
+"""export-lora's files load back where users load LoRAs: each export of a LoRA on the tiny SD-1.5- and
+SDXL-shaped folders, read by diffusers' own pipelines (``load_lora_weights``, which parses kohya files),
+gives the trained adapter's UNet outputs; kohya alphas (also per module) survive; and the official SPO
+LoRAs' layout (RockeyCoss/SPO's save hook) is one that ``--lora`` and recipe cells read."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from spobench.models.backbones import load_backbone
+from spobench.models.backbones.lora_export import export_lora, find_run_lora, kohya_state
+from spobench.models.backbones.lora_files import LORA_WEIGHT_NAME, read_lora
+from spobench.models.backbones.testing import make_lora_file
+
+
+def _out(bb, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, *bb.latent_shape(16), generator=g)
+    with torch.no_grad():
+        return bb.predict(x, 500, bb.encode_prompts(["a red cat", "a blue car"], 16), guidance_scale=1.0)
+
+
+def _trained(backbone, base, rank=4, alpha=8.0, seed=5):
+    """A backbone with a LoRA whose up AND down weights are random (a freshly added one has zero up)."""
+    bb = load_backbone(backbone, str(base))
+    bb.add_lora(rank, alpha=alpha)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in bb.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return bb
+
+
+def _meta(file):
+    with safe_open(str(file), "pt") as f:
+        return f.metadata()
+
+
+@pytest.mark.parametrize("backbone", ["sd15", "sdxl"])
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_export_loads_back_through_diffusers_with_the_same_unet(backbone, fmt, request, tmp_path, offline):
+    base = request.getfixturevalue(f"{backbone}_dir")
+    bb = _trained(backbone, base)  # alpha 8 / rank 4: a scale of 2 that a lost alpha would show
+    want = _out(bb)
+    bb.save_lora(tmp_path / "lora")
+    out = export_lora(find_run_lora(tmp_path / "lora"), fmt, tmp_path / f"x-{fmt}.safetensors")
+    sd, meta = load_file(str(out)), _meta(out)
+    if fmt == "kohya":
+        assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+                   for k in sd)
+        assert "lora_unet_down_blocks_{}_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight".format(
+            0 if backbone == "sd15" else 1) in sd
+        alphas = {k: v for k, v in sd.items() if k.endswith(".alpha")}
+        assert len(alphas) * 3 == len(sd) and all(v.ndim == 0 and float(v) == 8.0 for v in alphas.values())
+        assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8.0"
+        assert meta["ss_network_module"] == "networks.lora"
+    else:
+        assert all(k.startswith("unet.") and (".lora.down.weight" in k or ".lora.up.weight" in k) for k in sd)
+        assert len(sd) == len(bb.lora_state_dict())
+    plain = load_backbone(backbone, str(base))
+    assert not torch.allclose(_out(plain), want, atol=1e-4)  # the LoRA does something
+    pipe = plain.pipeline()
+    pipe.load_lora_weights(str(out))  # diffusers' own loader (kohya names go through its converter)
+    torch.testing.assert_close(_out(plain), want, rtol=0, atol=1e-5)
+    again = load_backbone(backbone, str(base))
+    again.load_lora(out)  # and spobench's --lora reads both
+    torch.testing.assert_close(_out(again), want, rtol=0, atol=1e-5)
+
+
+def test_per_module_kohya_alphas_survive_the_round_trip(sd15_dir, tmp_path, offline):
+    plain = load_backbone("sd15", str(sd15_dir))
+    f = make_lora_file(tmp_path / "in", plain, style="kohya", rank=4)
+    sd = load_file(str(f))
+    halved = sorted(k for k in sd if k.endswith(".alpha") and "attn2" in k)
+    for k in halved:
+        sd[k] = torch.tensor(2.0)
+    save_file(sd, str(f), metadata={"format": "pt"})
+    bb = load_backbone("sd15", str(sd15_dir))
+    bb.load_lora(f)  # alpha_pattern: attn2 modules at alpha 2, the rest at 4
+    want = _out(bb)
+    bb.save_lora(tmp_path / "lora")
+    src = find_run_lora(tmp_path / "lora")
+    back = load_file(str(export_lora(src, "kohya", tmp_path / "k.safetensors")))
+    assert {k: float(back[k]) for k in halved} == {k: 2.0 for k in halved}
+    assert {float(v) for k, v in back.items() if k.endswith(".alpha") and "attn2" not in k} == {4.0}
+    # what ComfyUI / A1111 add to each weight: up @ down * alpha / rank, the trained adapter's own delta
+    modules = dict(bb.unet.named_modules())
+    stems = {k.rsplit(".", 2)[0] for k in back if k.endswith(".lora_down.weight")}
+    assert len(stems) * 3 == len(back)
+    for stem in stems:
+        name = next(n for n in modules if "lora_unet_" + n.replace(".", "_") == stem)
+        up, down, alpha = back[f"{stem}.lora_up.weight"], back[f"{stem}.lora_down.weight"], back[f"{stem}.alpha"]
+        torch.testing.assert_close(up @ down * (float(alpha) / down.shape[0]),
+                                   modules[name].get_delta_weight("default"), rtol=0, atol=1e-7)
+    # diffusers' own layout keeps the per-module alphas too (lora_adapter_metadata's alpha_pattern)
+    fresh = load_backbone("sd15", str(sd15_dir))
+    fresh.pipeline().load_lora_weights(str(export_lora(src, "diffusers", tmp_path / "d.safetensors")))
+    torch.testing.assert_close(_out(fresh), want, rtol=0, atol=1e-5)
+
+
+def test_kohya_names_are_diffusers_own_inverse(sd15_dir, offline):
+    """Every name goes back to its module through diffusers' converter (no module left unnamed)."""
+    from diffusers import StableDiffusionPipeline
+
+    bb = _trained("sd15", sd15_dir)
+    from peft.utils import get_peft_model_state_dict
+
+    peft_sd = get_peft_model_state_dict(bb.unet)
+    config = {"r": 4, "lora_alpha": 8.0, "alpha_pattern": {}}
+    state, alphas = StableDiffusionPipeline.lora_state_dict(kohya_state(peft_sd, config))
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    back = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+    assert set(back) == set(peft_sd) and all(torch.equal(back[k], peft_sd[k]) for k in peft_sd)
+    assert set(alphas.values()) == {8.0} and len(alphas) == len(peft_sd) // 2
+
+
+def _spo_release(bb, folder, seed=7):
+    """The official SPO LoRA file as RockeyCoss/SPO's train_scripts/train_spo.py (and _sdxl) save_model_hook
+    writes it (commit 27a8642, diffusers 0.26.1): a peft adapter LoraConfig(r, lora_alpha=r,
+    init_lora_weights="gaussian", target_modules=[to_k, to_q, to_v, to_out.0]) on the UNet,
+    convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)) through the pipeline's
+    save_lora_weights with no adapter metadata. Returns the UNet's outputs with that adapter."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    bb.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                   target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in bb.unet.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    want = _out(bb)
+    bb.pipeline_class.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(bb.unet)))
+    return want
+
+
+@pytest.mark.parametrize("backbone", ["sd15", "sdxl"])
+def test_the_official_spo_lora_layout_loads(backbone, request, tmp_path, offline):
+    base = request.getfixturevalue(f"{backbone}_dir")
+    want = _spo_release(load_backbone(backbone, str(base)), tmp_path / "spo")
+    file = tmp_path / "spo" / LORA_WEIGHT_NAME
+    keys = list(load_file(str(file)))
+    assert _meta(file) == {"format": "pt"}  # 0.26.1 wrote this header too: no rank, no alpha
+    assert all(k.startswith("unet.") and k.endswith((".lora.down.weight", ".lora.up.weight")) for k in keys)
+    assert "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0.lora.up.weight" in keys
+    _, _, config = read_lora(tmp_path / "spo", load_backbone(backbone, str(base)).pipeline_class)  # recipe cells
+    assert config["r"] == 4 and config["lora_alpha"] == 4
+    bb = load_backbone(backbone, str(base))
+    bb.load_lora(tmp_path / "spo")  # what generate --lora does
+    torch.testing.assert_close(_out(bb), want, rtol=0, atol=1e-5)
+    # ... and it exports to the UIs' names like a run's own LoRA
+    out = export_lora(find_run_lora(tmp_path / "spo"), "kohya", tmp_path / "spo-kohya.safetensors")
+    ui = load_backbone(backbone, str(base))
+    ui.pipeline().load_lora_weights(str(out))
+    torch.testing.assert_close(_out(ui), want, rtol=0, atol=1e-5)
