@@ -114,11 +114,11 @@ def find_run_lora(path: str | Path) -> RunLora:
     """RUN -> its LoRA: a run folder (``lora/``, else the newest checkpoint's), a checkpoint folder, a
     LoRA folder (``pytorch_lora_weights.safetensors``) or file. Refuses, with one line naming RUN, a
     missing path, a folder that is none of these and a run or checkpoint of whole-model weights."""
-    from spobench.core.checkpoint import latest_checkpoint, read_manifest
-
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"{path}: no such run folder (give a run's --out, a checkpoint or a LoRA folder)")
+    from spobench.core.checkpoint import latest_checkpoint, read_manifest  # (torch: after the cheap check)
+
     if path.is_file():
         if path.suffix != ".safetensors":
             raise InputError(f"{path}: not a LoRA file (.safetensors) nor a run folder")

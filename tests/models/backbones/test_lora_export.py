@@ -158,3 +158,27 @@ def test_the_official_spo_lora_layout_loads(backbone, request, tmp_path, offline
     ui = load_backbone(backbone, str(base))
     ui.pipeline().load_lora_weights(str(out))
     torch.testing.assert_close(_out(ui), want, rtol=0, atol=1e-5)
+
+
+def test_a_corrupt_or_foreign_lora_is_refused_by_name(sd15_dir, tmp_path, offline):
+    from spobench.core.errors import InputError, ModelLoadError
+
+    bb = _trained("sd15", sd15_dir)
+    f = bb.save_lora(tmp_path / "bad")
+    sd = load_file(str(f))
+    key = sorted(sd)[0]
+    sd[key] = torch.full_like(sd[key], float("nan"))
+    save_file(sd, str(f))
+    with pytest.raises(ModelLoadError, match="NaN") as err:
+        export_lora(find_run_lora(tmp_path / "bad"), "kohya", tmp_path / "x.safetensors")
+    assert key in str(err.value) and str(f) in str(err.value) and not (tmp_path / "x.safetensors").exists()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_index.json").write_text("{}")
+    with pytest.raises(InputError, match="whole model folder"):
+        find_run_lora(tmp_path / "model")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "lora").mkdir()
+    (tmp_path / "run" / "summary.json").write_text("{not json")
+    (tmp_path / "run" / "lora" / LORA_WEIGHT_NAME).write_bytes(f.read_bytes())
+    with pytest.raises(InputError, match="summary.json: corrupt"):
+        find_run_lora(tmp_path / "run")
