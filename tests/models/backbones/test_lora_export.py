@@ -182,3 +182,36 @@ def test_a_corrupt_or_foreign_lora_is_refused_by_name(sd15_dir, tmp_path, offlin
     (tmp_path / "run" / "lora" / LORA_WEIGHT_NAME).write_bytes(f.read_bytes())
     with pytest.raises(InputError, match="summary.json: corrupt"):
         find_run_lora(tmp_path / "run")
+
+
+def _sgm_name(module: str, layers_per_block: int) -> str:
+    """A diffusers UNet module path -> the Stability (sgm) block names kohya-ss' SDXL trainer uses
+    (``down_blocks.1.attentions.0`` -> ``input_blocks.<1 + 1 * (layers + 1) + 0>.1``): the inverse of
+    diffusers 0.42's ``_maybe_map_sgm_blocks_to_diffusers``."""
+    parts = module.split(".")
+    per = layers_per_block + 1
+    if parts[0] == "down_blocks":
+        return ".".join(["input_blocks", str(1 + int(parts[1]) * per + int(parts[3])), "1", *parts[4:]])
+    if parts[0] == "up_blocks":
+        return ".".join(["output_blocks", str(int(parts[1]) * per + int(parts[3])), "1", *parts[4:]])
+    return ".".join(["middle_block", "1", *parts[3:]])  # mid_block.attentions.0.<rest>
+
+
+def test_kohya_sdxl_files_in_sgm_block_names_load_too(sdxl_dir, tmp_path, offline):
+    """What kohya-ss trains SDXL LoRAs into (input_blocks / middle_block / output_blocks): --lora reads it."""
+    bb = _trained("sdxl", sdxl_dir)
+    want = _out(bb)
+    bb.save_lora(tmp_path / "lora")
+    kohya = load_file(str(export_lora(find_run_lora(tmp_path / "lora"), "kohya", tmp_path / "k.safetensors")))
+    lpb = bb.unet.config.layers_per_block
+    rename = {}
+    for stem in {k.split(".")[0] for k in kohya}:
+        name = next(n for n, _ in bb.unet.named_modules() if "lora_unet_" + n.replace(".", "_") == stem)
+        rename[stem] = "lora_unet_" + _sgm_name(name, lpb).replace(".", "_")
+    sgm = {rename[k.split(".")[0]] + k[len(k.split(".")[0]):]: v for k, v in kohya.items()}
+    assert any(k.startswith("lora_unet_input_blocks_") for k in sgm) and any("middle_block_1" in k for k in sgm)
+    (tmp_path / "sgm").mkdir()
+    save_file(sgm, str(tmp_path / "sgm" / "spo_sdxl_webui.safetensors"), metadata={"format": "pt"})
+    again = load_backbone("sdxl", str(sdxl_dir))
+    again.load_lora(tmp_path / "sgm")
+    torch.testing.assert_close(_out(again), want, rtol=0, atol=1e-5)
