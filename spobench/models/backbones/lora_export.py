@@ -50,6 +50,7 @@ class RunLora:
     backbone: str | None = None  # sd15 | sdxl | tiny
     base_model: str | None = None  # the model folder or hub id it was trained on
     revision: str | None = None
+    overrides: dict | None = None  # a released UNet / VAE the run used in place of the base model's
     prediction_type: str | None = None
     trainer: str | None = None
     resolution: int | None = None
@@ -87,6 +88,7 @@ def _described(src: RunLora, identity: dict, trainer, config: dict, created) -> 
     identity = identity if isinstance(identity, dict) else {}
     src.backbone, src.base_model = identity.get("backbone"), identity.get("model_id") or identity.get("source")
     src.revision, src.prediction_type = identity.get("revision"), identity.get("prediction_type")
+    src.overrides = identity.get("overrides") if isinstance(identity.get("overrides"), dict) else None
     src.trainer = trainer if isinstance(trainer, str) else None
     res = config.get("resolution") if isinstance(config, dict) else None
     src.resolution = res if isinstance(res, int) and not isinstance(res, bool) else None
@@ -138,7 +140,7 @@ def find_run_lora(path: str | Path) -> RunLora:
         if "weights" in manifest or "backbone" not in manifest:
             raise _whole_model(path, manifest)
         return _from_checkpoint(ckpt, path.name)
-    if (path / LORA_WEIGHT_NAME).is_file() or any(path.glob("*.safetensors")) and not (path / "config.json").exists():
+    if (path / LORA_WEIGHT_NAME).is_file() or (any(path.glob("*.safetensors")) and not (path / "config.json").exists()):
         parent = path.parent
         if path.name == "lora" and (parent / "manifest.json").is_file():
             return _from_checkpoint(parent, f"{parent.parent.parent.name}-{parent.name}")
@@ -189,6 +191,8 @@ def ui_metadata(src: RunLora, state: dict, config: dict, fmt: str) -> dict[str, 
                        ("spobench_base_revision", src.revision), ("spobench_trainer", src.trainer)):
         if value:
             meta[key] = str(value)
+    if src.overrides:
+        meta["spobench_base_overrides"] = json.dumps(src.overrides, sort_keys=True)
     if fmt != "kohya":
         return meta
     ranks = collections.Counter(v.shape[0] for k, v in state.items() if ".lora_A." in k)

@@ -215,3 +215,30 @@ def test_kohya_sdxl_files_in_sgm_block_names_load_too(sdxl_dir, tmp_path, offlin
     again = load_backbone("sdxl", str(sdxl_dir))
     again.load_lora(tmp_path / "sgm")
     torch.testing.assert_close(_out(again), want, rtol=0, atol=1e-5)
+
+
+def test_the_base_model_goes_into_the_metadata(sdxl_dir, tmp_path, offline):
+    """A run's summary.json (as BaseTrainer.finish writes it) names the base model, a released UNet it
+    trained on top of and the resolution; RUN, RUN/lora and the file itself say the same."""
+    import json
+
+    from spobench.models.backbones.testing import make_unet_folder
+
+    released = make_unet_folder(tmp_path / "dpo", sdxl_dir, layout="unet")
+    bb = load_backbone("sdxl", str(sdxl_dir), unet=str(released))
+    bb.add_lora(4)
+    run = tmp_path / "run"
+    bb.save_lora(run / "lora")
+    (run / "summary.json").write_text(json.dumps({"trainer": "mspo", "backbone": bb.identity(),
+                                                  "config": {"resolution": 16}}))
+    for where in (run, run / "lora", run / "lora" / LORA_WEIGHT_NAME):
+        src = find_run_lora(where)
+        assert (src.name, src.backbone, src.trainer) == ("run", "sdxl", "mspo")
+        meta = _meta(export_lora(src, "kohya", tmp_path / f"{where.name}.safetensors"))
+        assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"
+        assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+        assert meta["ss_sd_model_name"] == meta["spobench_base_model"] == str(sdxl_dir.resolve())
+        assert json.loads(meta["spobench_base_overrides"]) == {"unet": str(released.resolve())}
+        assert meta["modelspec.resolution"] == "16x16" and meta["spobench_trainer"] == "mspo"
+    meta = _meta(export_lora(src, "diffusers", tmp_path / "d.safetensors"))
+    assert json.loads(meta["lora_adapter_metadata"])["unet.r"] == 4 and meta["spobench_backbone"] == "sdxl"
