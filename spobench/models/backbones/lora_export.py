@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import datetime
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,6 +239,10 @@ def export_lora(src: RunLora, fmt: str, out: str | Path) -> Path:
     meta = ui_metadata(src, state, config, fmt)
     if fmt == "kohya":
         write_safetensors(out, kohya_state(state, config), metadata={"format": "pt", **meta})
-        return Path(out)
-    adapter = {k: config[k] for k in ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")}
-    return write_lora(out, _pipeline_class(src), convert_state_dict_to_diffusers(state), adapter, meta)
+    else:
+        adapter = {k: config[k] for k in ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")}
+        write_lora(out, _pipeline_class(src), convert_state_dict_to_diffusers(state), adapter, meta)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o666 & ~umask)  # a file to share (a UI's folder, the hub): not the atomic writer's 0600
+    return Path(out)
