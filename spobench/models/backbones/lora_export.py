@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spobench.core.errors import InputError
+from spobench.core.outdir import MARKER
 from spobench.models.backbones.lora_files import LORA_WEIGHT_NAME, lora_file
 
 FORMATS = {
@@ -148,8 +149,11 @@ def find_run_lora(path: str | Path) -> RunLora:
         if path.name == "lora" and (parent / "summary.json").is_file():
             return _from_run(parent, path, parent.name)
         return RunLora(lora_file(path), path.name)
-    if (path / "model_index.json").is_file() or (path / "unet").is_dir() or (path / "config.json").is_file():
+    if (path / "model_index.json").is_file() or (path / "unet").is_dir() or any(path.glob("diffusion_pytorch_model*")):
         raise InputError(f"{path}: a whole model folder, not a LoRA run; export-lora exports the LoRA of a LoRA run")
+    if (path / MARKER).is_file() or (path / "log.jsonl").is_file():
+        raise InputError(f"{path}: this run has written no LoRA yet (no lora/, no checkpoint); export it after its "
+                         "first checkpoint")
     raise InputError(f"{path}: not a spobench run, checkpoint or LoRA folder (no lora/, checkpoints/, manifest.json "
                      f"or {LORA_WEIGHT_NAME})")
 

@@ -182,6 +182,11 @@ def test_a_corrupt_or_foreign_lora_is_refused_by_name(sd15_dir, tmp_path, offlin
     (tmp_path / "run" / "lora" / LORA_WEIGHT_NAME).write_bytes(f.read_bytes())
     with pytest.raises(InputError, match="summary.json: corrupt"):
         find_run_lora(tmp_path / "run")
+    (tmp_path / "young").mkdir()  # a run killed before its first checkpoint
+    for name in (".spobench-out.json", "config.json", "log.jsonl"):
+        (tmp_path / "young" / name).write_text("{}")
+    with pytest.raises(InputError, match="no LoRA yet"):
+        find_run_lora(tmp_path / "young")
 
 
 def _sgm_name(module: str, layers_per_block: int) -> str:
