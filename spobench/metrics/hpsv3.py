@@ -190,7 +190,7 @@ class HPSv3(Metric):
             self._template = read_chat_template(self.qwen_dir, tok)
             self._special = [t for t in tok.get_added_vocab()]
             self._tokenizer = tok
-            state = load_state_file(self.checkpoint)
+            state = load_state_file(self.checkpoint, nested=("model",))  # hpsv3 unwraps {"model": ...}
             self._net = build_net(self._config, state, len(tok), tok.convert_tokens_to_ids(REWARD_TOKEN),
                                   str(self.checkpoint), self._dtype, self.device)
         return self._net
