@@ -2,10 +2,10 @@
 
 The score is the **mean** ``mu`` of HPSv3's two outputs ``(mu, sigma)`` at the ``<|Reward|>`` token (the
 model is trained with an uncertainty-aware ranking loss; ``HPSv3RewardInferencer.reward(...)[i][0]``,
-"we select miu as the final output"). It is an unbounded real number, higher is better, on the scale of
-the official package: roughly 0-15 for real generated images, higher for better ones (the instruction asks
-for a "rating from 0 to 10", but the head is a regression trained on pairs, not a clamp). ``sigma`` is not
-reported. Preprocessing, prompt template and network: :mod:`spobench.metrics.hpsv3_model`.
+"we select miu as the final output"). It is an unbounded real number, higher is better, on the official
+package's own scale with no rescaling (the instruction's "rating from 0 to 10" is text the model reads; the
+head is a regression trained on preference pairs, not a clamp). ``sigma`` is not reported. Preprocessing,
+prompt template and network: :mod:`spobench.metrics.hpsv3_model`.
 
 Where the weights come from (nothing is downloaded, no remote code runs; the local Hugging Face cache is
 read with ``local_files_only``, so ``HF_HUB_OFFLINE`` makes no difference):
@@ -23,10 +23,11 @@ read with ``local_files_only``, so ``HF_HUB_OFFLINE`` makes no difference):
 Options (keyword arguments, or environment variables for ``spobench eval``, which builds metrics with
 defaults): ``dtype`` (``SPOBENCH_HPSV3_DTYPE``: bf16 | fp16 | fp32; default bf16 on CUDA as the official
 inference, fp32 on the CPU; the reward head always runs in float32, as hpsv3 keeps it), ``batch_size``
-(``SPOBENCH_HPSV3_BATCH_SIZE``, default 8: the 7B in bf16 is about 16 GB of weights plus well under 1 GB
-of activations per image at 256 image tokens, so 8-32 fit one 80 GB GPU) and ``allow_cpu``
+(``SPOBENCH_HPSV3_BATCH_SIZE``, default 8; estimated from the sizes, not measured here (no GPU): the 7B
+without its unused lm_head is about 15.5 GB in bf16, and an image's ~750 tokens need tens of MB of
+activations per layer, so batches of 8-32 fit one 80 GB GPU) and ``allow_cpu``
 (``SPOBENCH_HPSV3_ALLOW_CPU=1``): a checkpoint of more than a billion parameters on the CPU is refused
-with one line unless forced (minutes per image and 33 GB of RAM in float32).
+with one line unless forced (the 7B needs about 31 GB of RAM in float32 and is meant for a GPU).
 """
 
 from __future__ import annotations
@@ -166,8 +167,10 @@ class HPSv3(Metric):
             raise ModelLoadError(f"{self.qwen_dir / 'config.json'}: not a Qwen2-VL config ({first[:200]})") from None
         size = parameter_count(self._config)
         if str(device) == "cpu" and size > CPU_LIMIT and not allow_cpu:
-            raise InputError(f"metric 'hpsv3': {self.checkpoint} is a {size / 1e9:.1f}B-parameter model; on the CPU "
-                             f"that is minutes per image. Use --device cuda, or set SPOBENCH_HPSV3_ALLOW_CPU=1 to force it")
+            gb = size * torch.finfo(self._dtype).bits / 8 / 1e9
+            raise InputError(f"metric 'hpsv3': {self.checkpoint} is a {size / 1e9:.1f}B-parameter model (about "
+                             f"{gb:.0f} GB in {self._dtype}), meant for a GPU. Use --device cuda, or set "
+                             f"SPOBENCH_HPSV3_ALLOW_CPU=1 to force the CPU")
         self.checkpoint_sha256 = sha256_of(self.checkpoint)
         self._net = None
 
