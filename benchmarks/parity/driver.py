@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-METRICS = ("hpsv2", "pickscore", "imagereward", "aesthetic", "geneval")
+METRICS = ("hpsv2", "pickscore", "imagereward", "aesthetic", "geneval", "hpsv3")
 COMMAND = ".venv/bin/python benchmarks/parity/driver.py"
 
 

@@ -41,6 +41,7 @@ METRICS.declare("pickscore", "spobench.metrics.pickscore:PickScore", "PickScore 
 METRICS.declare("hpsv2", "spobench.metrics.hpsv2:HPSv2", "HPSv2 / v2.1 (open_clip checkpoint on transformers CLIP)")
 METRICS.declare("imagereward", "spobench.metrics.imagereward:ImageReward", "ImageReward (BLIP + MLP head)")
 METRICS.declare("aesthetic", "spobench.metrics.aesthetic:Aesthetic", "LAION aesthetic predictor v2 (CLIP ViT-L/14 + linear MLP)")
+METRICS.declare("hpsv3", "spobench.metrics.hpsv3:HPSv3", "HPSv3 (Qwen2-VL-7B reward model): the mean mu of its (mu, sigma)")
 METRICS.declare("geneval", "spobench.metrics.geneval:GenEval", "GenEval object-focused alignment (Mask2Former + CLIP colour)")
 METRICS.declare("toy_alignment", "spobench.metrics.toy:ToyAlignment", "tiny world: rule-checked prompt alignment (GenEval-style tags)")
 METRICS.declare("toy_aesthetic", "spobench.metrics.toy:ToyAesthetic", "tiny world: prompt-free image quality on a 0-10 scale")
