@@ -96,6 +96,7 @@ def eval_(
     images: Optional[Path] = typer.Option(None, "--images", help="A folder written by `spobench generate`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON (default: <images>/results.json)."),
     weights: list[str] = typer.Option([], "--weights", help="metric=DIR: where a metric's weights are (once per metric, and only for one in --metrics)."),
+    option: list[str] = typer.Option([], "--option", help="METRIC.KEY=VALUE: a metric's option, e.g. hpsv3.batch_size=4 or hpsv3.dtype=bf16 (repeatable; a metric takes only the options its docs list)."),
     compare: Optional[tuple[Path, Path]] = typer.Option(
         None, "--compare", help="Compare two results (results.json or their folders): per-prompt win rates of A over B."),
     device: str = typer.Option("cpu", "--device", callback=_device(), help="cpu | cuda | cuda:N | mps"),
@@ -108,7 +109,8 @@ def eval_(
     if compare is not None:
         from spobench.eval.compare import compare_results
 
-        extra = [flag for flag, given in (("--images", images is not None), ("--weights", weights)) if given]
+        extra = [flag for flag, given in (("--images", images is not None), ("--weights", weights),
+                                          ("--option", option)) if given]
         if extra:  # they would be ignored: compare reads only the two results files
             raise InputError(f"{extra[0]} does not go with --compare (it compares two results files as they are)")
 
@@ -120,8 +122,10 @@ def eval_(
     if images is None:
         raise InputError("give --images DIR (a folder written by `spobench generate`)")
     from spobench.eval.evaluate import evaluate_folder, parse_weights
+    from spobench.metrics.base import parse_option_items
 
-    result = evaluate_folder(images, classes, out=out, weights=parse_weights(weights), device=device)
+    result = evaluate_folder(images, classes, out=out, weights=parse_weights(weights), device=device,
+                             options=parse_option_items(option))
     table = Table(title="results", show_edge=False)
     table.add_column("metric")
     table.add_column("mean")

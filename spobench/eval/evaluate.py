@@ -169,15 +169,30 @@ def _load_cache(folder: Path) -> tuple[str, dict[tuple[str, str], tuple[float, s
     return text, out
 
 
+def check_options(options: Mapping[str, Mapping[str, str]], metric_classes: Mapping[str, type]) -> dict[str, dict]:
+    """``--option`` texts per metric -> each metric's typed keyword arguments; an option for a metric not
+    being scored is refused, as a ``--weights`` one is."""
+    names = list(metric_classes)
+    for name in options:
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else "; add it to --metrics, or drop its --option"
+            raise InputError(f"--option {name}.{next(iter(options[name]))}: {name!r} is not one of the metrics "
+                             f"being scored ({', '.join(names) or 'none'}){hint}")
+    return {name: metric_classes[name].parse_options(dict(texts)) for name, texts in options.items()}
+
+
 def evaluate_folder(folder: str | Path, metric_classes: Mapping[str, type], out: str | Path | None = None,
                     weights: Mapping[str, str] | None = None, device: str = "cpu",
-                    metadata: Sequence[dict] | None = None) -> dict:
+                    metadata: Sequence[dict] | None = None,
+                    options: Mapping[str, Mapping[str, str]] | None = None) -> dict:
     """Score the images ``folder``'s manifest lists with every metric; writes ``out`` (default
     ``<folder>/results.json``) and the score cache, and only once everything is scored, so a refused
-    input leaves both as they were."""
+    input leaves both as they were. ``options``: ``{metric: {key: text}}`` from ``--option``."""
     folder = Path(folder)
     weights = dict(weights or {})
     check_weights(weights, list(metric_classes))
+    kwargs = check_options(options or {}, metric_classes)
     manifest = _check_folder(folder)
     out_path = Path(out) if out else folder / "results.json"
     rows = read_manifest(folder)
@@ -204,7 +219,7 @@ def evaluate_folder(folder: str | Path, metric_classes: Mapping[str, type], out:
     per_image = [{"file": r["file"], "prompt": r["prompt"], "seed": r.get("seed")} for r in rows]
     new_cache_lines = []
     for name, cls in metric_classes.items():
-        metric = cls(weights=weights.get(name), device=device)
+        metric = cls(weights=weights.get(name), device=device, **kwargs.get(name, {}))
         mid = metric.identity()
         key = mid.key()
         scores = np.full(len(rows), np.nan)

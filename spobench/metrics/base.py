@@ -16,7 +16,8 @@ from typing import ClassVar, Iterator, Sequence
 
 import numpy as np
 
-from spobench.core.errors import MissingWeightsError
+from spobench.core.config import Config, Source, parse_sets
+from spobench.core.errors import InputError, MissingWeightsError
 
 
 @dataclass
@@ -48,6 +49,19 @@ class Metric:
     needs_prompt: ClassVar[bool] = True
     # False for a loss-like metric (a distance, an error rate): compare counts the lower score as the win
     higher_is_better: ClassVar[bool] = True
+    # the options a user may give (``spobench eval --option NAME.KEY=VALUE``), declared with ``setting(...)``;
+    # None: the metric takes none
+    Options: ClassVar[type[Config] | None] = None
+
+    @classmethod
+    def parse_options(cls, texts: dict[str, str]) -> dict:
+        """``{key: text}`` from ``--option NAME.KEY=VALUE`` -> the constructor's keyword arguments, typed and
+        checked by :attr:`Options` (an error names ``--option NAME`` and the key)."""
+        if not texts:
+            return {}
+        if cls.Options is None:
+            raise InputError(f"--option {cls.name}.{next(iter(texts))}: metric {cls.name!r} takes no options")
+        return cls.Options.from_text(texts, Source(f"--option {cls.name}")).to_dict()
 
     def __init__(self, weights: str | Path | None = None, device: str = "cpu", batch_size: int = 16, **options):
         self.weights = weights
@@ -82,6 +96,18 @@ class Metric:
 
     def identity(self) -> MetricId:
         return MetricId(self.name, self.version, self.checkpoint_sha256, dict(self.options), self.higher_is_better)
+
+
+def parse_option_items(items: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``["NAME.KEY=VALUE", ...]`` (the CLI's repeated ``--option``) -> {metric: {key: text}}."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        dotted, eq, text = item.partition("=")
+        name, dot, key = dotted.strip().partition(".")
+        if not eq or not dot or not name or not key.strip():
+            raise InputError(f"--option {item!r}: expected METRIC.KEY=VALUE (e.g. hpsv3.batch_size=4)")
+        out.setdefault(name, []).append(f"{key.strip()}={text}")
+    return {name: parse_sets(sets) for name, sets in out.items()}
 
 
 def check_pairs(images: Sequence, prompts: Sequence[str] | None, need_prompts: bool = True) -> None:

@@ -20,25 +20,26 @@ read with ``local_files_only``, so ``HF_HUB_OFFLINE`` makes no difference):
 :func:`spobench.core.weights.load_state_file` and checked key by key and shape by shape against the network
 (a missing, unexpected, wrong-shaped or NaN weight is one error line naming the file and the key).
 
-Options (keyword arguments, or environment variables for ``spobench eval``, which builds metrics with
-defaults): ``dtype`` (``SPOBENCH_HPSV3_DTYPE``: bf16 | fp16 | fp32; default bf16 on CUDA as the official
-inference, fp32 on the CPU; the reward head always runs in float32, as hpsv3 keeps it), ``batch_size``
-(``SPOBENCH_HPSV3_BATCH_SIZE``, default 8; estimated from the sizes, not measured here (no GPU): the 7B
-without its unused lm_head is about 15.5 GB in bf16, and an image's ~750 tokens need tens of MB of
-activations per layer, so batches of 8-32 fit one 80 GB GPU) and ``allow_cpu``
-(``SPOBENCH_HPSV3_ALLOW_CPU=1``): a checkpoint of more than a billion parameters on the CPU is refused
-with one line unless forced (the 7B needs about 31 GB of RAM in float32 and is meant for a GPU).
+Options (keyword arguments, or ``spobench eval --option hpsv3.KEY=VALUE``; :class:`HPSv3Options`):
+``dtype`` (bf16 | fp16 | fp32; default bf16 on CUDA as the official inference, fp32 on the CPU; the reward
+head always runs in float32, as hpsv3 keeps it), ``batch_size`` (default 8; estimated from the sizes, not
+measured here (no GPU): the 7B without its unused lm_head is about 15.5 GB in bf16, and an image's ~750
+tokens need tens of MB of activations per layer, so batches of 8-32 fit one 80 GB GPU) and ``allow_cpu``: a
+checkpoint of more than a billion parameters on the CPU is refused with one line unless forced (the 7B
+needs about 31 GB of RAM in float32 and is meant for a GPU).
 """
 
 from __future__ import annotations
 
 import json
-import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
+from spobench.core.config import Config, setting
 from spobench.core.dtypes import torch_dtype
 from spobench.core.errors import InputError, MissingWeightsError, ModelLoadError
 from spobench.metrics.base import Metric, sha256_of, weights_root
@@ -131,11 +132,12 @@ def parameter_count(config) -> int:
     return int(t.num_hidden_layers * per_layer + t.vocab_size * t.hidden_size + v.depth * 12 * v.embed_dim ** 2)
 
 
-def _env_flag(name: str) -> bool:
-    value = os.environ.get(name, "").strip().lower()
-    if value not in ("", "0", "1", "true", "false", "yes", "no"):
-        raise InputError(f"{name}={value!r}: use 1 or 0")
-    return value in ("1", "true", "yes")
+@dataclass
+class HPSv3Options(Config):
+    what = "hpsv3"
+    dtype: Literal["bf16", "fp16", "fp32"] | None = setting(None, "network dtype (default: bf16 on CUDA, fp32 on the CPU)")
+    batch_size: int = setting(8, "images per forward (8-32 fit one 80 GB GPU in bf16: an estimate)", min=1)
+    allow_cpu: bool = setting(False, "score with a real-size (> 1B parameters) model on the CPU anyway")
 
 
 class HPSv3(Metric):
@@ -143,18 +145,12 @@ class HPSv3(Metric):
 
     name = "hpsv3"
     version = "1"
+    Options = HPSv3Options
 
-    def __init__(self, weights: str | Path | None = None, device: str = "cpu", batch_size: int | None = None,
-                 dtype: str | None = None, allow_cpu: bool | None = None, **options):
-        if batch_size is None:
-            raw = os.environ.get("SPOBENCH_HPSV3_BATCH_SIZE", "8")
-            if not raw.strip().isdigit() or int(raw) < 1:
-                raise InputError(f"SPOBENCH_HPSV3_BATCH_SIZE={raw!r}: a positive integer")
-            batch_size = int(raw)
+    def __init__(self, weights: str | Path | None = None, device: str = "cpu", batch_size: int = 8,
+                 dtype: str | None = None, allow_cpu: bool = False, **options):
         on_cuda = str(device).startswith("cuda")
-        dtype = dtype or os.environ.get("SPOBENCH_HPSV3_DTYPE") or ("bf16" if on_cuda else "fp32")
-        self._dtype = torch_dtype(dtype, "SPOBENCH_HPSV3_DTYPE / dtype")
-        allow_cpu = _env_flag("SPOBENCH_HPSV3_ALLOW_CPU") if allow_cpu is None else bool(allow_cpu)
+        self._dtype = torch_dtype(dtype or ("bf16" if on_cuda else "fp32"), "hpsv3 option dtype")
         super().__init__(weights=weights, device=device, batch_size=batch_size, model=MODEL_ID, processor=QWEN_ID,
                          **options)  # dtype and batch size change scores only by rounding: not in the cache key
         self.checkpoint, self.qwen_dir = locate(weights)
@@ -169,8 +165,8 @@ class HPSv3(Metric):
         if str(device) == "cpu" and size > CPU_LIMIT and not allow_cpu:
             gb = size * torch.finfo(self._dtype).bits / 8 / 1e9
             raise InputError(f"metric 'hpsv3': {self.checkpoint} is a {size / 1e9:.1f}B-parameter model (about "
-                             f"{gb:.0f} GB in {self._dtype}), meant for a GPU. Use --device cuda, or set "
-                             f"SPOBENCH_HPSV3_ALLOW_CPU=1 to force the CPU")
+                             f"{gb:.0f} GB in {self._dtype}), meant for a GPU. Use --device cuda, or "
+                             f"--option hpsv3.allow_cpu=true to force the CPU")
         self.checkpoint_sha256 = sha256_of(self.checkpoint)
         self._net = None
 

@@ -37,8 +37,6 @@ def empty_hub_cache(tmp_path, monkeypatch):
     cache = tmp_path / "hf_cache"
     cache.mkdir()
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    for var in ("SPOBENCH_HPSV3_ALLOW_CPU", "SPOBENCH_HPSV3_DTYPE", "SPOBENCH_HPSV3_BATCH_SIZE"):
-        monkeypatch.delenv(var, raising=False)
     return cache
 
 
@@ -208,24 +206,21 @@ def test_cpu_refuses_a_real_size_model_unless_forced(weights, monkeypatch):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(InputError) as e:
         hpsv3.HPSv3(weights=weights, device="cpu")
-    assert "B-parameter model" in str(e.value) and "SPOBENCH_HPSV3_ALLOW_CPU=1" in str(e.value)
+    assert "B-parameter model" in str(e.value) and "--option hpsv3.allow_cpu=true" in str(e.value)
     hpsv3.HPSv3(weights=weights, device="cpu", allow_cpu=True)  # forced: builds (nothing is loaded yet)
-    monkeypatch.setenv("SPOBENCH_HPSV3_ALLOW_CPU", "1")
-    hpsv3.HPSv3(weights=weights, device="cpu")
-    monkeypatch.setenv("SPOBENCH_HPSV3_ALLOW_CPU", "maybe")
-    with pytest.raises(InputError, match="SPOBENCH_HPSV3_ALLOW_CPU"):
-        hpsv3.HPSv3(weights=weights, device="cpu")
+    hpsv3.HPSv3(weights=weights, device="cpu", **hpsv3.HPSv3.parse_options({"allow_cpu": "true"}))
+    with pytest.raises(InputError, match=r"--option hpsv3: hpsv3 setting 'allow_cpu'"):
+        hpsv3.HPSv3.parse_options({"allow_cpu": "maybe"})
 
 
 def test_options_and_bad_prompts(weights, monkeypatch):
     assert hpsv3.HPSv3(weights=weights, device="cpu")._dtype == torch.float32
     assert hpsv3.HPSv3(weights=weights, device="cuda")._dtype == torch.bfloat16  # the official dtype on a GPU
-    monkeypatch.setenv("SPOBENCH_HPSV3_BATCH_SIZE", "3")
-    assert hpsv3.HPSv3(weights=weights).batch_size == 3
-    monkeypatch.setenv("SPOBENCH_HPSV3_DTYPE", "fp64")
-    with pytest.raises(InputError, match="SPOBENCH_HPSV3_DTYPE"):
-        hpsv3.HPSv3(weights=weights)
-    monkeypatch.delenv("SPOBENCH_HPSV3_DTYPE")
+    assert hpsv3.HPSv3(weights=weights, **hpsv3.HPSv3.parse_options({"batch_size": "3"})).batch_size == 3
+    for bad, says in (({"dtype": "fp64"}, "setting 'dtype' must be one of"), ({"batch_size": "0"}, "'batch_size'"),
+                      ({"batchsize": "2"}, "did you mean 'batch_size'")):
+        with pytest.raises(InputError, match=says):
+            hpsv3.HPSv3.parse_options(bad)
     bf16 = hpsv3.HPSv3(weights=weights, dtype="bf16")
     image = hf.images(1)
     np.testing.assert_allclose(bf16.score(image, PROMPTS[:1]).scores,
@@ -250,7 +245,8 @@ def test_cli_eval_end_to_end(tmp_path, pristine, image_folder):
     from PIL import Image
 
     out = tmp_path / "results.json"
-    r = run("eval", "--images", image_folder, "--metrics", "hpsv3", "--weights", f"hpsv3={pristine}", "--out", out)
+    r = run("eval", "--images", image_folder, "--metrics", "hpsv3", "--weights", f"hpsv3={pristine}", "--out", out,
+            "--option", "hpsv3.batch_size=1")  # one image per forward: the scores of the default batch of 8
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     api = hpsv3.HPSv3(weights=pristine).score([Image.open(image_folder / f"{i:05d}.png") for i in range(2)],
@@ -275,3 +271,10 @@ def test_cli_bad_weights_is_one_line(tmp_path, pristine, image_folder):
             "--out", tmp_path / "r.json", env={"HF_HOME": str(tmp_path / "hf")})
     assert_clean_failure(r.returncode, r.stderr, ["hf download MizzenAI/HPSv3"], image_folder, before)
     assert not (tmp_path / "r.json").exists()
+    for option, says in (("hpsv3.batch_size=0", "--option hpsv3: hpsv3 setting 'batch_size'"),
+                         ("hpsv3.dtyp=bf16", "did you mean 'dtype'"), ("pickscore.batch_size=2", "not one of the metrics"),
+                         ("hpsv3=bf16", "expected METRIC.KEY=VALUE")):
+        r = run("eval", "--images", image_folder, "--metrics", "hpsv3", "--weights", f"hpsv3={pristine}",
+                "--out", tmp_path / "r.json", "--option", option)
+        assert_clean_failure(r.returncode, r.stderr, [says], image_folder, before)
+        assert not (tmp_path / "r.json").exists()
