@@ -122,7 +122,7 @@ def _paired_panel(ax, data: dict, m: str, rows: list[dict]) -> None:
     ax.set_xticks(pos)
     ax.set_xticklabels([r["label"] for r in rows], rotation=30, ha="right", fontsize=7)
     ax.set_xlim(-0.6, max(len(rows) - 0.4, 0.6))
-    ax.set_title(f"{metric_label(data, m)}: cell - {ref}, paired, 95% CI", fontsize=9)
+    ax.set_title(f"{metric_label(data, m)}\ncell - {ref} (paired by prompt and seed), 95% CI", fontsize=8)
 
 
 def metrics_png(out: Path, data: dict) -> Path | None:

@@ -49,6 +49,7 @@ def test_a_bad_progress_interval_is_one_error_line(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     assert errors == ["error: SPOBENCH_PROGRESS_SECONDS must be a number of seconds >= 0 (got 'often')"], r.stderr
+    assert not (tmp_path / "o").exists()  # refused before any work
 
 
 SMALL = """\
