@@ -233,3 +233,11 @@ def test_loading_a_transformers_model_shows_no_bar(tmp_path, capfd):
     load_pretrained(CLIPTextModel, tmp_path / "m")
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "it/s" not in err, err
+
+
+def test_the_libraries_own_switch_keeps_their_bars(monkeypatch):
+    transformers_log = pytest.importorskip("transformers.utils.logging")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
+    before = transformers_log.is_progress_bar_enabled()
+    with quiet_libraries():
+        assert transformers_log.is_progress_bar_enabled() == before
