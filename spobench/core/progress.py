@@ -206,14 +206,16 @@ def status(console: Console | None, text: str, *, clock: Callable[[], float] = t
 
 
 @contextlib.contextmanager
-def quiet_libraries() -> Iterator[None]:
+def quiet_libraries(*, downloads: bool = False) -> Iterator[None]:
     """transformers', diffusers' and huggingface_hub's progress bars ("Loading weights", "Writing model
     shards", downloads) off and their loggers at ERROR while a model loads, saves or casts; put back after.
     Only libraries already imported are touched (importing one here would cost seconds).
+    ``downloads=True``: a download of gigabytes, whose bar is real progress: kept when stderr is a terminal.
     ``HF_HUB_DISABLE_PROGRESS_BARS=0`` (the libraries' own switch) keeps their bars."""
     undo: list[Callable[[], None]] = []
-    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().lower() in ("0", "false", "no", "off"):
-        yield  # asked for by name; the hub would warn on every load that it cannot turn them off
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().lower() in ("0", "false", "no", "off") or (
+            downloads and sys.stderr is not None and sys.stderr.isatty()):
+        yield  # asked for by name (the hub would warn on every load that it cannot turn them off)
         return
     if "huggingface_hub" in sys.modules:
         from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars

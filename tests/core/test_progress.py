@@ -241,3 +241,22 @@ def test_the_libraries_own_switch_keeps_their_bars(monkeypatch):
     before = transformers_log.is_progress_bar_enabled()
     with quiet_libraries():
         assert transformers_log.is_progress_bar_enabled() == before
+
+
+def test_a_download_keeps_its_bar_on_a_terminal_only(monkeypatch):
+    transformers_log = pytest.importorskip("transformers.utils.logging")
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    before = are_progress_bars_disabled()
+    monkeypatch.setattr("sys.stderr", Tty())
+    with quiet_libraries(downloads=True):
+        assert are_progress_bars_disabled() == before  # a terminal watches the download
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    with quiet_libraries(downloads=True):
+        assert are_progress_bars_disabled() and not transformers_log.is_progress_bar_enabled()
+    assert are_progress_bars_disabled() == before
