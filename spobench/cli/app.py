@@ -84,6 +84,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     # transformers warns on every load that torchvision is absent; it is absent on purpose here
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
+        from spobench.core.progress import interval_seconds
+
+        interval_seconds()  # a bad SPOBENCH_PROGRESS_SECONDS is refused before any work
         app(args=argv, standalone_mode=True)
     except SpobenchError as e:
         if _state["debug"]:

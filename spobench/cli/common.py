@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from rich.console import Console
-
 from spobench.core.checks import SEED_MAX
 from spobench.core.errors import InputError
+from spobench.core.progress import make_console
 
-console = Console()
-err_console = Console(stderr=True)
+# not a terminal (a pipe, a log file): WIDE columns, so tables and lines are whole (core.progress)
+console = make_console()
+err_console = make_console(stderr=True)
 
 
 # -- option values: checked while the command line is parsed, before any file or model is touched ------

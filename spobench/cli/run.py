@@ -37,8 +37,7 @@ def generate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
 ):
     """Generate images with fixed seeds (DDIM) and write PNGs plus a JSONL manifest."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-
+    from spobench.core.progress import Progress
     from spobench.engine.rollout import SamplerConfig
     from spobench.eval.generate import generate as run
 
@@ -56,12 +55,10 @@ def generate(
         check_resume(out, plan(items, seed, images_per_prompt))
     bb = _backbone(backbone, model, device, dtype, lora, unet=unet, vae=vae)
     sampler = SamplerConfig(num_steps=steps, guidance_scale=cfg, eta=eta)
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False) as bar:
-        task = bar.add_task("generating", total=len(items) * images_per_prompt)
+    with Progress("generating", total=len(items) * images_per_prompt, unit="image", console=err_console) as bar:
         rows = run(bb, items, out, seed=seed, images_per_prompt=images_per_prompt, sampler=sampler,
                    batch_size=batch_size, lora=str(lora) if lora else None, resume=resume, overwrite=overwrite,
-                   progress=lambda done, total: bar.update(task, completed=done, total=total))
+                   progress=lambda done, total: bar.update(completed=done, total=total))
     console.print(f"wrote {len(rows)} images and manifest.jsonl to {out}")
 
 

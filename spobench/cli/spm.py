@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from spobench.cli.common import _COUNT, _SEED, _backbone, _device, _number, console
+from spobench.cli.common import _COUNT, _SEED, _backbone, _device, _number, console, err_console
 from spobench.core.errors import InputError
 
 
@@ -51,11 +50,12 @@ def train_spm_cmd(
                 f"no --init given and no CLIP folder at {init}. Pass --init DIR (a CLIP/PickScore folder). "
                 + HOW_TO_GET)
 
-    def show(rec: dict) -> None:
-        typer.echo(f"step {rec['step']}/{steps}  loss {rec['loss']:.4f}  ({rec['elapsed_s']:.0f}s)", err=True)
+    from spobench.core.progress import Progress
 
     # train_spm claims --out: a fresh run that fails before its checkpoint leaves nothing
-    result = train_spm(bb, pairs, init, out, config, resume=resume, overwrite=overwrite, progress=show)
+    with Progress("training SPM", total=steps, unit="step", console=err_console) as bar:
+        result = train_spm(bb, pairs, init, out, config, resume=resume, overwrite=overwrite,
+                           progress=lambda rec: bar.update(completed=rec["step"], info=f"loss {rec['loss']:.4f}"))
     ev = result["eval"]
     typer.echo(f"{result['variant']}: held-out pair accuracy ({ev['n_pairs']} non-tie pairs)")
     for t, acc in ev["accuracy"].items():
@@ -96,14 +96,12 @@ def eval_spm_cmd(
     if ts and not all(0 <= t < bb.num_train_timesteps for t in ts):
         raise InputError(f"--timesteps must lie in [0, {bb.num_train_timesteps}) (got {timesteps!r})")
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+    from spobench.core.progress import Progress
 
-    with Progress("scoring held-out pairs", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=Console(stderr=True)) as bar:
-        task = bar.add_task("pairs", total=None)
+    with Progress("scoring held-out pairs", unit="pair", console=err_console) as bar:
         res = compare_spms(bb, models, pairs, exclude=exclude, max_pairs=max_pairs, eval_timesteps=ts or None,
                            processor=processor,
-                           progress=lambda done, total: bar.update(task, completed=done, total=total))
+                           progress=lambda done, total: bar.update(completed=done, total=total))
     if out is not None:
         atomic_write_json(out, res)
     buckets = [str(t) for t in res["eval_timesteps"]]

@@ -30,8 +30,7 @@ def toy_pretrain(
 ):
     """Pretrain the tiny backbone (v-prediction) on renders of mixed quality; exports a diffusers folder
     to <out>/model that `--backbone tiny --model <out>/model` loads."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+    from spobench.core.progress import Progress
     from spobench.models.backbones.tiny import TinyBackbone
     from spobench.core import outdir
     from spobench.core.checkpoint import latest_checkpoint
@@ -43,10 +42,8 @@ def toy_pretrain(
         trainer = Pretrainer(TinyBackbone.build(seed), cfg, toy_batch, out)
         if resume and trainer.load_checkpoint():
             console.print(f"resumed at step {trainer.step}")
-        with Progress("pretraining", BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-                      TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as bar:
-            task = bar.add_task("pretrain", total=steps, completed=trainer.step, loss=float("nan"))
-            trainer.run(progress=lambda s, loss: bar.update(task, completed=s, loss=loss))
+        with Progress("pretraining", total=steps, completed=trainer.step, unit="step", console=err_console) as bar:
+            trainer.run(progress=lambda s, loss: bar.update(completed=s, info=f"loss {loss:.4f}"))
         folder = trainer.export(out / "model")
     console.print(f"wrote {folder} (EMA weights, step {trainer.step})")
 
@@ -65,6 +62,7 @@ def toy_data(
     """Write the tiny world's generic preference data in Pick-a-Pic's format (pairs.parquet), the
     training prompt list in the official 4k file's format and the 500 validation prompts."""
     from spobench.core import outdir
+    from spobench.core.progress import status
     from spobench.toyworld.pairs import backbone_generator, make_dataset
 
     outdir.check(out, overwrite=overwrite, resumable=False)
@@ -72,7 +70,7 @@ def toy_data(
     if base_samples > 0:
         extra = backbone_generator(_backbone("tiny", model, "cpu", "fp32"))
     with outdir.claim(out, command="toy data", overwrite=overwrite, resumable=False), \
-            console.status(f"drawing {pairs} pairs"):
+            status(err_console, f"drawing {pairs} pairs"):
         stats = make_dataset(out, n_pairs=pairs, seed=seed, extra_generator=extra, p_extra=base_samples)
     table = Table(title=f"tiny-world pairs in {out}", show_edge=False)
     table.add_column("statistic")
@@ -125,13 +123,14 @@ def toy_pickscore(
 
     config = ToyPickScoreConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, val_fraction=val_fraction)
 
-    def show(rec: dict) -> None:
-        typer.echo(f"step {rec['step']}/{steps}  loss {rec['loss']:.4f}  ({rec['elapsed_s']:.0f}s)", err=True)
+    from spobench.core.progress import Progress
 
     command = shlex.join(["spobench", *sys.argv[1:]])  # recorded in metrics.json and beside the weights
     # train_toy_pickscore claims --out: a fresh run that fails (bad parquet, NaN loss...) leaves nothing
-    result = train_toy_pickscore(pairs, out, config, init=init, overwrite=overwrite, command=command,
-                                 progress=show)
+    with Progress("training toy PickScore", total=steps, unit="step", console=err_console) as bar:
+        result = train_toy_pickscore(pairs, out, config, init=init, overwrite=overwrite, command=command,
+                                     progress=lambda rec: bar.update(completed=rec["step"],
+                                                                     info=f"loss {rec['loss']:.4f}"))
     for line in summary_lines(result):
         typer.echo(line)
     typer.echo(f"model: {result['model']}  metrics: {Path(out) / METRICS}  ({result['train_s']:.0f}s training)")

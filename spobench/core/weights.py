@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from spobench.core.errors import MissingWeightsError, ModelLoadError
+from spobench.core.progress import quiet_libraries
 
 SHOW = 5  # how many keys an error names
 
@@ -163,7 +164,8 @@ def _mismatched_keys(klass, folder: Path, kw: dict) -> list[str]:
     logs the keys in a report and raises a sentence): load again with ``ignore_mismatched_sizes`` to
     read the report. Only on this error path; [] when that fails too."""
     try:
-        with _quiet("transformers.modeling_utils", "diffusers.models.modeling_utils", "transformers"):
+        with _quiet("transformers.modeling_utils", "diffusers.models.modeling_utils", "transformers"), \
+                quiet_libraries():  # no "Loading weights" bar
             _, info = klass.from_pretrained(str(folder), output_loading_info=True, ignore_mismatched_sizes=True, **kw)
     except Exception:  # noqa: BLE001 - the first error is reported instead
         return []
@@ -190,7 +192,8 @@ def load_pretrained(klass, folder: str | Path, *, subfolder: str | None = None, 
         kw["subfolder"] = subfolder
     label = what or getattr(klass, "__name__", "model")
     try:
-        with _quiet("transformers.modeling_utils", "diffusers.models.modeling_utils", "transformers"):
+        with _quiet("transformers.modeling_utils", "diffusers.models.modeling_utils", "transformers"), \
+                quiet_libraries():  # no "Loading weights" bar
             model, info = klass.from_pretrained(str(folder), output_loading_info=True, **kw)
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

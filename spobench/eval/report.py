@@ -1,6 +1,7 @@
 """The report of a ``spobench reproduce`` run: ``report.json`` (everything), ``report.md``,
 ``grid.png`` (the same prompts and seeds across cells, like the paper's Fig. 2), ``metrics.png``
-(each metric per cell, or against the ablated parameter, with 95% CIs, and the paper's numbers),
+(each cell's paired difference to the reference cell with its 95% CI; each metric per cell, or against
+the ablated parameter, with 95% CIs; the paper's numbers),
 ``training.png`` (training curves from the trainers' ``log.jsonl``) and ``report.html`` with all
 of it. Every file is written atomically. Input: the dict :func:`spobench.reproduce.runner.report_data`
 builds; this module reads the run folder only for images and training logs.
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from spobench.core.io import atomic_write_json, atomic_write_text
-from spobench.eval.report_figures import grid_png, metrics_png, training_png
+from spobench.eval.report_figures import grid_png, metrics_png, paired_differences, training_png
 from spobench.eval.report_tables import (
     compare_table,
     compute_table,
@@ -97,6 +98,12 @@ def _sections(data: dict) -> list[tuple[str, str, Any]]:
                         ("training.png", "Training curves")):
         if name in data.get("files", []):
             s.append((title, "image", name))
+            if name == "metrics.png" and paired_differences(data, list(data["metrics"])):
+                ref = next(c["label"] for c in data["cells"] if c["id"] == data["compare_to"])
+                s.append(("", "text", [f"Top row: each cell's paired difference to {ref} (same prompts and seeds) "
+                                       "with its 95% bootstrap CI; green or red where the CI excludes 0 in the "
+                                       "metric's better or worse direction. Below: the means per cell, whose CIs "
+                                       "can overlap while the paired difference is clear."]))
     return s
 
 

@@ -1,5 +1,7 @@
-"""The report's figures: ``grid.png`` (the same prompts and seeds across cells), ``metrics.png`` (each
-metric per cell or against the ablated parameter, with the paper's numbers) and ``training.png``
+"""The report's figures: ``grid.png`` (the same prompts and seeds across cells), ``metrics.png`` (per
+metric: each cell's paired difference to the reference cell with its 95% CI, what the comparison is
+about; beside it the absolute means per cell or against the ablated parameter, and the paper's numbers)
+and ``training.png``
 (the trainers' ``log.jsonl`` curves). Each is written atomically; matplotlib is imported only here."""
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from pathlib import Path
 
 from spobench.core.io import atomic_file
 from spobench.data.manifest import read_manifest
-from spobench.eval.report_tables import ROUND_SCORES, _paper_rows, metric_label
+from spobench.eval.report_tables import ROUND_SCORES, _paper_rows, lower_is_better, metric_label
 
 
 # =====================================================================================================
@@ -75,13 +77,64 @@ def grid_png(out: Path, data: dict) -> Path | None:
     return path
 
 
+# =====================================================================================================
+# metrics
+# =====================================================================================================
+def paired_differences(data: dict, metrics: list[str]) -> dict[str, list[dict]]:
+    """Per metric, each compared cell's mean paired difference to ``compare_to`` (cell - reference, pairs
+    by prompt and seed) with its 95% bootstrap CI and a verdict in the metric's direction: ``better`` /
+    ``worse`` when the CI excludes 0, else ``unclear``. {} without a reference or comparisons."""
+    if not data.get("compare_to") or not any(c.get("compare") for c in data["cells"]):
+        return {}
+    out: dict[str, list[dict]] = {}
+    for m in metrics:
+        sign = -1.0 if lower_is_better(data, m) else 1.0
+        rows = []
+        for c in data["cells"]:
+            x = (c.get("compare") or {}).get(m)
+            if not x or x.get("mean_diff") is None:
+                continue
+            lo, hi = (x.get("mean_diff_ci95") or [None, None])[:2]
+            verdict = "unclear"
+            if lo is not None and hi is not None and (lo > 0 or hi < 0):
+                verdict = "better" if sign * (lo if lo > 0 else hi) > 0 else "worse"
+            rows.append({"label": c["label"], "diff": x["mean_diff"], "ci95": [lo, hi], "verdict": verdict,
+                         "x": c.get("ablation_value")})
+        out[m] = rows
+    return out
+
+
+VERDICT_COLOURS = {"better": "tab:green", "worse": "tab:red", "unclear": "tab:gray"}
+
+
+def _paired_panel(ax, data: dict, m: str, rows: list[dict]) -> None:
+    ref = next((c["label"] for c in data["cells"] if c["id"] == data["compare_to"]), data["compare_to"])
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    pos = list(range(len(rows)))
+    for k, r in enumerate(rows):
+        lo, hi = r["ci95"]
+        err = [[r["diff"] - lo], [hi - r["diff"]]] if None not in (lo, hi) else None
+        ax.errorbar([k], [r["diff"]], yerr=err, marker="o", capsize=4, color=VERDICT_COLOURS[r["verdict"]],
+                    linestyle="none")
+    if data.get("ablation") and len(rows) > 1:
+        ax.plot(pos, [r["diff"] for r in rows], color="tab:gray", linewidth=0.8, alpha=0.6)
+        ax.set_xlabel(data["ablation"]["param"])
+    ax.set_xticks(pos)
+    ax.set_xticklabels([r["label"] for r in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_xlim(-0.6, max(len(rows) - 0.4, 0.6))
+    ax.set_title(f"{metric_label(data, m)}\ncell - {ref} (paired by prompt and seed), 95% CI", fontsize=8)
+
+
 def metrics_png(out: Path, data: dict) -> Path | None:
-    """One panel per metric: mean and 95% CI per cell (or against the ablated parameter); a second row
-    with the paper's columns for the cells that have a paper row."""
+    """One column per metric. First row (when cells were compared to a reference): each cell's paired
+    difference to it with its 95% CI, green/red where the CI excludes 0 in the metric's better/worse
+    direction. Then the mean and 95% CI per cell (or against the ablated parameter); then the paper's
+    columns for the cells that have a paper row."""
     metrics = data["report"].get("plot_metrics") or data["metrics"]
     cells = data["cells"]
     if not cells or not metrics:
         return None
+    paired = paired_differences(data, list(metrics))
     abl = data.get("ablation")
     ref = data.get("compare_to")
     if abl:
@@ -93,14 +146,21 @@ def metrics_png(out: Path, data: dict) -> Path | None:
     paper = data.get("paper")
     prow = _paper_rows(data)
     paper_cells = xs if paper and any(c.get("paper_row") in prow for c in xs) else []
-    n_rows = 2 if paper_cells else 1
+    top = 1 if any(paired.values()) else 0  # the paired row comes first: it is what the comparison is about
+    n_rows = top + (2 if paper_cells else 1)
     n = max(len(metrics), len(paper["columns"]) if paper_cells else 0)
     plt = _plt()
     fig, axes = plt.subplots(n_rows, n, squeeze=False, figsize=(max(3.2 * n, 4), 3.0 * n_rows + 0.4))
+    if top:
+        for j in range(n):
+            if j < len(metrics) and paired.get(metrics[j]):
+                _paired_panel(axes[0][j], data, metrics[j], paired[metrics[j]])
+            else:
+                axes[0][j].axis("off")
     labels = [c["label"] for c in xs]
     chosen = (abl or {}).get("chosen")
     for j in range(n):
-        ax = axes[0][j]
+        ax = axes[top][j]
         if j >= len(metrics):
             ax.axis("off")
             continue
@@ -132,7 +192,7 @@ def metrics_png(out: Path, data: dict) -> Path | None:
     if paper_cells:
         plabels = [c["label"] for c in paper_cells]
         for j in range(n):
-            ax = axes[1][j]
+            ax = axes[top + 1][j]
             if j >= len(paper["columns"]):
                 ax.axis("off")
                 continue

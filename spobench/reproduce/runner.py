@@ -80,17 +80,21 @@ def _read_json(path: Path) -> dict | None:
 
 class Runner:
     def __init__(self, plan: Plan, console=None):
-        from rich.console import Console
+        from spobench.core.progress import make_console
 
         self.plan = plan
-        self.console = console or Console(stderr=True)
+        self.console = console or make_console(stderr=True)
         self.stage = 0
         self.n_stages = 0
 
     # -- helpers -------------------------------------------------------------------------------------
     def say(self, what: str) -> None:
         self.stage += 1
-        self.console.rule(f"[bold][{self.stage}/{self.n_stages}][/] {what}", align="left")
+        from rich.rule import Rule
+
+        # a log's console is WIDE columns (core.progress): the rule stays a terminal's width
+        self.console.print(Rule(f"[bold][{self.stage}/{self.n_stages}][/] {what}", align="left"),
+                           width=min(self.console.width, 100))
 
     def dtype(self):
         from spobench.core.dtypes import torch_dtype
@@ -130,7 +134,9 @@ class Runner:
             from spobench.toyworld.pairs import backbone_generator, make_dataset
 
             extra = backbone_generator(self.load_backbone()) if spec.base_samples > 0 else None
-            with atomic_dir(out) as tmp, self.console.status(f"drawing {spec.n} tiny-world pairs"):
+            from spobench.core.progress import status
+
+            with atomic_dir(out) as tmp, status(self.console, f"drawing {spec.n} tiny-world pairs"):
                 make_dataset(tmp, n_pairs=spec.n, seed=spec.seed, extra_generator=extra, p_extra=spec.base_samples)
         elif isinstance(spec, ToyClipInput):
             if (out / "config.json").exists():
@@ -154,19 +160,15 @@ class Runner:
             cfg = SPMTrainConfig(steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed,
                                  no_step=spec.no_step,
                                  processor=str(resolve_path(spec.processor, self.plan.out)) if spec.processor else None)
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
-
             from spobench.core.checkpoint import latest_checkpoint
+            from spobench.core.progress import Progress
 
             resume = latest_checkpoint(out) is not None
             bb = self.load_backbone()
-            with Progress(f"training SPM {name}", BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                          TimeElapsedColumn(), TimeRemainingColumn(), console=self.console) as bar:
-                task = bar.add_task("spm", total=spec.steps, loss="-")
+            with Progress(f"training SPM {name}", total=spec.steps, unit="step", console=self.console) as bar:
                 result = train_spm(bb, ref(spec.pairs), ref(spec.init), out, cfg, resume=resume, overwrite=not resume,
-                                   progress=lambda rec: bar.update(task, completed=rec["step"],
-                                                                   loss=f"{rec['loss']:.4f}"))
+                                   progress=lambda rec: bar.update(completed=rec["step"],
+                                                                   info=f"loss {rec['loss']:.4f}"))
             info |= {"eval": result.get("eval"), "wall_s": result.get("wall_s")}
         return info | {"reused": False, "wall_s": info.get("wall_s") or round(time.perf_counter() - t0, 2)}
 
@@ -196,8 +198,7 @@ class Runner:
         return info | {"reused": False}
 
     def generate(self, cell: CellPlan) -> dict:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-
+        from spobench.core.progress import Progress
         from spobench.engine.rollout import SamplerConfig
         from spobench.data.manifest import read_manifest
         from spobench.eval.generate import generate
@@ -211,12 +212,10 @@ class Runner:
         t0 = time.perf_counter()
         bb = self.load_backbone(cell.model, cell.lora_dir, unet=cell.unet, vae=cell.vae)
         sampler = SamplerConfig(num_steps=g.steps, guidance_scale=g.cfg, eta=g.eta, resolution=g.resolution)
-        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), TimeRemainingColumn(), console=self.console) as bar:
-            task = bar.add_task(f"generating {cell.spec.label}", total=n)
+        with Progress(f"generating {cell.spec.label}", total=n, unit="image", console=self.console) as bar:
             generate(bb, list(self.plan.prompts), cell.images, seed=g.seed, images_per_prompt=g.images_per_prompt,
                      sampler=sampler, batch_size=g.batch_size, lora=str(cell.lora_dir) if cell.lora_dir else None,
-                     resume=True, progress=lambda d, t: bar.update(task, completed=d, total=t))
+                     resume=True, progress=lambda d, t: bar.update(completed=d, total=t))
         info = want | {"wall_s": round(time.perf_counter() - t0, 3)}
         atomic_write_json(cell.dir / GEN_DONE, info)
         return info | {"reused": False}
@@ -243,7 +242,9 @@ class Runner:
             ipp = self.plan.recipe.generate.images_per_prompt
             metadata = [m for m in meta for _ in range(ipp)]
         factories = {m: (lambda inst: (lambda weights=None, device="cpu": inst))(self.plan.metrics[m]) for m in names}
-        with self.console.status(f"scoring {cell.spec.label} with {', '.join(names)}"):
+        from spobench.core.progress import status
+
+        with status(self.console, f"scoring {cell.spec.label} with {', '.join(names)}"):
             results = evaluate_folder(cell.images, factories, out=cell.dir / RESULTS, device=self.plan.device,
                                       metadata=metadata)
         info = {"metrics": names, "wall_s": round(time.perf_counter() - t0, 3), "generated": gen.get("wall_s")}
@@ -268,9 +269,9 @@ def reproduce(recipe_ref: str | Path, backbone: str | None = None, out: str | Pa
     ``released``: the recipe's ``[released]`` cells (published checkpoints, evaluated only) instead of
     its trained ones; ``backbone`` defaults to theirs (else ``tiny``). ``limit``: generate and score
     only the first N prompts (a quick check; the report says so)."""
-    from rich.console import Console
+    from spobench.core.progress import make_console
 
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     t_start = time.perf_counter()
     path = find_recipe(recipe_ref)
     if backbone is None:

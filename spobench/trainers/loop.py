@@ -156,22 +156,19 @@ class Loop:
 
     def run(self) -> bool:
         """Train (or continue) to the end or to ``max_rounds``; True when every round is done."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
+        from spobench.core.progress import Progress as Bar
 
         s, R = self.schedule, self.task.rounds_per_epoch()
         total = self.total_rounds()
         stop_at = total if s.max_rounds is None else min(total, s.max_rounds)
         since_ckpt = 0
-        bar = Bar(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                  console=self.console, disable=self.console is None or not self.is_main, transient=False)
-        with bar:
-            task = bar.add_task(f"{self.name} rounds", total=total, completed=self.progress.rounds_done, info="")
+        # counted to where this session stops (max_rounds), so that the ETA is this session's
+        with Bar(f"{self.name} rounds", total=stop_at, completed=self.progress.rounds_done, unit="round",
+                 console=self.console, enabled=self.is_main) as bar:
             while self.progress.rounds_done < stop_at:
                 text = self.run_round()
                 since_ckpt += 1
-                bar.update(task, completed=self.progress.rounds_done, info=text)
+                bar.update(completed=self.progress.rounds_done, info=text)
                 end_of_epoch = self.progress.rounds_done % R == 0
                 if s.checkpoint_every is not None and (since_ckpt >= s.checkpoint_every or end_of_epoch
                                                        or self.progress.rounds_done >= stop_at):

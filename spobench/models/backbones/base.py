@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 import torch
 
 from spobench.core.counters import Counters
+from spobench.core.progress import quiet_libraries
 from spobench.models.backbones.lora_files import DEFAULT_LORA_TARGETS, LORA_WEIGHT_NAME, read_lora, write_lora
 
 
@@ -103,18 +104,6 @@ class BackboneDefaults:
     prompts: str | None = None  # training prompt set
     scorer: str | None = None  # SPO/MSPO step scorer (an SPM folder or metric:<name>)
     reward: str | None = None  # DDPO/D3PO reward on x_0 (metric:<name> or an SPM folder)
-
-
-@contextlib.contextmanager
-def _diffusers_quiet() -> Iterator[None]:
-    from diffusers.utils import logging as dlog
-
-    before = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(before)
 
 
 class Backbone:
@@ -390,7 +379,7 @@ class Backbone:
             if dtype is not None and getattr(m, "dtype", None) != dtype:
                 kwargs["dtype"] = dtype  # (diffusers warns on any to(dtype=...), even a no-op one)
             if kwargs:
-                with _diffusers_quiet():  # diffusers 0.42 warns about "modules kept in float32: []" on any cast
+                with quiet_libraries():  # diffusers 0.42 warns about "modules kept in float32: []" on any cast
                     m.to(**kwargs)
         for n, p in self.unet.named_parameters():
             if "lora_" in n:

@@ -151,8 +151,12 @@ class DiffusersFolder:
 
         offline = hub_offline()
         hint = hint or cls.download_hint(hub_id)
+        from spobench.core.progress import quiet_libraries
+
         try:
-            snap = snapshot_download(hub_id, allow_patterns=patterns or cls.hub_patterns(), local_files_only=offline)
+            with quiet_libraries(downloads=True):  # no "Fetching N files" bars in a log
+                snap = snapshot_download(hub_id, allow_patterns=patterns or cls.hub_patterns(),
+                                         local_files_only=offline)
         except HFValidationError:
             raise ModelLoadError(f"{cls.name}: {hub_id!r} is neither an existing folder nor a valid hub id") from None
         except LocalEntryNotFoundError as err:

@@ -264,12 +264,14 @@ class SD15Backbone(DiffusersFolder, Backbone):
         UNet weights no diffusers loader reads; save the adapter with :meth:`save_lora` instead.
         """
         from spobench.core.io import atomic_dir, atomic_write_json
+        from spobench.core.progress import quiet_libraries
 
         if self.has_lora:
             raise SpobenchError(f"{self.name}: save_pretrained saves the base model; a LoRA is attached "
                                 "(save it with save_lora)")
         with atomic_dir(path) as tmp:
-            self.pipeline().save_pretrained(tmp, safe_serialization=True)
+            with quiet_libraries():  # transformers' "Writing model shards" bar
+                self.pipeline().save_pretrained(tmp, safe_serialization=True)
             atomic_write_json(tmp / MARKER_FILE, {"backbone": self.name, "pixel_space": self.pixel_space})
         return Path(path)
 
