@@ -118,11 +118,14 @@ def eval_(
     classes = {n: catalog.METRICS.get(n) for n in names}  # unknown / planned names fail here, before work
     if images is None:
         raise InputError("give --images DIR (a folder written by `spobench generate`)")
+    from spobench.core.progress import Progress
     from spobench.eval.evaluate import evaluate_folder, parse_weights
     from spobench.metrics.base import parse_option_items
 
-    result = evaluate_folder(images, classes, out=out, weights=parse_weights(weights), device=device,
-                             options=parse_option_items(option))
+    with Progress("scoring", unit="score", console=err_console) as bar:
+        result = evaluate_folder(images, classes, out=out, weights=parse_weights(weights), device=device,
+                                 options=parse_option_items(option),
+                                 progress=lambda done, total: bar.update(completed=done, total=total))
     table = Table(title="results", show_edge=False)
     table.add_column("metric")
     table.add_column("mean")

@@ -19,7 +19,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -185,10 +185,12 @@ def check_options(options: Mapping[str, Mapping[str, str]], metric_classes: Mapp
 def evaluate_folder(folder: str | Path, metric_classes: Mapping[str, type], out: str | Path | None = None,
                     weights: Mapping[str, str] | None = None, device: str = "cpu",
                     metadata: Sequence[dict] | None = None,
-                    options: Mapping[str, Mapping[str, str]] | None = None) -> dict:
+                    options: Mapping[str, Mapping[str, str]] | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> dict:
     """Score the images ``folder``'s manifest lists with every metric; writes ``out`` (default
     ``<folder>/results.json``) and the score cache, and only once everything is scored, so a refused
-    input leaves both as they were. ``options``: ``{metric: {key: text}}`` from ``--option``."""
+    input leaves both as they were. ``options``: ``{metric: {key: text}}`` from ``--option``; ``progress(done,
+    total)``: called after each batch, counting (image, metric) scores, cached ones included."""
     folder = Path(folder)
     weights = dict(weights or {})
     check_weights(weights, list(metric_classes))
@@ -218,6 +220,7 @@ def evaluate_folder(folder: str | Path, metric_classes: Mapping[str, type], out:
     result: dict = {"images": str(folder), "n_images": len(rows), "metrics": {}, "per_image": [], **provenance()}
     per_image = [{"file": r["file"], "prompt": r["prompt"], "seed": r.get("seed")} for r in rows]
     new_cache_lines = []
+    done, total = 0, len(rows) * len(metric_classes)
     for name, cls in metric_classes.items():
         metric = cls(weights=weights.get(name), device=device, **kwargs.get(name, {}))
         mid = metric.identity()
@@ -230,6 +233,9 @@ def evaluate_folder(folder: str | Path, metric_classes: Mapping[str, type], out:
                 scores[i], tags[i] = cache[(hashes[i], key)]
             else:
                 todo.append(i)
+        done += len(rows) - len(todo)
+        if progress is not None:
+            progress(done, total)
         for start in range(0, len(todo), metric.batch_size):
             idx = todo[start:start + metric.batch_size]
             imgs = [open_image(files[i]) for i in idx]
@@ -243,6 +249,9 @@ def evaluate_folder(folder: str | Path, metric_classes: Mapping[str, type], out:
                 tags[i] = None if res.tags is None else res.tags[j]
                 new_cache_lines.append(json.dumps({"image": hashes[i], "metric": key, "score": scores[i],
                                                    "tag": tags[i]}))
+            done += len(idx)
+            if progress is not None:
+                progress(done, total)
         agg = {"mean": float(np.mean(scores)), "std": float(np.std(scores)),
                "ci95": list(bootstrap_ci(scores, groups)), "id": vars(mid)}
         if any(t is not None for t in tags):

@@ -42,6 +42,13 @@ def test_generate_piped_prints_progress_lines_with_rate_and_eta(tmp_path):
     assert any(re.fullmatch(r"generating 4/4  done in \d+:\d\d  [\d.]+ (image/s|s/image)", ln) for ln in lines), r.stderr
     _no_bars(r.stdout + r.stderr)
     assert "wrote 4 images" in r.stdout
+    r = run("eval", "--images", tmp_path / "o", "--metrics", "toy_aesthetic,toy_alignment", env=PIPED)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("scoring ")]  # 4 images x 2 metrics
+    assert lines[0] == "scoring 0  started" and len(lines) == 3, r.stderr
+    assert re.fullmatch(r"scoring 4/8  [\d.]+ (score/s|s/score)  eta \d+:\d\d", lines[1]), r.stderr
+    assert re.fullmatch(r"scoring 8/8  done in \d+:\d\d  [\d.]+ (score/s|s/score)", lines[-1]), r.stderr
+    _no_bars(r.stdout + r.stderr)
 
 
 def test_a_bad_progress_interval_is_one_error_line(tmp_path):
