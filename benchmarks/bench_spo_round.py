@@ -9,12 +9,13 @@ or, as a quick correctness check without timings (counts and identical math on a
     OMP_NUM_THREADS=1 .venv/bin/pytest benchmarks/bench_spo_round.py
 
 Both sides use the same tiny backbone (the shipped ``tiny-base``, or ``TinyBackbone.build(0)`` with
-``--random-base``), the same LoRA (rank 4, B perturbed so that policy != reference), the same tiny
+``--random-base``, or with ``--components sd15`` tiny random SD-1.5-shaped components with a VAE:
+``make_sd15_folder``'s UNet, AutoencoderKL and CLIP text encoder, 16 px images / 8x8x4 latents), the same LoRA (rank 4, B perturbed so that policy != reference), the same tiny
 random-init step-aware preference model (``spobench toy clip`` sizes: hidden 64, 3 layers, patch 4)
 and the same prompts (``tiny-train``). Settings: 20 DDIM steps, eta 1, CFG 5, k candidates,
 kappa 750, threshold -1 (every pair is kept), train batch 10, AdamW, gradients clipped at 1.
 
-**spobench** (``SPOTrainer``): ``collect`` (``spo_pools.pool_rollout`` + ``make_pool_scorer`` + the
+**spobench** (``SPOTrainer``, with ``merge_lora=true`` unless ``--no-merge-lora``): ``collect`` (``spo_pools.pool_rollout`` + ``make_pool_scorer`` + the
 SPM with its text cache), ``share`` and ``train_items`` (one policy + one reference forward per
 pair, LoRA switched off for the reference), exactly what ``Trainer.train`` runs per round minus
 logging and checkpoints.
