@@ -10,6 +10,7 @@ from spobench.models.backbones.tiny import TinyBackbone
 def test_cached_rows_equal_a_fresh_encoding_and_encode_once(monkeypatch):
     bb = TinyBackbone.build(0)
     eng = RolloutEngine(bb)
+    bb.encode_unconditional(1)  # the "" branch has its own cache (the backbone's)
     calls = []
     real = bb.encode_prompts
     monkeypatch.setattr(bb, "encode_prompts", lambda p, r=None: calls.append(list(p)) or real(p, r))
