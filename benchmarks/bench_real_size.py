@@ -348,6 +348,8 @@ def time_piece(make, batch: int, rows_per_item: int, gflop_per_row: float, args,
     """Warm-up, then --repeats timed calls (synchronised) of ``make(n)``'s callable; on CUDA out-of-memory the
     batch is halved and the piece retried."""
     n, ooms = batch, []
+    if getattr(args, "on_piece", None):
+        args.on_piece()  # the caller writes the pieces done so far (a slow CPU run keeps them if stopped)
     rss = _PeakRSS() if device.type == "cpu" else contextlib.nullcontext()
     with rss:
         res = _time_piece(make, n, ooms, args, device)
@@ -400,14 +402,18 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
-def bench_backbone(c: dict, flops: dict, args, device, dtype) -> dict:
-    """Every piece of one backbone; each network built, timed and freed in turn."""
+def bench_backbone(c: dict, flops: dict, args, device, dtype, out: dict | None = None) -> dict:
+    """Every piece of one backbone; each network built, timed and freed in turn (into ``out``, so that a
+    partial result can be written while it runs)."""
     g = {k: v["gflop_per_sample"] for k, v in flops.items()}
-    out = {"config": {k: c[k] for k in ("unet", "vae", "vit", "latent", "image", "context", "lora_rank")},
-           "pieces": {}, "build_s": {}}
+    out = {} if out is None else out
+    out.update({"config": {k: c[k] for k in ("unet", "vae", "vit", "latent", "image", "context", "lora_rank")},
+                "pieces": {}, "build_s": {}})
     for bench, names in ((_bench_unet, PIECES[:4]), (_bench_vae, PIECES[4:6]), (_bench_vit, PIECES[6:])):
         if set(names) & set(args.pieces):
             bench(c, g, args, device, dtype, out)
+            if getattr(args, "on_piece", None):
+                args.on_piece()
         _free(device)
     if all(p in out["pieces"] for p in PIECES):
         out["spo_round_per_prompt"] = round_estimate(out["pieces"])
@@ -727,16 +733,22 @@ def main(argv=None) -> dict:
         "backbones": {},
     })
     torch.manual_seed(0)
+    out = args.out or RESULTS / f"real_size-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def partial():  # after every timed piece (the previous one's figures), marked incomplete until the end
+        out.write_text(json.dumps(result | {"partial": True}, indent=2, default=str) + "\n")
+
+    args.on_piece = partial
     for b in backbones:
         c = configs(b, args.size_scale, args.tiny_widths, args.vit_layers)
-        result["backbones"][b] = bench_backbone(c, table[b]["pieces"], args, device, dtype)
+        result["backbones"][b] = {}
+        bench_backbone(c, table[b]["pieces"], args, device, dtype, result["backbones"][b])
     if device.type == "cpu":
         result["device"]["loadavg_end"] = list(os.getloadavg())
         result["uptime_end"] = _uptime()
     print()
     print(format_results(result))
-    out = args.out or RESULTS / f"real_size-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")
     return result
