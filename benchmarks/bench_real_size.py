@@ -17,13 +17,16 @@ structure, issue 4: 20 DDIM steps, 4 plain + 16 pooled steps, k = 4 candidates):
 
 * ``unet_fwd``: UNet forward, no grad, on a CFG batch (2 x --batch rows), no adapter. SPO: the reference
   forward of training (LoRA switched off), 2 rows per kept pair.
-* ``unet_fwd_lora``: the same with the LoRA adapter active. SPO: the rollout, 2 * (5 + 15k) = 130 rows.
+* ``unet_fwd_lora``: the same with the LoRA adapter active. SPO: the official rollout, 2 * (5 + 15k) = 130 rows.
+* ``unet_fwd_merged``: the same with the LoRA merged into the frozen weights (``Backbone.lora_merged``, the
+  ``merge_lora`` setting): spobench's rollout, the same 130 rows.
 * ``unet_fwd_bwd_lora``: forward + backward, only the LoRA (rank 4 for SD-1.5, 64 for SDXL, on
   ``to_q, to_k, to_v, to_out.0``) requires grad; frozen weights in --dtype, LoRA in float32 (as spobench's
   ``Backbone.add_lora``: peft casts the LoRA input to float32 and its output back, no autocast unless
   --autocast). SPO: the policy forward + backward of training, 2 rows per kept pair.
 * ``vae_decode``: SD VAE decode of --batch latents to pixels (512x512 / 1024x1024). SPO: 16k = 64 decodes
   (each pooled step decodes the k candidates' x0_hat).
+* ``vae_decode_cl``: the same decode with the VAE and its input in ``torch.channels_last``.
 * ``spm_vit``: the step-aware preference model's image tower, sized as PickScore's CLIP ViT-H/14 at 224
   (32 x 1280, MLP 5120, 16 heads, projection 1024), on --batch images. SPO: 16k = 64 image passes.
 
@@ -111,7 +114,12 @@ K = 4  # candidates per pool
 N_PLAIN, N_POOLED = 4, 16  # 20 DDIM steps: 4 before the first pooled step, 16 pooled
 PAIRS = N_POOLED  # assumption: every pool keeps a pair
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PIECES = ("unet_fwd", "unet_fwd_lora", "unet_fwd_bwd_lora", "vae_decode", "spm_vit")
+PIECES = ("unet_fwd", "unet_fwd_lora", "unet_fwd_merged", "unet_fwd_bwd_lora", "vae_decode", "vae_decode_cl", "spm_vit")
+# dense peak TFLOP/s for MFU (vendor datasheets, without sparsity), by a substring of the device name and dtype;
+# --peak-tflops overrides (a CPU has no entry: give it, or MFU stays empty)
+PEAK_TFLOPS = {("H200", "bf16"): 989.4, ("H200", "fp16"): 989.4, ("H200", "fp32"): 66.9,
+               ("H100", "bf16"): 989.4, ("H100", "fp16"): 989.4, ("H100", "fp32"): 66.9,
+               ("A100", "bf16"): 312.0, ("A100", "fp16"): 312.0, ("A100", "fp32"): 19.5}
 
 
 # -- configs at the chosen size -------------------------------------------------------------------
@@ -222,10 +230,12 @@ def count_flops(c: dict) -> dict:
     params = add_lora(unet, c["lora_rank"])
     with torch.no_grad():
         out["unet_fwd_lora"] = _count(lambda: unet(**kw))
+    out["unet_fwd_merged"] = out["unet_fwd"]  # the merged LoRA is in the weights: the base UNet's matmuls
     out["unet_fwd_bwd_lora"] = _count(lambda: _fwd_bwd(unet, kw, params, False, torch.float32))
     vae = build_vae(c["vae"], meta)
     with torch.no_grad():
         out["vae_decode"] = _count(lambda: vae.decode(torch.zeros(1, 4, c["latent"], c["latent"], device=meta)))
+    out["vae_decode_cl"] = out["vae_decode"]
     vit = build_vit(c["vit"], meta)
     px = torch.zeros(1, 3, c["vit"]["image_size"], c["vit"]["image_size"], device=meta)
     with torch.no_grad():
@@ -251,6 +261,7 @@ def flop_table(backbones, args) -> dict:
 
 
 LABELS = {"unet_fwd": "UNet fwd, 1 row", "unet_fwd_lora": "UNet fwd + LoRA, 1 row",
+          "unet_fwd_merged": "UNet fwd, LoRA merged, 1 row", "vae_decode_cl": "VAE decode channels-last",
           "unet_fwd_bwd_lora": "UNet fwd+bwd, LoRA grads only", "vae_decode": "VAE decode, 1 latent",
           "spm_vit": "SPM ViT-H/14 @224, 1 image"}
 
@@ -291,10 +302,71 @@ def _oom_types() -> tuple:
                  if t is not None) or (RuntimeError,)
 
 
+class _PeakRSS:
+    """The process's peak resident memory while a piece runs (CPU: no allocator statistics), sampled every
+    5 ms from /proc/self/statm; weights and everything else the process holds included."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            self._stop.wait(0.005)
+
+    def __enter__(self):
+        self.peak = self.rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def peak_tflops(device: torch.device, dtype: str, given: float | None) -> float | None:
+    if given:
+        return given
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for (sub, dt), v in PEAK_TFLOPS.items() if sub in name and dt == dtype), None)
+
+
 def time_piece(make, batch: int, rows_per_item: int, gflop_per_row: float, args, device) -> dict:
     """Warm-up, then --repeats timed calls (synchronised) of ``make(n)``'s callable; on CUDA out-of-memory the
     batch is halved and the piece retried."""
     n, ooms = batch, []
+    if getattr(args, "on_piece", None):
+        args.on_piece()  # the caller writes the pieces done so far (a slow CPU run keeps them if stopped)
+    rss = _PeakRSS() if device.type == "cpu" else contextlib.nullcontext()
+    with rss:
+        res = _time_piece(make, n, ooms, args, device)
+    ts, n = res
+    rows = n * rows_per_item
+    med = statistics.median(ts)
+    peak = getattr(args, "peak", None)
+    achieved = gflop_per_row * rows / med / 1e3
+    return {"batch": n, "rows": rows, "oom_at_batch": ooms,
+            "seconds": {"median": med, "min": min(ts), "all": ts},
+            "rows_per_s": rows / med, "gflop_per_row": gflop_per_row,
+            "achieved_tflops": achieved, "mfu": achieved / peak if peak else None,
+            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "peak_rss_gib": rss.peak / 2**30 if device.type == "cpu" else None}
+
+
+def _time_piece(make, n: int, ooms: list, args, device):
     while True:
         fn = ts = None
         try:
@@ -321,13 +393,7 @@ def time_piece(make, batch: int, rows_per_item: int, gflop_per_row: float, args,
         fn = None
         _free(device)
         n //= 2
-    rows = n * rows_per_item
-    med = statistics.median(ts)
-    return {"batch": n, "rows": rows, "oom_at_batch": ooms,
-            "seconds": {"median": med, "min": min(ts), "all": ts},
-            "rows_per_s": rows / med, "gflop_per_row": gflop_per_row,
-            "achieved_tflops": gflop_per_row * rows / med / 1e3,
-            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    return ts, n
 
 
 def _free(device):
@@ -336,15 +402,22 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
-def bench_backbone(c: dict, flops: dict, args, device, dtype) -> dict:
-    """Every piece of one backbone; each network built, timed and freed in turn."""
+def bench_backbone(c: dict, flops: dict, args, device, dtype, out: dict | None = None) -> dict:
+    """Every piece of one backbone; each network built, timed and freed in turn (into ``out``, so that a
+    partial result can be written while it runs)."""
     g = {k: v["gflop_per_sample"] for k, v in flops.items()}
-    out = {"config": {k: c[k] for k in ("unet", "vae", "vit", "latent", "image", "context", "lora_rank")},
-           "pieces": {}, "build_s": {}}
-    for bench in (_bench_unet, _bench_vae, _bench_vit):
-        bench(c, g, args, device, dtype, out)
+    out = {} if out is None else out
+    out.update({"config": {k: c[k] for k in ("unet", "vae", "vit", "latent", "image", "context", "lora_rank")},
+                "pieces": {}, "build_s": {}})
+    for bench, names in ((_bench_unet, PIECES[:4]), (_bench_vae, PIECES[4:6]), (_bench_vit, PIECES[6:])):
+        if set(names) & set(args.pieces):
+            bench(c, g, args, device, dtype, out)
+            if getattr(args, "on_piece", None):
+                args.on_piece()
         _free(device)
-    out["spo_round_per_prompt"] = round_estimate(out["pieces"])
+    if all(p in out["pieces"] for p in PIECES):
+        out["spo_round_per_prompt"] = round_estimate(out["pieces"])
+    out["round_table"] = round_table(out["pieces"], args.round_prompts, getattr(args, "peak", None))
     return out
 
 
@@ -367,17 +440,29 @@ def _bench_unet(c, g, args, device, dtype, out):
         kw = unet_inputs(c, 2 * n, device, dtype)
         return lambda: unet(**kw)
 
+    from spobench.models.backbones.base import Backbone
+
+    want = set(args.pieces)
     with torch.no_grad():
-        out["pieces"]["unet_fwd"] = time_piece(forward, args.batch, 2, g["unet_fwd"], args, device)
+        if "unet_fwd" in want:
+            out["pieces"]["unet_fwd"] = time_piece(forward, args.batch, 2, g["unet_fwd"], args, device)
         params = add_lora(unet, c["lora_rank"])
         out["lora_params"] = sum(p.numel() for p in params)
-        out["pieces"]["unet_fwd_lora"] = time_piece(forward, args.batch, 2, g["unet_fwd_lora"], args, device)
+        if "unet_fwd_lora" in want:
+            out["pieces"]["unet_fwd_lora"] = time_piece(forward, args.batch, 2, g["unet_fwd_lora"], args, device)
+    if "unet_fwd_merged" in want:
+        bb = Backbone(unet=unet, scheduler=None)  # spobench's merge, on this UNet and its peft adapter
+        bb.lora_rank = c["lora_rank"]
+        with bb.lora_merged(reduced_precision=True) as merged:
+            assert merged
+            out["pieces"]["unet_fwd_merged"] = time_piece(forward, args.batch, 2, g["unet_fwd_merged"], args, device)
 
     def train(n):
         kw = unet_inputs(c, 2 * n, device, dtype)
         return lambda: _fwd_bwd(unet, kw, params, args.autocast, dtype)
 
-    out["pieces"]["unet_fwd_bwd_lora"] = time_piece(train, args.batch, 2, g["unet_fwd_bwd_lora"], args, device)
+    if "unet_fwd_bwd_lora" in want:
+        out["pieces"]["unet_fwd_bwd_lora"] = time_piece(train, args.batch, 2, g["unet_fwd_bwd_lora"], args, device)
 
 
 def _bench_vae(c, g, args, device, dtype, out):
@@ -389,8 +474,16 @@ def _bench_vae(c, g, args, device, dtype, out):
         z = torch.randn(n, 4, c["latent"], c["latent"], device=device, dtype=dtype)
         return lambda: vae.decode(z).sample
 
+    def decode_cl(n):
+        z = torch.randn(n, 4, c["latent"], c["latent"], device=device, dtype=dtype).to(memory_format=torch.channels_last)
+        return lambda: vae.decode(z).sample
+
     with torch.no_grad():
-        out["pieces"]["vae_decode"] = time_piece(decode, args.batch, 1, g["vae_decode"], args, device)
+        if "vae_decode" in args.pieces:
+            out["pieces"]["vae_decode"] = time_piece(decode, args.batch, 1, g["vae_decode"], args, device)
+        if "vae_decode_cl" in args.pieces:
+            vae.to(memory_format=torch.channels_last)
+            out["pieces"]["vae_decode_cl"] = time_piece(decode_cl, args.batch, 1, g["vae_decode_cl"], args, device)
 
 
 def _bench_vit(c, g, args, device, dtype, out):
@@ -403,8 +496,9 @@ def _bench_vit(c, g, args, device, dtype, out):
         px = torch.randn(n, 3, c["vit"]["image_size"], c["vit"]["image_size"], device=device, dtype=dtype)
         return lambda: vit(pixel_values=px).image_embeds
 
-    with torch.no_grad():
-        out["pieces"]["spm_vit"] = time_piece(score, args.batch, 1, g["spm_vit"], args, device)
+    if "spm_vit" in args.pieces:
+        with torch.no_grad():
+            out["pieces"]["spm_vit"] = time_piece(score, args.batch, 1, g["spm_vit"], args, device)
 
 
 def round_estimate(p: dict) -> dict:
@@ -442,12 +536,67 @@ def round_estimate(p: dict) -> dict:
             + official_train}
 
 
+# The whole round as spobench runs it, B prompts, k candidates, 20 DDIM steps (4 plain + 16 pooled), P kept
+# pairs per prompt (assumed 16: every pool keeps one), extrapolated linearly from each piece's per-row median:
+ROUND_FORMULA = ("seconds(piece) = B x rows_per_prompt(piece) x median_s(piece) / rows_timed(piece); rows per prompt: "
+                 "rollout 2(5 + 15k) = 130 UNet rows (LoRA merged when unet_fwd_merged was timed, else active), "
+                 "decode 16k = 64 latents (the faster of vae_decode / vae_decode_cl), SPM 16k = 64 images, "
+                 "training 2P = 32 policy rows fwd+bwd + 2P = 32 reference rows fwd (P = 16 pairs); "
+                 "share = seconds / sum; MFU = GFLOP/row x rows / seconds / peak")
+
+
+def round_table(p: dict, prompts: int, peak: float | None) -> dict:
+    """Seconds and share per piece of one spobench SPO round of ``prompts`` prompts (``ROUND_FORMULA``)."""
+    rows = {"rollout_unet": 2 * (N_PLAIN + 1 + (N_POOLED - 1) * K), "vae_decode": N_POOLED * K,
+            "spm_image": N_POOLED * K, "train_policy_fwd_bwd": 2 * PAIRS, "train_reference_fwd": 2 * PAIRS}
+    decodes = [d for d in ("vae_decode", "vae_decode_cl") if d in p]
+    source = {"rollout_unet": "unet_fwd_merged" if "unet_fwd_merged" in p else "unet_fwd_lora",
+              "vae_decode": min(decodes, key=lambda d: p[d]["seconds"]["median"] / p[d]["rows"]) if decodes else None,
+              "spm_image": "spm_vit", "train_policy_fwd_bwd": "unet_fwd_bwd_lora", "train_reference_fwd": "unet_fwd"}
+    out = {}
+    for piece, src in source.items():
+        if src not in p:
+            continue
+        x = p[src]
+        sec = prompts * rows[piece] * x["seconds"]["median"] / x["rows"]
+        tflop = prompts * rows[piece] * x["gflop_per_row"] / 1e3
+        out[piece] = {"measured_as": src, "rows_per_prompt": rows[piece], "rows": prompts * rows[piece],
+                      "seconds": sec, "tflop": tflop, "mfu": tflop / sec / peak if peak else None,
+                      "peak_mem_gib": x["peak_mem_gib"], "peak_rss_gib": x.get("peak_rss_gib")}
+    total = sum(v["seconds"] for v in out.values())
+    for v in out.values():
+        v["share"] = v["seconds"] / total if total else None
+    tflop = sum(v["tflop"] for v in out.values())
+    return {"prompts": prompts, "formula": ROUND_FORMULA, "complete": len(out) == len(source), "pieces": out,
+            "total_s": total, "total_tflop": tflop, "mfu": tflop / total / peak if peak and total else None,
+            "peak_tflops": peak}
+
+
+def format_round(res: dict) -> str:
+    lines = []
+    for b, r in res["backbones"].items():
+        t = r["round_table"]
+        lines.append(f"{b}: one spobench SPO round of {t['prompts']} prompts (extrapolated: {t['formula']})")
+        lines.append(f"  {'piece':<22} {'as':<18} {'rows':>6} {'seconds':>10} {'share':>7} {'TFLOP':>8} {'MFU':>6} "
+                     f"{'peak GiB':>9}")
+        for piece, v in t["pieces"].items():
+            mfu = f"{100 * v['mfu']:>5.1f}%" if v["mfu"] is not None else f"{'-':>6}"
+            mem = v["peak_mem_gib"] if v["peak_mem_gib"] is not None else v["peak_rss_gib"]
+            lines.append(f"  {piece:<22} {v['measured_as']:<18} {v['rows']:>6} {v['seconds']:>10.2f} "
+                         f"{100 * v['share']:>6.1f}% {v['tflop']:>8.1f} {mfu} {mem if mem is None else round(mem, 2)!s:>9}")
+        mfu = f"{100 * t['mfu']:.1f}%" if t["mfu"] is not None else "- (no peak TFLOP/s for this device: --peak-tflops)"
+        lines.append(f"  {'total':<22} {'':<18} {'':>6} {t['total_s']:>10.2f} {'':>7} {t['total_tflop']:>8.1f}  MFU {mfu}"
+                     + ("" if t["complete"] else "  (INCOMPLETE: not every piece was timed)"))
+    return "\n".join(lines)
+
+
 def format_results(res: dict) -> str:
     lines = [f"{'backbone':<8} {'piece':<18} {'rows':>5} {'median s':>9} {'rows/s':>9} {'GFLOP/row':>10} "
              f"{'TFLOP/s':>8} {'peak GiB':>9}", "-" * 82]
     for b, r in res["backbones"].items():
         for piece, x in r["pieces"].items():
-            mem = f"{x['peak_mem_gib']:>9.2f}" if x["peak_mem_gib"] is not None else f"{'-':>9}"
+            m = x["peak_mem_gib"] if x["peak_mem_gib"] is not None else x.get("peak_rss_gib")
+            mem = f"{m:>9.2f}" if m is not None else f"{'-':>9}"
             lines.append(f"{b:<8} {piece:<18} {x['rows']:>5} {x['seconds']['median']:>9.4f} {x['rows_per_s']:>9.2f} "
                          f"{x['gflop_per_row']:>10.2f} {x['achieved_tflops']:>8.2f} {mem}"
                          + (f"  (OOM at batch {x['oom_at_batch']})" if x["oom_at_batch"] else ""))
@@ -456,15 +605,26 @@ def format_results(res: dict) -> str:
     lines.append(f"{'backbone':<8} {'rollout':>8} {'decode':>8} {'SPM img':>8} {'train pol':>10} {'train ref':>10} "
                  f"{'total s':>8} {'TFLOP':>7} {'official-train total s':>23}")
     for b, r in res["backbones"].items():
+        if "spo_round_per_prompt" not in r:
+            continue
         e = r["spo_round_per_prompt"]
         s = e["seconds"]
         lines.append(f"{b:<8} {s['rollout_unet']:>8.3f} {s['vae_decode']:>8.3f} {s['spm_image']:>8.3f} "
                      f"{s['train_policy_fwd_bwd']:>10.3f} {s['train_reference_fwd']:>10.3f} {s['total']:>8.3f} "
                      f"{e['tflop']['total']:>7.1f} {e['total_with_official_training_s']:>23.3f}")
     for b, r in res["backbones"].items():
-        lines.append(f"{b}: attention processors {r['attention_processors']}, kernels {r['attention_kernels']}, "
-                     f"ViT attention '{r['vit_attn_implementation']}'")
-    return "\n".join(lines)
+        lines.append(f"{b}: attention processors {r.get('attention_processors')}, kernels {r.get('attention_kernels')}, "
+                     f"ViT attention '{r.get('vit_attn_implementation')}'")
+    return "\n".join(lines) + "\n\n" + format_round(res)
+
+
+def _uptime() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def _device_name(device: torch.device) -> str:
@@ -502,6 +662,11 @@ def parse(argv=None):
     p.add_argument("--tiny-widths", action="store_true", help="TEST ONLY: small channel widths (UNet, VAE, ViT)")
     p.add_argument("--vit-layers", type=int, default=None,
                    help="TEST ONLY: ViT depth (default 32, 2 with --tiny-widths)")
+    p.add_argument("--pieces", type=lambda v: tuple(x for x in v.split(",") if x), default=PIECES,
+                   help="comma-separated pieces to time (default: all): " + ",".join(PIECES))
+    p.add_argument("--round-prompts", type=int, default=10, help="prompts per round in the whole-round table (B)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak TFLOP/s at --dtype for "
+                   "MFU (default: known GPUs, see PEAK_TFLOPS; none for a CPU)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON results (default benchmarks/results/real_size-<device>.json; --flops-only: none)")
     return p.parse_args(argv)
@@ -542,6 +707,10 @@ def main(argv=None) -> dict:
         return result
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    bad = sorted(set(args.pieces) - set(PIECES))
+    if bad:
+        raise SystemExit(f"--pieces: unknown {bad}; choose from {','.join(PIECES)}")
+    args.peak = peak_tflops(device, args.dtype, args.peak_tflops)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32 or torch.backends.cuda.matmul.allow_tf32
         torch.backends.cudnn.allow_tf32 = args.tf32 or torch.backends.cudnn.allow_tf32
@@ -551,6 +720,7 @@ def main(argv=None) -> dict:
                    "capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
                    "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+        "peak_tflops": args.peak, "uptime_start": _uptime(),
         "dtype": args.dtype, "lora_dtype": "fp32", "autocast": args.autocast, "batch": args.batch,
         "repeats": args.repeats, "warmup": args.warmup,
         "backend_flags": {"matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
@@ -563,15 +733,22 @@ def main(argv=None) -> dict:
         "backbones": {},
     })
     torch.manual_seed(0)
-    for b in backbones:
-        c = configs(b, args.size_scale, args.tiny_widths, args.vit_layers)
-        result["backbones"][b] = bench_backbone(c, table[b]["pieces"], args, device, dtype)
-    if device.type == "cpu":
-        result["device"]["loadavg_end"] = list(os.getloadavg())
-    print()
-    print(format_results(result))
     out = args.out or RESULTS / f"real_size-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+
+    def partial():  # after every timed piece (the previous one's figures), marked incomplete until the end
+        out.write_text(json.dumps(result | {"partial": True}, indent=2, default=str) + "\n")
+
+    args.on_piece = partial
+    for b in backbones:
+        c = configs(b, args.size_scale, args.tiny_widths, args.vit_layers)
+        result["backbones"][b] = {}
+        bench_backbone(c, table[b]["pieces"], args, device, dtype, result["backbones"][b])
+    if device.type == "cpu":
+        result["device"]["loadavg_end"] = list(os.getloadavg())
+        result["uptime_end"] = _uptime()
+    print()
+    print(format_results(result))
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")
     return result

@@ -9,12 +9,13 @@ or, as a quick correctness check without timings (counts and identical math on a
     OMP_NUM_THREADS=1 .venv/bin/pytest benchmarks/bench_spo_round.py
 
 Both sides use the same tiny backbone (the shipped ``tiny-base``, or ``TinyBackbone.build(0)`` with
-``--random-base``), the same LoRA (rank 4, B perturbed so that policy != reference), the same tiny
+``--random-base``, or with ``--components sd15`` tiny random SD-1.5-shaped components with a VAE:
+``make_sd15_folder``'s UNet, AutoencoderKL and CLIP text encoder, 16 px images / 8x8x4 latents), the same LoRA (rank 4, B perturbed so that policy != reference), the same tiny
 random-init step-aware preference model (``spobench toy clip`` sizes: hidden 64, 3 layers, patch 4)
 and the same prompts (``tiny-train``). Settings: 20 DDIM steps, eta 1, CFG 5, k candidates,
 kappa 750, threshold -1 (every pair is kept), train batch 10, AdamW, gradients clipped at 1.
 
-**spobench** (``SPOTrainer``): ``collect`` (``spo_pools.pool_rollout`` + ``make_pool_scorer`` + the
+**spobench** (``SPOTrainer``, with ``merge_lora=true`` unless ``--no-merge-lora``): ``collect`` (``spo_pools.pool_rollout`` + ``make_pool_scorer`` + the
 SPM with its text cache), ``share`` and ``train_items`` (one policy + one reference forward per
 pair, LoRA switched off for the reference), exactly what ``Trainer.train`` runs per round minus
 logging and checkpoints.
@@ -87,20 +88,35 @@ class Setup:
         return self.tr.bb
 
 
+COMPONENTS = ("tiny-base", "sd15")
+
+
 def build(n_prompts: int, b: int, k: int, *, num_steps: int = 20, kappa: int = 750, train_batch: int = 10,
-          compile: bool = False,
+          compile: bool = False, components: str = "tiny-base", resolution: int = 16, merge_lora: bool = True,
           random_base: bool = False, lora_perturb: float = 0.1, seed: int = 0) -> Setup:
+    """``components``: "tiny-base" (the pixel-space tiny backbone, no VAE) or "sd15" (tiny random
+    SD-1.5-shaped components with a VAE: ``make_sd15_folder``'s UNet2DConditionModel (16/32 wide, 4
+    latent channels), 2-block AutoencoderKL (x2 down) and CLIP text encoder, loaded by ``SD15Backbone.load``;
+    ``resolution`` px images -> resolution/2 latents)."""
     from spobench.models.backbones.tiny import PRETRAINED_DIR, TinyBackbone, tiny_tokenizer
     from spobench.models.spm import StepAwarePreferenceModel
     from spobench.toyworld.tiny_clip import make_tiny_clip_folder
     from spobench.data.prompts import load_prompts
 
     torch.manual_seed(seed)
+    tmp = tempfile.TemporaryDirectory(prefix="bench_spo_round_")
     use_shipped = not random_base and PRETRAINED_DIR.is_dir()
-    bb = TinyBackbone.load() if use_shipped else TinyBackbone.build(0)
+    if components == "sd15":
+        from spobench.models.backbones.sd import SD15Backbone
+        from spobench.models.backbones.testing import make_sd15_folder
+
+        bb = SD15Backbone.load(make_sd15_folder(Path(tmp.name) / "sd15", seed=seed))
+        name = f"make_sd15_folder(seed={seed}), {resolution} px, latents {bb.latent_shape(resolution)}"
+    else:
+        bb = TinyBackbone.load() if use_shipped else TinyBackbone.build(0)
+        name = "tiny-base (shipped)" if use_shipped else "TinyBackbone.build(0)"
     ref_unet = copy.deepcopy(bb.unet).eval().requires_grad_(False)  # official: copy.deepcopy(unet) before LoRA
 
-    tmp = tempfile.TemporaryDirectory(prefix="bench_spo_round_")
     clip_dir = make_tiny_clip_folder(Path(tmp.name) / "clip", seed=seed, image_size=32, patch_size=4, hidden=64,
                                      layers=3, heads=4, projection_dim=32,
                                      tokenizer=tiny_tokenizer(model_max_length=77))  # = `spobench toy clip`
@@ -115,7 +131,7 @@ def build(n_prompts: int, b: int, k: int, *, num_steps: int = 20, kappa: int = 7
     cfg = SPOTrainer.Config.load(None, [
         "prompts=unused", f"k={k}", f"kappa={kappa}", f"num_steps={num_steps}", "eta=1.0", "guidance_scale=5.0",
         f"rollout_batch={b}", f"train_batch_size={train_batch}", "epochs=1", "threshold=0.0", f"seed={seed}",
-        f"compile={str(compile).lower()}",
+        f"compile={str(compile).lower()}", f"merge_lora={str(merge_lora).lower()}", *([f"resolution={resolution}"] if components == "sd15" else []),
     ]).resolve(bb.defaults)
     cfg.threshold = -1.0  # keep every pair (the config's range check stops at 0; p_w - p_l >= 0 anyway)
     tr = SPOTrainer(cfg, bb, Path(tmp.name) / "run", prompts=prompts, step_scorer=spm)
@@ -123,7 +139,8 @@ def build(n_prompts: int, b: int, k: int, *, num_steps: int = 20, kappa: int = 7
         for n, p in bb.unet.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * lora_perturb)
-    info = {"backbone": "tiny-base (shipped)" if use_shipped else "TinyBackbone.build(0)",
+    info = {"backbone": name, "components": components,
+            "vae_params": 0 if bb.pixel_space else sum(p.numel() for p in bb.vae.parameters()),
             "unet_params": sum(p.numel() for p in ref_unet.parameters()),
             "spm_params": sum(p.numel() for p in spm.parameters()),
             "lora_params": sum(p.numel() for p in tr.params)}
@@ -229,7 +246,11 @@ class Official:
 
     def decode(self, latents):
         self.counters.vae_decodes += latents.shape[0]
-        return (latents.float() / 2 + 0.5).clamp(0, 1)  # the tiny backbone is pixel space (bb.decode's math)
+        if self.bb.pixel_space:
+            return (latents.float() / 2 + 0.5).clamp(0, 1)  # the tiny backbone is pixel space (bb.decode's math)
+        vae = self.bb.vae  # the official pipeline: vae.decode(latents / scaling_factor), then (x / 2 + 0.5).clamp
+        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
 
     def preference_score(self, images, input_ids, t):
         """``get_preference_score``: image features at t AND text features, recomputed every call."""
@@ -426,8 +447,12 @@ def expected_counts(b: int, k: int, pairs: int, n_pooled: int, n_plain: int) -> 
 # the benchmark
 # =================================================================================================
 def run(args) -> dict:
+    up0 = _uptime()
+    print(f"uptime at the start: {up0}")
     S = build(args.prompts, args.b, args.k, num_steps=args.steps, train_batch=args.train_batch,
-              random_base=args.random_base, compile=args.compile)
+              random_base=args.random_base, compile=args.compile, components=args.components,
+              resolution=args.resolution, merge_lora=args.merge_lora)
+    S.info["uptime_start"] = up0
     tr = S.tr
     official = Official(S, args.official_split)
     pool = tr.pool_config()
@@ -507,11 +532,12 @@ def run(args) -> dict:
         "torch": torch.__version__, "python": platform.python_version(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads(),
         "cpu": _cpu(), "cores": os.cpu_count(), "loadavg_end": list(os.getloadavg()),
+        "uptime_start": up0, "uptime_end": _uptime(),
         "setup": {"prompts": args.prompts, "rollout_batch": args.b, "k": args.k, "num_steps": args.steps,
                   "kappa": tr.cfg.kappa, "guidance_scale": tr.cfg.guidance_scale, "eta": tr.cfg.eta,
                   "threshold": tr.cfg.threshold, "train_batch_size": tr.cfg.train_batch_size,
                   "pooled_steps": n_pooled, "plain_steps": n_plain, "repeats": args.repeats, "official_split": args.official_split,
-                  "compile": args.compile, "warmup_s": warmup_s,
+                  "compile": args.compile, "merge_lora": args.merge_lora, "warmup_s": warmup_s,
                   **S.info},
         "loss_check_same_pairs": check, "rounds": rounds, "total": total,
     }
@@ -554,6 +580,15 @@ def _summarise(figs: list[dict]) -> dict:
     return out
 
 
+def _uptime() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def _cpu() -> str:
     from spobench.core.io import cpu_name
 
@@ -592,6 +627,11 @@ def main(argv=None) -> None:
     p.add_argument("--official-split", choices=("official", "per-candidate"), default="official",
                    help="official: one UNet/decode/SPM call per step over B*k rows (as the official code); "
                         "per-candidate: k calls of B rows")
+    p.add_argument("--components", choices=COMPONENTS, default="tiny-base",
+                   help="tiny-base: the pixel-space tiny backbone; sd15: tiny random SD-1.5-shaped UNet + VAE + CLIP")
+    p.add_argument("--resolution", type=int, default=16, help="sd15 components: image size (latents: half)")
+    p.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,
+                   help="spobench side with merge_lora=true (rollout with the LoRA folded into the weights)")
     p.add_argument("--random-base", action="store_true", help="TinyBackbone.build(0) instead of tiny-base")
     p.add_argument("--compile", action="store_true", help="spobench side with compile=true (torch.compile of the "
                    "UNet; the official side stays eager); compilation happens in the warm-up, reported apart")

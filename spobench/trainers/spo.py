@@ -44,6 +44,7 @@ with multi-step segments.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -80,6 +81,8 @@ class SPOConfig(TrainerConfig):
                                       gt=0, lt=1)
     scorer: str | None = setting(None, "an SPM folder, or metric:<name> (tiny default: the shipped SPM, spobench/assets/tiny-spm)")
     scorer_batch: int | None = setting(None, "decode/score this many x0_hat at a time (None: a whole pool)", min=1)
+    merge_lora: bool = setting(False, "roll out with the LoRA folded into the fp32 frozen weights (Backbone.lora_merged): "
+                               "the same policy up to float rounding, 1.1-1.2x faster rollout UNet calls on CPU")
 
     def check(self) -> None:
         if self.t_min > self.kappa:
@@ -198,8 +201,10 @@ class SPOTrainer(Trainer):
 
         prompts = [self.prompts[i] for i in prompt_indices]
         scorer = make_pool_scorer(self.bb, self.step_scorer, prompts, self.cfg.scorer_batch)
-        rollout = pool_rollout(self.engine, prompts, self.generators(epoch, rnd, prompt_indices),
-                               self.pool_config(), scorer)  # LoRA on, no grad
+        merged = self.bb.lora_merged() if self.cfg.merge_lora else contextlib.nullcontext()
+        with merged, torch.no_grad():  # the current policy, no grad
+            rollout = pool_rollout(self.engine, prompts, self.generators(epoch, rnd, prompt_indices),
+                                   self.pool_config(), scorer)
         items: list[PairItem] = []
         pools = kept = 0
         gap_all = gap_kept = 0.0

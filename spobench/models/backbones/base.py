@@ -294,6 +294,39 @@ class Backbone:
             for layer in layers:
                 layer.enable_adapters(True)
 
+    @contextlib.contextmanager
+    def lora_merged(self, reduced_precision: bool = False) -> Iterator[bool]:
+        """The policy for no-grad forwards (rollouts): W + scaling * B A folded into each adapted layer's
+        frozen weight and the adapter switched off, so a forward runs one matmul per layer instead of
+        three. The same function up to float rounding (W x + s B (A x) vs (W + s B A) x).
+
+        Runs its body under ``torch.no_grad()`` (a merged weight carries no gradient to the LoRA). On
+        exit every layer gets back its original weight tensor (swapped, not un-merged by a subtraction),
+        so training after it sees bit-identical weights. Yields whether it merged: not without a LoRA,
+        and not when the frozen weights are bf16/fp16 unless ``reduced_precision`` (rounding W + s B A
+        to 8 or 11 mantissa bits can swallow a small LoRA update; then the adapter stays as it is)."""
+        layers = self._lora_layers() if self.has_lora else []
+        merge = bool(layers) and (reduced_precision or self.dtype == torch.float32)
+        swapped: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        with torch.no_grad():
+            try:
+                if merge:
+                    for layer in layers:
+                        base = layer.get_base_layer()
+                        w = base.weight
+                        delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+                        swapped.append((w, w.data))
+                        w.data = (w.data.float() + delta.float()).to(w.dtype) if w.dtype != torch.float32 \
+                            else w.data + delta
+                        layer.enable_adapters(False)
+                yield merge
+            finally:
+                for w, original in swapped:
+                    w.data = original
+                if merge:
+                    for layer in layers:
+                        layer.enable_adapters(True)
+
     def _lora_layers(self) -> list:
         if self._tuner_layers is None:
             from peft.tuners.tuners_utils import BaseTunerLayer
