@@ -35,7 +35,7 @@ TRAINERS.declare("mspo", "spobench.trainers.mspo:MSPOTrainer", "Multi-step SPO f
 TRAINERS.declare("diffusion-dpo", "spobench.trainers.diffusion_dpo:DiffusionDPOTrainer", "Diffusion-DPO on Pick-a-Pic-format pairs (offline)")
 TRAINERS.declare("d3po", "spobench.trainers.d3po:D3POTrainer", "D3PO: two trajectories from one x_T, reward-labelled (online)")
 TRAINERS.declare("ddpo", "spobench.trainers.ddpo:DDPOTrainer", "DDPO: PPO on denoising trajectories (online)")
-TRAINERS.declare("flow-grpo", "spobench.trainers.flow_grpo:FlowGRPOTrainer", "Flow-GRPO: GRPO on a flow model's SDE steps (online; sd3, tiny-flow)")
+TRAINERS.declare("flow-grpo", "spobench.trainers.flow_grpo:FlowGRPOTrainer", "Flow-GRPO: GRPO on a flow model's SDE steps (online)")
 
 # -- metrics --------------------------------------------------------------------------------------
 METRICS.declare("pickscore", "spobench.metrics.pickscore:PickScore", "PickScore v1 (CLIP-H): logit_scale * cos")
