@@ -28,6 +28,8 @@ register_trainer = TRAINERS.register
 BACKBONES.declare("sd15", "spobench.models.backbones.sd:SD15Backbone", "Stable Diffusion 1.5 (diffusers folder or hub id)")
 BACKBONES.declare("sdxl", "spobench.models.backbones.sd:SDXLBackbone", "Stable Diffusion XL base (diffusers folder or hub id)")
 BACKBONES.declare("tiny", "spobench.models.backbones.tiny:TinyBackbone", "the tiny-world model: 32x32 pixel space, CPU-sized")
+BACKBONES.declare("sd3", "spobench.models.backbones.sd3:FlowBackbone", "Stable Diffusion 3 / 3.5, rectified flow (diffusers folder or hub id)")
+BACKBONES.declare("tiny-flow", "spobench.models.backbones.tiny_flow:TinyFlowBackbone", "the tiny flow world's model: SD3-shaped, 32x32 pixel space, CPU-sized")
 
 # -- trainers -------------------------------------------------------------------------------------
 TRAINERS.declare("spo", "spobench.trainers.spo:SPOTrainer", "Step-aware Preference Optimization (paper Sec. 4)")
