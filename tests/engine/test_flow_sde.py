@@ -182,3 +182,30 @@ def test_sde_from_t_one_keeps_the_marginals_within_the_caps_overshoot():
     _, sd1 = marginal(torch.tensor(float(sched.sigmas[1]), dtype=torch.float64))
     assert float((first.std(0) / sd1).min()) > 1.02  # the overshoot is there at t_1 ...
     _check_moments(traj.x0, 0.0, tol_bias=0.015)  # ... and gone (within Euler's bias) at t = 0
+
+
+# -- on the real SD3 component classes -------------------------------------------------------------------
+def test_noise_level_zero_on_an_sd3_folder_is_the_pipelines_sample(tmp_path):
+    """a = 0 on the backbone's own grid (``FlowSchedule.from_backbone``: shift 3) with its guided velocity
+    gives StableDiffusion3Pipeline's latents; a = 0.7 from the same x_1 does not (the noise is there)."""
+    from spobench.engine.rollout import make_generators, randn
+    from spobench.models.backbones import load_backbone
+    from spobench.models.backbones.testing import make_sd3_folder
+
+    bb = load_backbone("sd3", str(make_sd3_folder(tmp_path / "m")))
+    prompts = ["a blue square", "two green triangles"]
+    lat = torch.randn(2, *bb.latent_shape(16), generator=torch.Generator().manual_seed(0))
+    ref = bb.pipeline()(prompt=prompts, num_inference_steps=4, guidance_scale=4.5, latents=lat.clone(), height=16,
+                        width=16, output_type="latent").images
+    cond, uncond = bb.encode_prompts(prompts), bb.encode_unconditional(2)
+
+    def v(x, t):
+        return bb.predict(x, t, cond, uncond=uncond, guidance_scale=4.5)
+
+    ode = sample_sde(v, lat.clone(), FlowSchedule.from_backbone(bb, 4, noise_level=0.0), noise=None)
+    assert torch.allclose(ode.x0, ref, atol=1e-6)  # the pipeline batches CFG its own way: float rounding
+    gens = make_generators([1, 2])
+    sched = FlowSchedule.from_backbone(bb, 4)
+    assert float(sched.sigmas[0]) == 1.0 and sched.t_cap == pytest.approx(float(bb.sigmas(4)[1]))
+    sde = sample_sde(v, lat.clone(), sched, noise=lambda i: randn(lat.shape[1:], gens))
+    assert torch.isfinite(sde.log_probs).all() and (sde.x0 - ref).abs().max() > 1e-2
