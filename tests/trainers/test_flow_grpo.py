@@ -160,6 +160,27 @@ def test_kl_term_against_the_lora_off_means(tmp_path):
     assert float(loss.detach()) == pytest.approx(sums["loss"] / 4, rel=1e-5, abs=1e-7)
 
 
+def test_one_round_on_an_sd3_folder(tmp_path):
+    """Latent space (the 16-channel VAE decodes x_0 for the reward), shift 3 (t_0 = 1: the capped step trains)."""
+    from spobench.models.backbones import load_backbone
+    from spobench.models.backbones.testing import make_sd3_folder
+
+    bb = load_backbone("sd3", str(make_sd3_folder(tmp_path / "m")))
+    sets = ["num_steps=3", "rollout_batch=1", "group_size=2", "train_batch_size=4", "grad_accum=1", "resolution=16",
+            "lora_rank=2", "max_rounds=1"]
+    cfg = FlowGRPOTrainer.prepare_config(FlowGRPOTrainer.Config.load(None, sets + ["prompts=x", "reward=metric:x"]), "sd3", bb.defaults)
+    assert cfg.guidance_scale == 4.5 and cfg.lr == 3e-4 and cfg.beta == 0.04  # the sd3 defaults: Flow-GRPO's
+    tr = FlowGRPOTrainer(cfg, bb, tmp_path / "run", prompts=PROMPTS[:1], reward_fn=brightness)
+    summary = tr.train()
+    c = summary["counters"]
+    assert summary["progress"]["step"] == 1 and c["vae_decodes"] == 2 and c["reward_image_passes"] == 2
+    assert c["unet_rows_grad"] == 2 * 2 * 2 and c["unet_rows_nograd"] == 2 * 3 * 2 + 2 * 2 * 2  # 2 trained steps
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    train = next(r for r in rows if r["kind"] == "train")
+    assert train["ratio"] == pytest.approx(1.0, abs=1e-4) and math.isfinite(train["loss"])
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_refuses_a_diffusion_backbone(tmp_path):
     from spobench.core.errors import InputError
     from spobench.models.backbones.tiny import TinyBackbone
