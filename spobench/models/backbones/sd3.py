@@ -274,10 +274,11 @@ class FlowBackbone(SD15Backbone):
     def add_lora(self, rank: int | None = None, alpha: float | None = None, targets: Sequence[str] | None = None,
                  seed: int = 0, rank_pattern: dict | None = None,
                  alpha_pattern: dict | None = None) -> list[torch.nn.Parameter]:
-        """A peft LoRA on the transformer's attention projections (default: ``lora_targets``; rank and
-        alpha: the backbone's defaults, Flow-GRPO's 32 / 64 for SD3.5-M)."""
+        """A peft LoRA on the transformer's attention projections (default: ``lora_targets``; rank: the
+        backbone's default, Flow-GRPO's 32 for SD3.5-M). ``alpha`` None keeps the default's scale
+        alpha / rank (Flow-GRPO: 64 / 32 = 2) at any rank; backbones without a published alpha: scale 1."""
         rank = rank or self.defaults.lora_rank
-        alpha = alpha or self.defaults.lora_alpha or rank
+        alpha = alpha or rank * (self.defaults.lora_alpha or self.defaults.lora_rank) / self.defaults.lora_rank
         return super().add_lora(rank, alpha, targets=tuple(targets or self.lora_targets), seed=seed,
                                 rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
 
@@ -424,6 +425,14 @@ class FlowBackbone(SD15Backbone):
             raise ModelLoadError(f"{self.name}: {where}: {'; '.join(problems)}; is it an SD3 model folder?")
 
     # -- saving --------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """As for SD (atomic, the marker file, refused with a LoRA attached), without diffusers' warning
+        that the absent T5 "cannot be saved" (it is absent by design: zeros replace it)."""
+        from spobench.models.backbones.base import _diffusers_quiet
+
+        with _diffusers_quiet():
+            return super().save_pretrained(path)
+
     def _pipeline_kwargs(self) -> dict:
         return {"transformer": self.transformer, "scheduler": copy.deepcopy(self.scheduler), "vae": self.vae,
                 "text_encoder": self.text_encoders[0], "tokenizer": self.tokenizers[0],
