@@ -122,4 +122,4 @@ def test_shipped_flow_base_follows_prompts():
     for name, bb in (("base", TinyFlowBackbone.load()), ("random", TinyFlowBackbone.build(0))):
         imgs = euler_sample(bb, prompts, seeds=range(8), num_steps=20, guidance_scale=4.5)
         scores[name] = np.mean(ToyAlignment().score([Image.fromarray(a) for a in imgs], prompts).scores)
-    assert scores["base"] > scores["random"], scores
+    assert scores["base"] > scores["random"], scores  # measured: base 2 of 8 correct (0.25), random 0
