@@ -24,7 +24,9 @@ def test_family_and_facts(sd3):
     assert sd3.latent_shape(16) == (16, 8, 8)
     ident = sd3.identity()
     assert ident["family"] == "flow" and ident["t5"] == (sd3.text_encoder_3 is not None)
-    with pytest.raises(TypeError, match="sigmas"):
+    from spobench.core.errors import InputError
+
+    with pytest.raises(InputError, match="DDIM"):
         sd3.alphas_cumprod
     assert not any(p.requires_grad for m in sd3.modules().values() for p in m.parameters())
 

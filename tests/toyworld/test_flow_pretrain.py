@@ -22,14 +22,16 @@ def _weights(tr):
     return {k: v.clone() for k, v in tr.modules.state_dict().items()}
 
 
-def test_loss_is_rectified_flow_by_hand(tmp_path):
+@pytest.mark.parametrize("t_sampling", ["uniform", "logit_normal"])
+def test_loss_is_rectified_flow_by_hand(t_sampling, tmp_path):
     tr = _trainer(tmp_path / "run")
+    tr.cfg.t_sampling = t_sampling
     cfg = tr.cfg
     prompts, images = toy_batch(cfg.seed, 0, cfg.batch_size)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 0)
     drop = torch.rand(4, generator=g) < cfg.prompt_dropout
     prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-    t = torch.sigmoid(torch.randn(4, generator=g))  # logit-normal(0, 1)
+    t = torch.rand(4, generator=g) if t_sampling == "uniform" else torch.sigmoid(torch.randn(4, generator=g))
     eps = torch.randn(4, 3, 32, 32, generator=g)
     x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
@@ -120,4 +122,4 @@ def test_shipped_flow_base_follows_prompts():
     for name, bb in (("base", TinyFlowBackbone.load()), ("random", TinyFlowBackbone.build(0))):
         imgs = euler_sample(bb, prompts, seeds=range(8), num_steps=20, guidance_scale=4.5)
         scores[name] = np.mean(ToyAlignment().score([Image.fromarray(a) for a in imgs], prompts).scores)
-    assert scores["base"] > scores["random"], scores
+    assert scores["base"] > scores["random"], scores  # measured: base 2 of 8 correct (0.25), random 0

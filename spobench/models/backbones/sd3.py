@@ -44,7 +44,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextModelWithProjection
 
-from spobench.core.errors import ModelLoadError
+from spobench.core.errors import InputError, ModelLoadError
 from spobench.core.weights import load_pretrained
 from spobench.models.backbones.base import Backbone, BackboneDefaults, Conditioning
 from spobench.models.backbones.diffusers_folder import _first_line, _weights_variant
@@ -164,11 +164,13 @@ class FlowBackbone(SD15Backbone):
 
     @property
     def alphas_cumprod(self):
-        raise TypeError(f"{self.name} is a flow-matching backbone: it has no alphas_cumprod (use sigmas())")
+        # a DDIM trainer or sampler reached a flow backbone: one CLI line, not a traceback from inside it
+        raise InputError(f"{self.name} is a flow-matching backbone (family 'flow'): it has no alphas_cumprod, "
+                         "so DDIM-based sampling and trainers do not apply to it")
 
     @property
     def final_alpha_cumprod(self):
-        raise TypeError(f"{self.name} is a flow-matching backbone: it has no alphas_cumprod (use sigmas())")
+        return self.alphas_cumprod
 
     @property
     def shift(self) -> float:

@@ -14,6 +14,11 @@ choices:
   T5 zeros would be 256 tokens of nothing (``max_sequence_length = 0``).
 * **shift 1**: SD3's shift 3 moves steps toward noise for 1024 px latents (the SD3 paper's
   resolution-dependent shift, Sec. 5.3.2); at 32x32x3 the unshifted grid is the natural one.
+
+The shipped ``assets/tiny-flow-base`` (8.4 MB) was made by ``spobench toy pretrain --backbone tiny-flow
+--steps 1500 --seed 0`` (``toyworld/flow_pretrain.py``; its ``pretrain.json`` records the command, wall time,
+final loss and the quick check of ``toyworld/flow_check.py``). Its samples get colours right and shapes
+roughly: it is a weak base, as a 1500-step MMDiT is, much weaker than the tiny U-Net's ``tiny-base``.
 """
 
 from __future__ import annotations
