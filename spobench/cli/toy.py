@@ -17,26 +17,44 @@ toy_app = typer.Typer(help="The tiny world: pretrain its base model, write its p
                       no_args_is_help=True)
 
 
+def _one_of(value: str, names: tuple[str, ...]) -> str:
+    from spobench.core.errors import InputError
+
+    if value not in names:
+        raise InputError(f"--backbone: {value!r} is not one of {', '.join(names)}")
+    return value
+
+
 @toy_app.command("pretrain")
 def toy_pretrain(
     out: Path = typer.Option(Path("runs/tiny-pretrain"), "--out", "-o", help="Run folder (checkpoints/, model/)."),
-    steps: int = typer.Option(2500, "--steps", callback=_COUNT, help="Optimizer steps (batch 32: ~0.9 s each on 2 cores)."),
+    steps: Optional[int] = typer.Option(None, "--steps", callback=_COUNT,
+                                        help="Optimizer steps (default: tiny 2500, tiny-flow 1500; batch 32: ~0.9 s each on 2 cores)."),
     batch_size: int = typer.Option(32, "--batch-size", callback=_COUNT),
     lr: float = typer.Option(1e-3, "--lr", callback=_number(gt=0)),
     seed: int = typer.Option(0, "--seed", callback=_SEED),
     checkpoint_every: int = typer.Option(250, "--checkpoint-every", callback=_COUNT),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    backbone: str = typer.Option("tiny", "--backbone", callback=lambda v: _one_of(v, ("tiny", "tiny-flow")),
+                                 help="tiny: the U-Net (v-prediction); tiny-flow: the SD3-shaped transformer "
+                                      "(rectified flow, spobench/toyworld/flow_pretrain.py)."),
 ):
-    """Pretrain the tiny backbone (v-prediction) on renders of mixed quality; exports a diffusers folder
-    to <out>/model that `--backbone tiny --model <out>/model` loads."""
+    """Pretrain the tiny backbone (v-prediction) or the tiny flow backbone (rectified flow) on renders of
+    mixed quality; exports a diffusers folder to <out>/model that `--backbone <name> --model <out>/model` loads."""
     from spobench.core.progress import Progress
     from spobench.models.backbones.tiny import TinyBackbone
     from spobench.core import outdir
     from spobench.core.checkpoint import latest_checkpoint
     from spobench.toyworld.pretrain import PretrainConfig, Pretrainer, toy_batch
 
-    cfg = PretrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every)
+    if backbone == "tiny-flow":
+        from spobench.models.backbones.tiny_flow import TinyFlowBackbone as TinyBackbone  # noqa: F811
+        from spobench.toyworld.flow_pretrain import FlowPretrainConfig as PretrainConfig  # noqa: F811
+        from spobench.toyworld.flow_pretrain import FlowPretrainer as Pretrainer  # noqa: F811
+    cfg = PretrainConfig(batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
+                         **({} if steps is None else {"steps": steps}))
+    steps = cfg.steps
     with outdir.claim(out, command="toy pretrain", resume=resume, overwrite=overwrite,
                       keep=lambda: latest_checkpoint(out) is not None):
         trainer = Pretrainer(TinyBackbone.build(seed), cfg, toy_batch, out)

@@ -28,6 +28,8 @@ register_trainer = TRAINERS.register
 BACKBONES.declare("sd15", "spobench.models.backbones.sd:SD15Backbone", "Stable Diffusion 1.5 (diffusers folder or hub id)")
 BACKBONES.declare("sdxl", "spobench.models.backbones.sd:SDXLBackbone", "Stable Diffusion XL base (diffusers folder or hub id)")
 BACKBONES.declare("tiny", "spobench.models.backbones.tiny:TinyBackbone", "the tiny-world model: 32x32 pixel space, CPU-sized")
+BACKBONES.declare("sd3", "spobench.models.backbones.sd3:FlowBackbone", "Stable Diffusion 3 / 3.5, rectified flow (diffusers folder or hub id)")
+BACKBONES.declare("tiny-flow", "spobench.models.backbones.tiny_flow:TinyFlowBackbone", "the tiny flow world's model: SD3-shaped, 32x32 pixel space, CPU-sized")
 
 # -- trainers -------------------------------------------------------------------------------------
 TRAINERS.declare("spo", "spobench.trainers.spo:SPOTrainer", "Step-aware Preference Optimization (paper Sec. 4)")
@@ -35,6 +37,7 @@ TRAINERS.declare("mspo", "spobench.trainers.mspo:MSPOTrainer", "Multi-step SPO f
 TRAINERS.declare("diffusion-dpo", "spobench.trainers.diffusion_dpo:DiffusionDPOTrainer", "Diffusion-DPO on Pick-a-Pic-format pairs (offline)")
 TRAINERS.declare("d3po", "spobench.trainers.d3po:D3POTrainer", "D3PO: two trajectories from one x_T, reward-labelled (online)")
 TRAINERS.declare("ddpo", "spobench.trainers.ddpo:DDPOTrainer", "DDPO: PPO on denoising trajectories (online)")
+TRAINERS.declare("flow-grpo", "spobench.trainers.flow_grpo:FlowGRPOTrainer", "Flow-GRPO: GRPO on a flow model's SDE steps (online)")
 
 # -- metrics --------------------------------------------------------------------------------------
 METRICS.declare("pickscore", "spobench.metrics.pickscore:PickScore", "PickScore v1 (CLIP-H): logit_scale * cos")

@@ -55,11 +55,13 @@ class Pretrainer(Task):
     """Trains the tiny backbone's UNet and text encoder from scratch (whole modules, not a LoRA) in the
     shared loop (``spobench.trainers.loop``): one round = one optimizer step on one batch."""
 
+    run_name = "tiny-pretrain"  # the loop's run name and the checkpoint's model identity
+
     def __init__(self, backbone, config: PretrainConfig, batch_fn: BatchFn, out: str | Path):
         from spobench.core.checkpoint import ModuleWeights
 
         self.bb, self.cfg, self.batch_fn, self.out = backbone, config, batch_fn, Path(out)
-        self.modules = torch.nn.ModuleDict({"unet": backbone.unet, "text_encoder": backbone.text_encoder})
+        self.modules = torch.nn.ModuleDict(self.trained_modules())
         self.modules.requires_grad_(True).train()
         self.ema = copy.deepcopy(self.modules).requires_grad_(False).eval()
         self.opt = torch.optim.AdamW(self.modules.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -67,8 +69,8 @@ class Pretrainer(Task):
             self.opt, lambda s: min(1.0, (s + 1) / max(1, config.warmup)))
         self.losses: list[float] = []
         self._on_step: Callable[[int, float], None] | None = None
-        weights = ModuleWeights({"modules": self.modules, "ema": self.ema}, {"model": "tiny-pretrain"})
-        self.loop = Loop(self, out=self.out, name="tiny-pretrain", weights=weights,
+        weights = ModuleWeights({"modules": self.modules, "ema": self.ema}, {"model": self.run_name})
+        self.loop = Loop(self, out=self.out, name=self.run_name, weights=weights,
                          params=list(self.modules.parameters()), optimizer=self.opt, scheduler=self.sched,
                          schedule=Schedule(max_grad_norm=config.grad_clip, checkpoint_every=config.checkpoint_every,
                                            keep_checkpoints=1),
@@ -77,6 +79,10 @@ class Pretrainer(Task):
     @property
     def step(self) -> int:
         return self.loop.progress.step
+
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        """What pretraining trains, whole: the denoiser and the text encoder(s)."""
+        return {"unet": self.bb.unet, "text_encoder": self.bb.text_encoder}
 
     # -- the loop's task -------------------------------------------------------------------------
     def rounds_per_epoch(self) -> int:

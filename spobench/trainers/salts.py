@@ -15,3 +15,4 @@ DDPO_SAMPLE = 0xDD  # a DDPO trajectory's noise, one per (prompt, image)
 D3PO_PAIR = 0xD3  # a D3PO pair's shared x_T and each side's noise
 DPO_VAE = 0x7AE  # the VAE posterior samples of a round's Diffusion-DPO pairs
 DPO_PAIR = 0xDB0  # a Diffusion-DPO pair's t, noise, flips and caption dropout
+FLOW_GRPO_SAMPLE = 0xF6  # a Flow-GRPO image's x_1 and SDE noise, one per (prompt, image in its group)

@@ -104,12 +104,16 @@ class BackboneDefaults:
     prompts: str | None = None  # training prompt set
     scorer: str | None = None  # SPO/MSPO step scorer (an SPM folder or metric:<name>)
     reward: str | None = None  # DDPO/D3PO reward on x_0 (metric:<name> or an SPM folder)
+    # flow backbones (sd3.py): None where a backbone has no published value (the sampler's own default)
+    lora_alpha: float | None = None  # None: = rank (scale 1)
+    guidance_scale: float | None = None  # CFG weight of the published sampler
 
 
 class Backbone:
     """Base class; subclasses implement prompt encoding and loading (see ``sd.py``, ``tiny.py``)."""
 
     name: str = "base"
+    family: str = "diffusion"  # "diffusion": DDIM over alphas_cumprod; "flow": rectified flow (models/backbones/sd3.py)
     defaults: BackboneDefaults = BackboneDefaults()
     pipeline_class: type | None = None  # the diffusers pipeline class for LoRA save/load
 
@@ -376,7 +380,7 @@ class Backbone:
         from spobench.core.errors import ModelLoadError
         from spobench.core.weights import mismatch_message
 
-        file, state, config = read_lora(path, self.pipeline_class, self.unet.config)
+        file, state, config = self._read_lora(path)
         added = not self.has_lora
         try:
             if added:
@@ -399,6 +403,10 @@ class Backbone:
                 self._tuner_layers = None
             raise ModelLoadError(f"{problem}; is it a LoRA for the {self.name} UNet (another backbone or rank?)")
         set_peft_model_state_dict(self.unet, state)
+
+    def _read_lora(self, path: str | Path) -> tuple[Path, dict, dict]:
+        """(file, peft-keyed state dict, LoraConfig kwargs) of a LoRA for this backbone's denoiser."""
+        return read_lora(path, self.pipeline_class, self.unet.config)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]

@@ -15,7 +15,8 @@ import torch
 from spobench.core.errors import ModelLoadError
 
 MARKER_FILE = "spobench_backbone.json"  # written by save_pretrained: which backbone a folder is for
-_PIPELINE_BACKBONE = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
+_PIPELINE_BACKBONE = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
+                      "StableDiffusion3Pipeline": "sd3"}
 _HALF = (torch.float16, torch.bfloat16)
 
 

@@ -125,6 +125,79 @@ def make_tiny_folder(path: str | Path, seed: int = 0) -> Path:
     return TinyBackbone.build(seed).save_pretrained(path)
 
 
+# The SD3 / SD3.5 scheduler config's values (stabilityai/stable-diffusion-3.5-medium, scheduler/): no dynamic shift.
+SD3_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.31.0.dev0",
+                        "num_train_timesteps": 1000, "shift": 3.0}
+
+
+def make_sd3_folder(path: str | Path, seed: int = 0, t5: bool = False) -> Path:
+    """A StableDiffusion3Pipeline-shaped folder with SD3.5-Medium's component classes and layout choices
+    (SD3Transformer2DModel with qk RMS-norm and a dual-attention block, the 16-channel VAE with its
+    scaling 1.5305 / shift 0.0609 and no quant convs, two CLIPTextModelWithProjection, the flow-matching
+    scheduler with shift 3), tiny widths, random weights: 16 px images -> 16 x 8 x 8 latents.
+    ``t5``: also a tiny T5EncoderModel + T5TokenizerFast (``text_encoder_3/``, ``tokenizer_3/``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from spobench.models.backbones.tiny import tiny_text_config, tiny_tokenizer
+
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = tiny_tokenizer(model_max_length=MAX_TOKENS)
+        tokenizer_2 = tiny_tokenizer(model_max_length=MAX_TOKENS, pad_token="!")
+        encoders = [CLIPTextModelWithProjection(tiny_text_config(t, hidden_size=32, max_positions=MAX_TOKENS,
+                                                                 projection_dim=32)) for t in (tokenizer, tokenizer_2)]
+        transformer = SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64,
+            pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,))
+        vae = _vae(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                   use_post_quant_conv=False)
+        text_encoder_3, tokenizer_3 = (tiny_t5(d_model=64) if t5 else (None, None))
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG),
+        vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+    from spobench.models.backbones.base import _diffusers_quiet
+
+    with _diffusers_quiet():
+        pipe.save_pretrained(path, safe_serialization=True)
+    _write_scheduler(path, SD3_SCHEDULER_CONFIG)
+    return path
+
+
+def tiny_t5(d_model: int = 64):
+    """A 1-layer T5EncoderModel and a T5TokenizerFast over the tiny tokenizer's words (a Unigram model built
+    here: no sentencepiece file is needed), with T5's special tokens pad=0, eos=1, unk=2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    from spobench.models.backbones.tiny import tiny_tokenizer
+
+    words = sorted(k.removesuffix("</w>") for k in tiny_tokenizer().get_vocab() if k.endswith("</w>") and len(k) > 5)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in words]
+    vocab += [(chr(c), -10.0) for c in range(32, 127)] + [("\u2581", -5.0)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                extra_ids=0, model_max_length=512)
+    model = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1,
+                                    num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    return model, tokenizer
+
+
+def make_tiny_flow_folder(path: str | Path, seed: int = 0) -> Path:
+    """A tiny-flow folder (random weights from ``TinyFlowBackbone.build(seed)``), as save_pretrained writes it."""
+    from spobench.models.backbones.tiny_flow import TinyFlowBackbone
+
+    return TinyFlowBackbone.build(seed).save_pretrained(path)
+
+
 # -- released checkpoints in their published layouts ------------------------------------------------------
 def make_unet_folder(path: str | Path, model: str | Path, layout: str = "top", seed: int = 1) -> Path:
     """A UNet-only folder like a released fine-tune: the UNet of ``model`` (a folder written above) with
