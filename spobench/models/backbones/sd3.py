@@ -426,15 +426,6 @@ class FlowBackbone(SD15Backbone):
         if problems:
             raise ModelLoadError(f"{self.name}: {where}: {'; '.join(problems)}; is it an SD3 model folder?")
 
-    # -- saving --------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """As for SD (atomic, the marker file, refused with a LoRA attached), without diffusers' warning
-        that the absent T5 "cannot be saved" (it is absent by design: zeros replace it)."""
-        from spobench.models.backbones.base import _diffusers_quiet
-
-        with _diffusers_quiet():
-            return super().save_pretrained(path)
-
     def _pipeline_kwargs(self) -> dict:
         return {"transformer": self.transformer, "scheduler": copy.deepcopy(self.scheduler), "vae": self.vae,
                 "text_encoder": self.text_encoders[0], "tokenizer": self.tokenizers[0],

@@ -159,9 +159,9 @@ def make_sd3_folder(path: str | Path, seed: int = 0, t5: bool = False) -> Path:
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG),
         vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer_2,
         text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
-    from spobench.models.backbones.base import _diffusers_quiet
+    from spobench.core.progress import quiet_libraries
 
-    with _diffusers_quiet():
+    with quiet_libraries():
         pipe.save_pretrained(path, safe_serialization=True)
     _write_scheduler(path, SD3_SCHEDULER_CONFIG)
     return path
