@@ -39,6 +39,8 @@ class PresetFile(Config):
     backbones: dict[str, dict[str, dict[str, Any]]] = setting(
         None, "backbone -> trainer name -> settings over [trainers.<name>] on that backbone (a learning rate is "
         "a backbone's own)", factory=dict)
+    backbones_only: bool = setting(False, "refuse backbones without a [backbones.<name>] table (a preset measured "
+                                   "only there)")
 
 
 def names() -> list[str]:
@@ -74,6 +76,10 @@ def apply_preset(config_cls: type[Config], trainer: str, name: str | None, base:
     if trainer not in spec.trainers:
         made = ", ".join(sorted(spec.trainers)) or "no trainer"
         raise InputError(f"{path}: preset {name!r} has no settings for trainer {trainer!r} (it is for: {made})")
+    if spec.backbones_only and backbone is not None and trainer not in spec.backbones.get(backbone, {}):
+        made = ", ".join(sorted(b for b, t in spec.backbones.items() if trainer in t))
+        raise InputError(f"{path}: preset {name!r} is for {trainer} on --backbone {made} only (measured there); "
+                         f"not {backbone!r}")
     cfg = config_cls.from_dict(spec.trainers[trainer], Source(str(path), f"trainers.{trainer}"), base)
     own = spec.backbones.get(backbone or "", {}).get(trainer)
     if own:

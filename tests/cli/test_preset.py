@@ -24,13 +24,26 @@ def test_paper_is_the_defaults_for_every_trainer():
         assert presets.apply_preset(cls, name, "paper") == cls.from_dict({})
 
 
-def test_fast_sets_only_settings_spo_has_and_none_is_the_base():
-    fast = presets.apply_preset(SPOConfig, "spo", "fast")
-    changed = {k for k, v in fast.to_dict().items() if v != getattr(SPOConfig(), k)}
-    assert changed and changed <= set(SPOConfig.fields())
+def test_fast_is_the_tiny_measured_settings_and_refuses_other_backbones():
+    fast = presets.apply_preset(SPOConfig, "spo", "fast", backbone="tiny")
+    changed = {k: v for k, v in fast.to_dict().items() if v != getattr(SPOConfig(), k)}
+    assert changed == {"lr": 3e-4}  # what results/fast_preset/ measured
     base = SPOConfig.from_dict({"k": 3})
     assert presets.apply_preset(SPOConfig, "spo", None, base) is base
-    assert presets.apply_preset(SPOConfig, "spo", "fast", base).k == 3  # over a base (a resumed run's own)
+    assert presets.apply_preset(SPOConfig, "spo", "fast", base, "tiny").k == 3  # over a base (a resumed run's own)
+    with pytest.raises(InputError, match=r"fast\.toml: preset 'fast' is for spo on --backbone tiny only"):
+        presets.apply_preset(SPOConfig, "spo", "fast", backbone="sd15")
+
+
+def test_a_backbone_table_goes_over_the_trainer_table(tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text('description = "x"\n[trainers.spo]\nk = 3\nbeta = 2.0\n[backbones.sd15.spo]\nk = 5\n')
+    assert (presets.apply_preset(SPOConfig, "spo", str(f), backbone="sd15").k,
+            presets.apply_preset(SPOConfig, "spo", str(f), backbone="tiny").k) == (5, 3)
+    assert presets.apply_preset(SPOConfig, "spo", str(f), backbone="sd15").beta == 2.0
+    f.write_text('description = "x"\n[trainers.spo]\n[backbones.sd15.spo]\nk = 1\n')
+    with pytest.raises(InputError, match=r"p\.toml: backbones\.sd15\.spo\.k: must be >= 2"):
+        presets.apply_preset(SPOConfig, "spo", str(f), backbone="sd15")
 
 
 def test_settings_and_help_list_the_presets():
@@ -79,8 +92,8 @@ def test_a_bad_preset_is_one_line_naming_file_and_field(tmp_path, preset, text, 
 
 
 def test_set_overrides_a_preset_value_in_process():
-    cfg = SPOConfig.load(None, ["inner_epochs=5"], base=presets.apply_preset(SPOConfig, "spo", "fast"))
-    assert cfg.inner_epochs == 5
+    cfg = SPOConfig.load(None, ["lr=1e-3"], base=presets.apply_preset(SPOConfig, "spo", "fast", backbone="tiny"))
+    assert cfg.lr == 1e-3
 
 
 # -- recipes ---------------------------------------------------------------------------------------------
@@ -95,8 +108,8 @@ def test_a_recipe_preset_is_under_its_cells_settings(tmp_path):
 
     default = validate_settings(load_recipe(_recipe(tmp_path, "")))["spo"]
     fast = validate_settings(load_recipe(_recipe(tmp_path, 'preset = "fast"')))["spo"]
-    want = presets.apply_preset(SPOConfig, "spo", "fast")
-    assert default.inner_epochs == SPOConfig().inner_epochs and fast.inner_epochs == want.inner_epochs
+    want = presets.apply_preset(SPOConfig, "spo", "fast", backbone="tiny")
+    assert default.lr is None and fast.lr == want.lr == 3e-4  # None: the backbone's default, filled later
     assert fast.k == 4 == default.k  # the cell's own settings still apply
     assert {k: v for k, v in fast.to_dict().items() if k not in ("inner_epochs", "lr", "keep_top")} == \
         {k: v for k, v in default.to_dict().items() if k not in ("inner_epochs", "lr", "keep_top")}
