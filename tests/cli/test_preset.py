@@ -27,7 +27,7 @@ def test_paper_is_the_defaults_for_every_trainer():
 def test_fast_is_the_tiny_measured_settings_and_refuses_other_backbones():
     fast = presets.apply_preset(SPOConfig, "spo", "fast", backbone="tiny")
     changed = {k: v for k, v in fast.to_dict().items() if v != getattr(SPOConfig(), k)}
-    assert changed == {"lr": 3e-4}  # what results/fast_preset/ measured
+    assert changed == {"lr": 5e-4}  # what results/fast_preset/ measured
     base = SPOConfig.from_dict({"k": 3})
     assert presets.apply_preset(SPOConfig, "spo", None, base) is base
     assert presets.apply_preset(SPOConfig, "spo", "fast", base, "tiny").k == 3  # over a base (a resumed run's own)
@@ -109,7 +109,7 @@ def test_a_recipe_preset_is_under_its_cells_settings(tmp_path):
     default = validate_settings(load_recipe(_recipe(tmp_path, "")))["spo"]
     fast = validate_settings(load_recipe(_recipe(tmp_path, 'preset = "fast"')))["spo"]
     want = presets.apply_preset(SPOConfig, "spo", "fast", backbone="tiny")
-    assert default.lr is None and fast.lr == want.lr == 3e-4  # None: the backbone's default, filled later
+    assert default.lr is None and fast.lr == want.lr == 5e-4  # None: the backbone's default, filled later
     assert fast.k == 4 == default.k  # the cell's own settings still apply
     assert {k: v for k, v in fast.to_dict().items() if k not in ("inner_epochs", "lr", "keep_top")} == \
         {k: v for k, v in default.to_dict().items() if k not in ("inner_epochs", "lr", "keep_top")}
@@ -120,3 +120,9 @@ def test_a_recipe_with_an_unknown_preset_names_the_field(tmp_path):
 
     with pytest.raises(InputError, match=r"pre\.toml.*preset.*unknown preset 'quick'"):
         load_recipe(_recipe(tmp_path, 'preset = "quick"'))
+
+
+def test_fast_on_a_backbone_it_was_not_measured_on_is_refused_before_loading(tmp_path):
+    out = tmp_path / "run"
+    r = run("train", "spo", "--backbone", "sd15", "--preset", "fast", "--out", out)
+    assert_clean_failure(r.returncode, r.stderr, ["fast.toml", "--backbone tiny only", "'sd15'"], out, None)
