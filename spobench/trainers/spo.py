@@ -36,6 +36,11 @@ Code <-> paper:
   the true log-density of the step (then beta and the clamp act on real log-ratios and the clamp
   binds far more often).
 
+* **Speed-to-result options** (issue 16; off by default, i.e. the official loop): ``inner_epochs`` E
+  trains a round's kept pairs E times, each pass in its own order (:meth:`SPOTrainer.round`);
+  ``keep_top`` replaces the fixed threshold by the round's largest p_w - p_l (:func:`keep_mask`).
+  Presets of settings (``--preset``): ``spobench/trainers/presets.py``.
+
 Training follows the base trainer and its loop (``spobench/trainers/base.py``, ``loop.py``): each round's pairs (from all its timesteps,
 so a batch mixes timesteps; the engine takes a per-row t) are shuffled and trained on in
 micro-batches; AdamW on the LoRA, gradients clipped for real. MSPO (``mspo.py``) reuses all of this
