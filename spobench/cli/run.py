@@ -70,6 +70,12 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", help="A TOML file of trainer settings."),
     overrides: list[str] = typer.Option([], "--set", help="Override a setting: --set k=4 --set kappa=600 "
                                         "(--settings lists them)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Named settings applied before --config and --set "
+                                         "(which override it): paper (the default: the paper's and the official "
+                                         "code's settings) or fast (SPO: the same tiny-world gain in fewer rounds, "
+                                         "results/fast_preset/), or a .toml file of the same format (spobench/assets/presets/); "
+                                         "--settings lists them; the run's config.json records the resolved "
+                                         "settings."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
     settings: bool = typer.Option(False, "--settings", help="List the trainer's settings (type, default, "
@@ -83,9 +89,14 @@ def train(
         typer.echo(f"settings of `spobench train {trainer}` (--set name=value, or a --config TOML file):")
         for line in cls.Config.describe().splitlines():
             typer.echo(f"  {line}")
+        from spobench.trainers import presets
+
+        typer.echo("presets (--preset NAME, before --config and --set):")
+        for line in presets.describe().splitlines():
+            typer.echo(f"  {line}")
         return
     cls.cli(backbone=backbone, model=model, out=out, config=config, overrides=overrides, resume=resume,
-            overwrite=overwrite, console=console)
+            overwrite=overwrite, console=console, preset=preset)
 
 
 def eval_(

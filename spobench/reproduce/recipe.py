@@ -322,7 +322,13 @@ def cell_config(recipe: Recipe, cell: CellSpec, settings: dict | None = None):
         cls = catalog.TRAINERS.get(cell.method)
     except NotImplementedYet as e:
         raise NotImplementedYet(f"{e} ({source.origin}: {cell.where})") from None
-    cfg = cls.Config.from_dict(cell_settings(recipe, cell) if settings is None else settings, source)
+    from spobench.trainers.presets import apply_preset
+
+    try:
+        base = apply_preset(cls.Config, cell.method, recipe.preset, backbone=recipe.backbone)
+    except InputError as e:  # a preset made for other trainers, or a bad value in its file
+        raise InputError(f"{source.origin}: preset: {e} ({cell.where})") from None
+    cfg = cls.Config.from_dict(cell_settings(recipe, cell) if settings is None else settings, source, base)
     try:
         _check_free_strings(cfg)
     except SettingError as e:

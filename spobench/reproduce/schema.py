@@ -291,7 +291,14 @@ class PaperSpec(Table):
 
 # -- the recipe ------------------------------------------------------------------------------------------
 OVERRIDABLE = ("model", "budget", "description", "train", "generate", "evaluate", "report", "inputs", "cells",
-               "ablation")
+               "ablation", "preset")
+
+
+def preset_problem(name: str) -> str | None:
+    from spobench.trainers import presets
+
+    known = presets.names()
+    return None if name in known else f"unknown preset {name!r} (known: {', '.join(known)})"
 
 
 @dataclass(kw_only=True)
@@ -304,6 +311,8 @@ class Recipe(Table):
     budget: str = setting("", "how this run is scaled relative to the paper")
     model: str = setting("default", "default | random:<seed> (tiny) | hub:<id> | a path")
     train: dict[str, Any] = setting(None, "settings every trained cell gets", factory=dict)
+    preset: str = setting("paper", "named trainer settings under every trained cell's [train] "
+                          "(spobench/assets/presets/: paper = the defaults, fast)", check=preset_problem)
     generate: GenerateSpec = setting(None, "", factory=GenerateSpec)
     evaluate: EvaluateSpec = setting(None, "", factory=EvaluateSpec)
     report: ReportSpec = setting(None, "", factory=ReportSpec)

@@ -313,18 +313,19 @@ class Trainer(Task):
     # -- the command line ----------------------------------------------------------------------------
     @classmethod
     def cli(cls, *, backbone: str, model: str | None, out: Path, config: Path | None, overrides: Sequence[str],
-            resume: bool, overwrite: bool, console=None) -> dict:
-        """``spobench train <name>``: the settings from --config and --set (on a resume, over the run's
-        own), then :meth:`run`."""
+            resume: bool, overwrite: bool, console=None, preset: str | None = None) -> dict:
+        """``spobench train <name>``: the settings from --preset, --config and --set in that order (on a
+        resume, over the run's own), then :meth:`run`."""
         from spobench.core import catalog, outdir
+        from spobench.trainers.presets import apply_preset
 
         out = Path(out)
         bb_cls = catalog.BACKBONES.get(backbone)
-        cfg = cls.Config.load(config, overrides)
+        cfg = cls.Config.load(config, overrides, base=apply_preset(cls.Config, cls.name, preset, backbone=backbone))
         outdir.check(out, resume=resume, overwrite=overwrite, results=("summary.json", "lora"))  # what _finish writes
         stored = cls.stored_config(out) if resume else None
         if stored is not None:
-            cfg = cls.Config.load(config, overrides, base=stored)
+            cfg = cls.Config.load(config, overrides, base=apply_preset(cls.Config, cls.name, preset, stored, backbone))
             cfg.check_resume(stored)
         cfg = cls.prepare_config(cfg, backbone, bb_cls.defaults)
         return cls.run(cfg, backbone=backbone, model=model, out=out, resume=resume, overwrite=overwrite,

@@ -36,6 +36,11 @@ Code <-> paper:
   the true log-density of the step (then beta and the clamp act on real log-ratios and the clamp
   binds far more often).
 
+* **Speed-to-result options** (issue 16; off by default, i.e. the official loop): ``inner_epochs`` E
+  trains a round's kept pairs E times, each pass in its own order (:meth:`SPOTrainer.round`);
+  ``keep_top`` replaces the fixed threshold by the round's largest p_w - p_l (:func:`keep_mask`).
+  Presets of settings (``--preset``): ``spobench/trainers/presets.py``.
+
 Training follows the base trainer and its loop (``spobench/trainers/base.py``, ``loop.py``): each round's pairs (from all its timesteps,
 so a batch mixes timesteps; the engine takes a per-row t) are shuffled and trained on in
 micro-batches; AdamW on the LoRA, gradients clipped for real. MSPO (``mspo.py``) reuses all of this
@@ -55,7 +60,8 @@ import torch.nn.functional as F
 from spobench.core.catalog import register_trainer
 from spobench.core.errors import InputError
 from spobench.core.config import SettingError, setting
-from spobench.trainers.base import Trainer, TrainerConfig
+from spobench.trainers import salts
+from spobench.trainers.base import Trainer, TrainerConfig, derive_seed
 from spobench.trainers.spo_pools import PoolConfig, PoolStep, pool_rollout
 
 
@@ -83,6 +89,12 @@ class SPOConfig(TrainerConfig):
     scorer_batch: int | None = setting(None, "decode/score this many x0_hat at a time (None: a whole pool)", min=1)
     merge_lora: bool = setting(False, "roll out with the LoRA folded into the fp32 frozen weights (Backbone.lora_merged): "
                                "the same policy up to float rounding, 1.1-1.2x faster rollout UNet calls on CPU")
+    # speed-to-result options (issue 16; off by default: the official loop)
+    inner_epochs: int = setting(1, "optimizer passes over each round's kept pairs, each pass in a new order "
+                                "(1: one pass, as the official code)", min=1)
+    keep_top: float | None = setting(None, "keep the pairs of this fraction of a round's pools with the largest "
+                                     "p_w - p_l, a threshold that follows the scorer's spread (None: the fixed "
+                                     "threshold)", gt=0, max=1)
 
     def check(self) -> None:
         if self.t_min > self.kappa:
@@ -123,6 +135,21 @@ def preference_gap(s_w: torch.Tensor, s_l: torch.Tensor) -> torch.Tensor:
     """p_w - p_l with p = softmax([s_w, s_l]) (the official threshold test)."""
     p = torch.softmax(torch.stack([s_w.float(), s_l.float()]), dim=0)
     return p[0] - p[1]
+
+
+def keep_mask(gaps: list[torch.Tensor], threshold: float, keep_top: float | None) -> list[torch.Tensor]:
+    """Which pools of a round train, one bool mask per pool step. Fixed: p_w - p_l > threshold (official).
+    ``keep_top``: the ceil(keep_top * pools) largest gaps of the round (over all its pool steps; ties by
+    position, earlier first), never a gap of 0 (a pool whose best and worst scores are equal says nothing)."""
+    if keep_top is None:
+        return [g > threshold for g in gaps]
+    flat = torch.cat([g.flatten() for g in gaps]) if gaps else torch.zeros(0)
+    n = min(math.ceil(keep_top * flat.numel()), flat.numel())
+    order = torch.sort(flat, descending=True, stable=True).indices[:n]
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[order] = True
+    keep &= flat > 0
+    return list(keep.split([g.numel() for g in gaps]))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -208,11 +235,14 @@ class SPOTrainer(Trainer):
         items: list[PairItem] = []
         pools = kept = 0
         gap_all = gap_kept = 0.0
-        for n, step in enumerate(rollout.steps):
+        sides = []
+        for step in rollout.steps:
             rows = torch.arange(step.scores.shape[0])
-            s_w, s_l = step.scores[rows, step.win], step.scores[rows, step.lose]
-            pgap = preference_gap(s_w, s_l)
-            keep = pgap > self.cfg.threshold
+            sides.append((step.scores[rows, step.win], step.scores[rows, step.lose]))
+        pgaps = [preference_gap(s_w, s_l) for s_w, s_l in sides]
+        keeps = keep_mask(pgaps, self.cfg.threshold, self.cfg.keep_top)
+        for n, (step, (s_w, s_l), pgap, keep) in enumerate(zip(rollout.steps, sides, pgaps, keeps)):
+            rows = torch.arange(step.scores.shape[0])
             pools += len(rows)
             kept += int(keep.sum())
             gap_all += float((s_w - s_l).sum())
@@ -223,6 +253,17 @@ class SPOTrainer(Trainer):
                  "score_sum": float(sum(s.scores.sum() for s in rollout.steps)),
                  "scored": float(sum(s.scores.numel() for s in rollout.steps))}
         return items, stats
+
+    def round(self, epoch: int, rnd: int):
+        """The round's items; with ``inner_epochs`` E > 1 followed by E - 1 more passes over them, each
+        in its own order, so the loop takes E times the optimizer steps on the pairs of one rollout.
+        Pass p's order is the deal's stream (seed, epoch, round, SHARE) with p as one more part."""
+        work = super().round(epoch, rnd)
+        first = list(work.items)
+        for p in range(1, self.cfg.inner_epochs if first else 1):
+            g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, epoch, rnd, salts.SHARE, p))
+            work.items += [first[i] for i in torch.randperm(len(first), generator=g).tolist()]
+        return work
 
     def pair_items(self, step: PoolStep, b: int, prompt: int, n: int, score_gap: float, prob_gap: float) -> list[PairItem]:
         """SPO trains the pool's first (and only) transition x_t -> x_{t-1}^{w,l}."""
