@@ -43,21 +43,22 @@ def toy_pretrain(
     """Pretrain the tiny backbone (v-prediction) or the tiny flow backbone (rectified flow) on renders of
     mixed quality; exports a diffusers folder to <out>/model that `--backbone <name> --model <out>/model` loads."""
     from spobench.core.progress import Progress
-    from spobench.models.backbones.tiny import TinyBackbone
     from spobench.core import outdir
     from spobench.core.checkpoint import latest_checkpoint
-    from spobench.toyworld.pretrain import PretrainConfig, Pretrainer, toy_batch
+    from spobench.toyworld.pretrain import toy_batch
 
     if backbone == "tiny-flow":
-        from spobench.models.backbones.tiny_flow import TinyFlowBackbone as TinyBackbone  # noqa: F811
-        from spobench.toyworld.flow_pretrain import FlowPretrainConfig as PretrainConfig  # noqa: F811
-        from spobench.toyworld.flow_pretrain import FlowPretrainer as Pretrainer  # noqa: F811
+        from spobench.models.backbones.tiny_flow import TinyFlowBackbone as Model
+        from spobench.toyworld.flow_pretrain import FlowPretrainConfig as PretrainConfig, FlowPretrainer as Pretrainer
+    else:
+        from spobench.models.backbones.tiny import TinyBackbone as Model
+        from spobench.toyworld.pretrain import PretrainConfig, Pretrainer
     cfg = PretrainConfig(batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
                          **({} if steps is None else {"steps": steps}))
     steps = cfg.steps
     with outdir.claim(out, command="toy pretrain", resume=resume, overwrite=overwrite,
                       keep=lambda: latest_checkpoint(out) is not None):
-        trainer = Pretrainer(TinyBackbone.build(seed), cfg, toy_batch, out)
+        trainer = Pretrainer(Model.build(seed), cfg, toy_batch, out)
         if resume and trainer.load_checkpoint():
             console.print(f"resumed at step {trainer.step}")
         with Progress("pretraining", total=steps, completed=trainer.step, unit="step", console=err_console) as bar:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from clitools import run
-from contract import assert_clean_failure, snapshot
+from contract import assert_clean_failure
 
 from spobench.core import catalog
 from spobench.core.errors import InputError

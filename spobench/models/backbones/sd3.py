@@ -46,7 +46,7 @@ from transformers import CLIPTextModelWithProjection
 
 from spobench.core.errors import InputError, ModelLoadError
 from spobench.core.weights import load_pretrained
-from spobench.models.backbones.base import Backbone, BackboneDefaults, Conditioning
+from spobench.models.backbones.base import BackboneDefaults, Conditioning
 from spobench.models.backbones.diffusers_folder import _first_line, _weights_variant
 from spobench.models.backbones.lora_files import LORA_WEIGHT_NAME
 from spobench.models.backbones.sd import SD15Backbone
