@@ -11,7 +11,7 @@ from pathlib import Path
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-_TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_")
+_TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoder_3.", "lora_te")  # diffusers and kohya names
 
 
 def lora_file(path: str | Path) -> Path:
@@ -62,18 +62,10 @@ def write_lora(file: str | Path, pipeline_class, unet_layers: dict, adapter_conf
     return Path(file)
 
 
-def read_lora(path: str | Path, pipeline_class, unet_config=None) -> tuple[Path, dict, dict]:
-    """A UNet LoRA file -> (file, peft-keyed state dict, LoraConfig kwargs).
-
-    The key layouts are the ones diffusers' loaders convert (diffusers 0.42
-    ``utils/state_dict_utils.py`` ``UNET_TO_DIFFUSERS`` and ``loaders/lora_conversion_utils.py``
-    ``_convert_non_diffusers_lora_to_diffusers``); their conversions are used as they are, on a dict
-    read here from safetensors (never a pickle). Refuses NaN/inf weights, text-encoder LoRA weights
-    (spobench applies UNet LoRAs only: dropping them silently would evaluate another model) and files
-    holding no UNet LoRA."""
-    import json
-
-    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+def open_lora_file(path: str | Path, applies: str) -> tuple[Path, dict, dict]:
+    """A LoRA file or folder -> (file, state dict, safetensors header metadata). Safetensors only; refuses
+    an unreadable or empty file, NaN/inf weights and text-encoder LoRA weights (spobench applies ``applies``
+    LoRAs only: dropping the others silently would evaluate another model)."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -93,7 +85,26 @@ def read_lora(path: str | Path, pipeline_class, unet_config=None) -> tuple[Path,
     text = sorted(k for k in state if k.startswith(_TEXT_PREFIXES))
     if text:
         raise ModelLoadError(f"{file}: holds text-encoder LoRA weights ({text[0]}, {len(text)} keys); spobench "
-                             "applies UNet LoRAs only")
+                             f"applies {applies} LoRAs only")
+    return file, state, metadata
+
+
+def read_lora(path: str | Path, pipeline_class, unet_config=None) -> tuple[Path, dict, dict]:
+    """A UNet LoRA file -> (file, peft-keyed state dict, LoraConfig kwargs).
+
+    The key layouts are the ones diffusers' loaders convert (diffusers 0.42
+    ``utils/state_dict_utils.py`` ``UNET_TO_DIFFUSERS`` and ``loaders/lora_conversion_utils.py``
+    ``_convert_non_diffusers_lora_to_diffusers``); their conversions are used as they are, on a dict
+    read here from safetensors (never a pickle). Refuses NaN/inf weights, text-encoder LoRA weights
+    (spobench applies UNet LoRAs only: dropping them silently would evaluate another model) and files
+    holding no UNet LoRA."""
+    import json
+
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    from spobench.core.errors import ModelLoadError
+
+    file, state, metadata = open_lora_file(path, "UNet")
     alphas: dict = {}
     if all(k.startswith(_KOHYA_PREFIXES) for k in state):
         try:

@@ -56,7 +56,6 @@ from spobench.models.backbones.sd import SD15Backbone
 # image (to_*) and context (add_*) projections. ("attn.to_q" does not match SD3.5's attn2 blocks.)
 SD3_LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                     "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
-_TEXT_LORA_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te", "lora_te1_", "lora_te2_")
 
 
 def read_transformer_lora(path: str | Path) -> tuple[Path, dict, dict]:
@@ -66,26 +65,10 @@ def read_transformer_lora(path: str | Path) -> tuple[Path, dict, dict]:
     ``save_lora`` here) and ``transformer.<module>.lora.down.weight`` / ``.up`` (older diffusers).
     Safetensors only; NaN/inf, text-encoder LoRA weights and non-LoRA keys are refused by name."""
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
-    from spobench.core.weights import check_finite
-    from spobench.models.backbones.lora_files import lora_file
+    from spobench.models.backbones.lora_files import open_lora_file
 
-    file = lora_file(path)
-    try:
-        state = load_file(str(file))
-        with safe_open(str(file), "pt") as f:
-            metadata = f.metadata() or {}
-    except (OSError, SafetensorError) as err:
-        raise ModelLoadError(f"{file}: not a readable safetensors LoRA file ({type(err).__name__}: {err})") from None
-    if not state:
-        raise ModelLoadError(f"{file}: holds no tensors")
-    check_finite(state, str(file))
-    text = sorted(k for k in state if k.startswith(_TEXT_LORA_PREFIXES))
-    if text:
-        raise ModelLoadError(f"{file}: holds text-encoder LoRA weights ({text[0]}, {len(text)} keys); spobench "
-                             "applies transformer LoRAs only")
+    file, state, metadata = open_lora_file(path, "transformer")
     other = sorted(k for k in state if not k.startswith("transformer."))
     if other:
         raise ModelLoadError(f"{file}: key {other[0]!r} is not a transformer. LoRA key (is it a UNet LoRA for "
