@@ -114,7 +114,9 @@ def test_sum_reduction_with_beta_over_dims_equals_the_mean_without_clamp(tmp_pat
     lm, sm = mean.loss(items, len(items))
     ls, ss = summed.loss(items, len(items))
     assert lm.item() == pytest.approx(ls.item(), rel=1e-5)
-    assert sm["margin"] == pytest.approx(ss["margin"], rel=1e-4, abs=1e-7)
+    # the margin is a small difference of log-ratios ~40x its size: float32 rounding of those (which moves with
+    # the thread count: 7e-5 between 1 and 2 threads here) sets the tolerance, not the margin's own size
+    assert sm["margin"] == pytest.approx(ss["margin"], abs=1e-6 * 10 * sm["abs_logratio"])
     lp_m = mean.log_probs(items)[0].detach()
     lp_s = summed.log_probs(items)[0].detach()
     assert torch.allclose(lp_s, lp_m * C * H * W, rtol=1e-4)  # the sum is C H W means
