@@ -15,6 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
+from spobench.core.errors import InputError
+
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[Any]:
@@ -115,6 +117,19 @@ def save_torch(path: str | Path, obj: Any) -> None:
 
     with atomic_file(path) as f:
         torch.save(obj, f)
+
+
+def read_json_object(path: str | Path, what: str = "") -> dict:
+    """A JSON file holding one object (a config, a summary); anything else is one line naming the file."""
+    path = Path(path)
+    label = f"corrupt {what}" if what else "corrupt"
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: {label} ({getattr(e, 'msg', None) or e})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: {label} (expected a JSON object)")
+    return value
 
 
 def canonical_safetensors(blob: bytes) -> bytes:

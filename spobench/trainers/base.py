@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import ClassVar, Iterator, Literal, Sequence
 
 from spobench.core.config import Config, Source, setting
 from spobench.core.errors import InputError
+from spobench.core.io import read_json_object
 from spobench.trainers import salts
 from spobench.trainers.loop import Loop, Progress, Round, Schedule, Task
 
@@ -358,7 +358,7 @@ class Trainer(Task):
         if not where.is_file():
             return None
         try:
-            values = read_checkpoint(ckpt).config if ckpt is not None else _read_config_json(where)
+            values = read_checkpoint(ckpt).config if ckpt is not None else read_json_object(where, "run config")
             return cls.Config.from_dict(values, Source(str(where)))
         except InputError as e:  # a bad value there names the file it is in
             raise (e if str(where) in str(e) else InputError(f"{where}: {e}")) from None
@@ -430,13 +430,3 @@ class Trainer(Task):
                 raise InputError("setting 'prompts' is required: a prompt file or a prompt set name "
                                  "(e.g. --set prompts=pickapic_4k.json)")
         return cfg.resolve(defaults)
-
-
-def _read_config_json(path: Path) -> dict:
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: corrupt run config ({getattr(e, 'msg', None) or e})") from None
-    if not isinstance(values, dict):
-        raise InputError(f"{path}: corrupt run config (expected a JSON object)")
-    return values

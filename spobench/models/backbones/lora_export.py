@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spobench.core.errors import InputError
+from spobench.core.io import read_json_object
 from spobench.core.outdir import MARKER
 from spobench.models.backbones.lora_files import LORA_WEIGHT_NAME, lora_file
 
@@ -59,16 +60,6 @@ class RunLora:
     created: float | None = None
 
 
-def _json(file: Path) -> dict:
-    try:
-        value = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{file}: corrupt ({getattr(e, 'msg', None) or e})") from None
-    if not isinstance(value, dict):
-        raise InputError(f"{file}: corrupt (expected a JSON object)")
-    return value
-
-
 def _whole_model(where: Path, manifest: dict) -> InputError:
     modules = ", ".join((manifest.get("weights") or {}).get("modules") or []) or "whole modules"
     return InputError(f"{where}: holds whole-model weights ({modules}), not a LoRA; export-lora exports the LoRA "
@@ -81,7 +72,7 @@ def _from_checkpoint(ckpt: Path, name: str) -> RunLora:
     manifest = read_manifest(ckpt)
     if "weights" in manifest or "backbone" not in manifest:
         raise _whole_model(ckpt, manifest)
-    config = _json(ckpt / "config.json") if (ckpt / "config.json").is_file() else {}
+    config = read_json_object(ckpt / "config.json") if (ckpt / "config.json").is_file() else {}
     return _described(RunLora(lora_file(ckpt / "lora"), name), manifest["backbone"], manifest.get("trainer"),
                       config, manifest.get("created"))
 
@@ -104,7 +95,7 @@ def _from_run(run: Path, lora_dir: Path, name: str) -> RunLora:
 
     src = RunLora(lora_file(lora_dir), name)
     if (run / "summary.json").is_file():
-        s = _json(run / "summary.json")
+        s = read_json_object(run / "summary.json")
         return _described(src, s.get("backbone"), s.get("trainer"), s.get("config") or {},
                           (run / "summary.json").stat().st_mtime)
     ckpt = latest_checkpoint(run)
