@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from spobench.core.catalog import BACKBONES
 from spobench.core.checks import SEED_MAX
 from spobench.core.errors import InputError
 from spobench.core.progress import make_console
@@ -41,6 +42,8 @@ def _device(allow_auto: bool = False):
 
 
 _SEED = _number(min=0, max=SEED_MAX)
+# the registered backbones, for --help (`spobench ls backbones` describes them)
+BACKBONE_NAMES = " | ".join(BACKBONES.names())
 _COUNT = _number(min=1)
 
 
@@ -51,12 +54,12 @@ def _tiny_clip_shape(hidden: int, patch: int) -> None:
         raise InputError(f"--{name} {problem}")
 
 
-def _backbone(name: str, model: Optional[str], device: str, dtype: str, lora: Optional[Path] = None,
+def _backbone(name: str, model: Optional[str], device: str, dtype: str, lora: Optional[str] = None,
               unet: Optional[str] = None, vae: Optional[str] = None):
     from spobench.core.dtypes import torch_dtype
     from spobench.models.backbones import load_backbone
 
     bb = load_backbone(name, model, device=device, dtype=torch_dtype(dtype), unet=unet, vae=vae)
     if lora is not None:
-        bb.load_lora(lora)
+        bb.load_lora(bb.resolve_lora(lora))
     return bb

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from spobench.cli.common import _COUNT, _SEED, _backbone, _device, _number, console, err_console
+from spobench.cli.common import _COUNT, _SEED, BACKBONE_NAMES, _backbone, _device, _number, console, err_console
 from spobench.core.errors import InputError
 
 
@@ -16,9 +16,11 @@ def generate(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for PNGs and manifest.jsonl."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", "-p", help="Prompt file: .txt (one a line), .json, .jsonl."),
     prompt_set: Optional[str] = typer.Option(None, "--prompt-set", help="A registered prompt set (see `spobench ls prompt-sets`)."),
-    backbone: str = typer.Option("tiny", "--backbone", "-b", help="tiny | sd15 | sdxl"),
+    backbone: str = typer.Option("tiny", "--backbone", "-b", help=BACKBONE_NAMES),
     model: Optional[str] = typer.Option(None, "--model", help="Model folder or hub id (default: the backbone's own)."),
-    lora: Optional[Path] = typer.Option(None, "--lora", help="A LoRA folder/file in diffusers' format."),
+    lora: Optional[str] = typer.Option(None, "--lora", help="A LoRA folder or file (diffusers', kohya's or the "
+                                       "official SPO layout), or the hub id of one (e.g. "
+                                       "SPO-Diffusion-Models/SPO-SD-v1-5_4k-p_10ep_LoRA; HF_HUB_OFFLINE honoured)."),
     unet: Optional[str] = typer.Option(None, "--unet", help="A released UNet-only folder or hub id replacing the "
                                        "model's (e.g. mhdang/dpo-sd1.5-text2image-v1)."),
     vae: Optional[str] = typer.Option(None, "--vae", help="A VAE-only folder or hub id replacing the model's (e.g. "
@@ -26,6 +28,9 @@ def generate(
     seed: int = typer.Option(0, "--seed", callback=_SEED, help="Base seed; image n uses seed + n."),
     images_per_prompt: int = typer.Option(1, "--images-per-prompt", "-n", callback=_COUNT),
     steps: int = typer.Option(20, "--steps", callback=_COUNT, help="DDIM steps."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", callback=_number(min=8),
+                                             help="Image side in pixels (default: the backbone's own, e.g. 512 "
+                                             "for sd15, 1024 for sdxl)."),
     cfg: float = typer.Option(5.0, "--cfg", callback=_number(min=0), help="Classifier-free guidance scale."),
     eta: float = typer.Option(0.0, "--eta", callback=_number(min=0, max=1),
                               help="DDIM eta (0 = deterministic, as diffusers' default)."),
@@ -54,17 +59,17 @@ def generate(
     if resume:
         check_resume(out, plan(items, seed, images_per_prompt))
     bb = _backbone(backbone, model, device, dtype, lora, unet=unet, vae=vae)
-    sampler = SamplerConfig(num_steps=steps, guidance_scale=cfg, eta=eta)
+    sampler = SamplerConfig(num_steps=steps, guidance_scale=cfg, eta=eta, resolution=resolution)
     with Progress("generating", total=len(items) * images_per_prompt, unit="image", console=err_console) as bar:
         rows = run(bb, items, out, seed=seed, images_per_prompt=images_per_prompt, sampler=sampler,
-                   batch_size=batch_size, lora=str(lora) if lora else None, resume=resume, overwrite=overwrite,
+                   batch_size=batch_size, lora=lora, resume=resume, overwrite=overwrite,
                    progress=lambda done, total: bar.update(completed=done, total=total))
     console.print(f"wrote {len(rows)} images and manifest.jsonl to {out}")
 
 
 def train(
     trainer: str = typer.Argument(..., help="A registered trainer: spo, mspo, diffusion-dpo, d3po, ddpo."),
-    backbone: str = typer.Option("tiny", "--backbone", "-b", help="tiny | sd15 | sdxl"),
+    backbone: str = typer.Option("tiny", "--backbone", "-b", help=BACKBONE_NAMES),
     model: Optional[str] = typer.Option(None, "--model", help="Model folder or hub id."),
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run folder (checkpoints, logs, final LoRA)."),
     config: Optional[Path] = typer.Option(None, "--config", help="A TOML file of trainer settings."),
@@ -150,7 +155,7 @@ def eval_(
 
 def reproduce(
     recipe: str = typer.Argument(..., help="A recipe name, e.g. table1 (see `spobench ls recipes`), or a recipe .toml file."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="tiny | sd15 | sdxl (default: tiny; "
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help=f"{BACKBONE_NAMES} (default: tiny; "
                                            "with --released: the released checkpoints' backbone)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<recipe>-<backbone>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a run in --out: finished cells are reused, "

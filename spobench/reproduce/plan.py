@@ -304,10 +304,7 @@ def _check_external(cp: CellPlan, bb_cls, out: Path, where: str) -> None:
             setattr(cp, key, _source(value, out))
             bb_cls.resolve_component(key, getattr(cp, key))
         elif value.startswith("hub:"):  # lora
-            hub_id = value.removeprefix("hub:")
-            folder, _, _ = bb_cls._from_hub(hub_id, patterns=["*.safetensors", "*.json"],
-                                            hint=f'hf download {hub_id} --include "*.safetensors" "*.json"')
-            cp.lora = lora_file(folder)
+            cp.lora = bb_cls.resolve_lora(value)
         else:
             cp.lora = lora_file(resolve_path(value, out))
         if key == "lora":

@@ -164,6 +164,12 @@ class Backbone:
 
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         res = resolution or self.defaults.resolution
+        step = self.vae_scale_factor * (getattr(self.unet.config, "patch_size", None) or 1)  # a transformer's patches
+        if res % step:  # floor division would make a smaller image than asked for, or break the patching
+            from spobench.core.errors import InputError
+
+            raise InputError(f"resolution {res}: the {self.name} backbone needs a multiple of {step} (its latent is "
+                             f"1/{self.vae_scale_factor} of the image side, cut into whole patches)")
         s = res // self.vae_scale_factor
         return (self.unet.config.in_channels, s, s)
 
@@ -403,6 +409,13 @@ class Backbone:
                 self._tuner_layers = None
             raise ModelLoadError(f"{problem}; is it a LoRA for the {self.name} UNet (another backbone or rank?)")
         set_peft_model_state_dict(self.unet, state)
+
+    @classmethod
+    def resolve_lora(cls, source: str | Path) -> Path:
+        """The weights file of a LoRA given as a folder or file (hub ids: the diffusers-folder backbones)."""
+        from spobench.models.backbones.lora_files import lora_file
+
+        return lora_file(Path(source).expanduser())
 
     def _read_lora(self, path: str | Path) -> tuple[Path, dict, dict]:
         """(file, peft-keyed state dict, LoraConfig kwargs) of a LoRA for this backbone's denoiser."""

@@ -139,6 +139,21 @@ class DiffusersFolder:
         return cls._from_hub(source)
 
     @classmethod
+    def resolve_lora(cls, source: str | Path) -> Path:
+        """A LoRA folder or file, or the hub id of a LoRA repository (``hub:`` optional; e.g. the released
+        SPO-Diffusion-Models/SPO-SD-v1-5_4k-p_10ep_LoRA), found offline as the models are."""
+        from spobench.models.backbones.lora_files import lora_file
+
+        text = str(source)
+        path = Path(text).expanduser()
+        if path.exists() or (_looks_like_path(text) and not text.startswith("hub:")):
+            return lora_file(path)
+        hub_id = text.removeprefix("hub:")
+        folder, _, _ = cls._from_hub(hub_id, patterns=["*.safetensors", "*.json"],
+                                     hint=f'hf download {hub_id} --include "*.safetensors" "*.json"')
+        return lora_file(folder)
+
+    @classmethod
     def _from_hub(cls, hub_id: str, patterns: list[str] | None = None,
                   hint: str | None = None) -> tuple[Path, str, str | None]:
         from huggingface_hub import snapshot_download
