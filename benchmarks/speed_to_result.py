@@ -140,6 +140,7 @@ def arm(name: str, out: Path, limit: int, base: Path, seed: int = 0, rounds_over
     rounds_log = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
     rr = [x for x in rounds_log if x.get("kind") == "round"]
     row["kept_pairs"] = sum(x["kept_pairs"] for x in rr)
+    row["round_s"] = [round(x["round_s"], 1) for x in rr]  # wall per round: arms side by side compare round by round
     row["pools"] = sum(x["pools"] for x in rr)
     row["config"] = json.loads((run_dir / "config.json").read_text())
     done(row)
@@ -198,14 +199,31 @@ def main() -> None:
         base = a.out / "gen-base"
         doc["base"] = evaluate(base, None, a.limit, a.out)
     write()
-    job = lambda n: arm(n, a.out, a.limit, base, a.seed, a.rounds, done=write)  # noqa: E731
+
+    def job(n: str) -> dict:
+        """One arm; a failed (or killed) arm becomes a row saying so, with the rounds it finished, so the
+        other arms of a concurrent run still get their comparisons."""
+        try:
+            return arm(n, a.out, a.limit, base, a.seed, a.rounds, done=write)
+        except (SystemExit, subprocess.CalledProcessError) as e:
+            row = {"arm": n, "seed": a.seed, "dir": arm_dir_name(n, a.seed), "failed": str(e), "compare": None}
+            log = a.out / row["dir"] / "log.jsonl"
+            if log.exists():
+                rr = [x for x in map(json.loads, log.read_text().splitlines()) if x.get("kind") == "round"]
+                row["rounds_finished"] = len(rr)
+                row["round_s"] = [round(x["round_s"], 1) for x in rr]
+            write(row)
+            return row
+
     if a.concurrent:
         with ThreadPoolExecutor(len(names)) as pool:
             rows = list(pool.map(job, names))
     else:
         rows = [job(n) for n in names]
-    paper = next((r for r in rows if r["arm"] == "paper"), None)
+    paper = next((r for r in rows if r["arm"] == "paper" and "failed" not in r), None)
     for r in rows:  # each arm paired by seed against the official-settings run's own images too
+        if "failed" in r:
+            continue
         if paper is not None and r is not paper:
             r["compare_vs_paper"] = compare(a.out / f"gen-{r['dir']}", a.out / f"gen-{paper['dir']}",
                                             a.out / f"compare-{r['dir']}-vs-paper.json")
@@ -216,6 +234,9 @@ def main() -> None:
     stop.set()
     write()
     for r in rows:
+        if "failed" in r:
+            print(r["arm"], f"seed {r['seed']}", "failed:", r["failed"])
+            continue
         print(r["arm"], f"seed {r['seed']}", r["rounds"], "rounds", f"wall {r.get('wall_s', float('nan')):.0f} s",
               f"cpu {r.get('cpu_s', float('nan')):.0f} s", json.dumps(r["compare"])[:300])
 
