@@ -209,3 +209,20 @@ def test_train_one_round_on_tiny_flow_through_the_cli(world, algo, extra):
     rnd = next(x for x in rows if x["kind"] == "round")
     assert rnd["pools"] == (8 if algo == "spo" else 4) and rnd["kept_pairs"] > 0  # kappa 750: t_1..t_4 pooled
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_the_flow_headline_recipe_runs_on_the_shipped_flow_base(tmp_path):
+    """`spobench reproduce flow_headline --backbone tiny-flow` plans on assets/tiny-flow-base (not tiny-base),
+    and its SPO and Flow-GRPO cells spend the same rollout transformer rows to within 2%."""
+    from spobench.core.catalog import recipe_files
+    from spobench.reproduce.plan import _check_backbone
+    from spobench.reproduce.recipe import load_recipe
+
+    r = load_recipe(recipe_files()["flow_headline"], "tiny-flow")
+    source, identity, seed = _check_backbone(r, tmp_path)
+    assert source.endswith("tiny-flow-base") and identity.startswith("shipped tiny-flow-base") and seed is None
+    spo, grpo = r.cell("spo").train, r.cell("flow_grpo").train
+    k, n = spo["k"], spo["num_steps"]
+    spo_rows = spo["max_rounds"] * spo["rollout_batch"] * (5 + 15 * k) * 2  # kappa 750: 16 of 20 steps pooled
+    grpo_rows = grpo["max_rounds"] * grpo["rollout_batch"] * grpo["group_size"] * grpo["num_steps"] * 2
+    assert n == 20 and spo["kappa"] == 750 and abs(grpo_rows / spo_rows - 1) < 0.02
