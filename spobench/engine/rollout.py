@@ -139,12 +139,9 @@ class RolloutEngine:
         """DDIM (eta from the sampler config) from x_T to x_0 with per-step log-probs (zeros when eta
         = 0 or ``log_probs`` is False: generation needs none, and may use any scheduler).
 
-        A flow backbone (``family = "flow"``) samples its own way instead (``engine.samplers.sample_flow``:
-        the Euler ODE at eta = 0, as generation uses, else Flow-GRPO's SDE), returning the same Trajectory."""
+        A flow backbone (``family = "flow"``) samples its own way instead (:meth:`sample_flow`)."""
         if getattr(self.backbone, "family", "diffusion") == "flow":
-            from spobench.engine.samplers import sample_flow
-
-            return sample_flow(self, prompts, generators, keep_latents, x_T, progress, log_probs)
+            return self.sample_flow(prompts, generators, keep_latents, x_T, progress, log_probs)
         log_probs = log_probs and self.sampler.eta > 0
         if log_probs:
             self.check_log_probs()
@@ -168,3 +165,22 @@ class RolloutEngine:
                 progress(i + 1)
         latents = torch.stack(kept if keep_latents else [x], dim=1)
         return Trajectory(latents=latents, log_probs=torch.stack(lps, dim=1), timesteps=ts, cond=cond)
+
+    @torch.no_grad()
+    def sample_flow(self, prompts: Sequence[str], generators: Generators, keep_latents: bool = True,
+                    x_T: torch.Tensor | None = None, progress: Callable[[int], None] | None = None,
+                    log_probs: bool = True) -> Trajectory:
+        """:meth:`sample` on a flow backbone: ``flow_sde.sample_sde`` on the backbone's grid, the Euler ODE
+        (noise level 0: diffusers' FlowMatchEulerDiscreteScheduler step) at eta = 0, as generation uses, else
+        the SDE at Flow-GRPO's a = 0.7. The result's ``timesteps`` are the transformer's (t * 1000)."""
+        from spobench.engine.flow_sde import FlowSchedule, sample_sde
+
+        s, bb = self.sampler, self.backbone
+        sched = FlowSchedule.from_backbone(bb, s.num_steps, 0.7 if s.eta > 0 else 0.0, s.resolution)
+        cond, uncond = self.encode(prompts)
+        x = self.initial_noise(generators) if x_T is None else x_T
+        traj = sample_sde(lambda xx, t: bb.predict(xx, t, cond, uncond=uncond, guidance_scale=s.guidance_scale),
+                          x, sched, lambda i: randn(x.shape[1:], generators, device=x.device),
+                          keep_latents=keep_latents, reduction=s.reduction, progress=progress)
+        lps = traj.log_probs if log_probs else torch.zeros_like(traj.log_probs)
+        return Trajectory(latents=traj.latents, log_probs=lps, timesteps=bb.timesteps(s.num_steps), cond=cond)

@@ -24,7 +24,7 @@ import torch
 
 from spobench.engine import ddim, flow_sde
 from spobench.engine.ddim import Reduction, StepDistribution
-from spobench.engine.rollout import RolloutEngine, Trajectory, randn
+from spobench.engine.rollout import RolloutEngine
 
 
 class StepSampler(Protocol):
@@ -167,21 +167,3 @@ def log_prob(steps: StepSampler, x_t: torch.Tensor, p, x_next: torch.Tensor, con
     steps.check_log_probs()
     return steps.distribution(steps.predict(x_t, p, cond, uncond), x_t, p).log_prob(x_next, reduction)
 
-
-def sample_flow(engine: RolloutEngine, prompts, generators, keep_latents: bool = True, x_T=None, progress=None,
-                log_probs: bool = True) -> Trajectory:
-    """``RolloutEngine.sample`` on a flow backbone: ``flow_sde.sample_sde`` on the backbone's grid, the Euler
-    ODE (noise level 0, diffusers' FlowMatchEulerDiscreteScheduler step) when the engine's eta is 0, else the
-    SDE at Flow-GRPO's a = 0.7. ``timesteps`` of the result are the transformer's (t * 1000)."""
-    s = engine.sampler
-    steps = FlowSteps(engine, noise_level=0.7 if s.eta > 0 else 0.0)
-    cond, uncond = engine.encode(prompts)
-    x = engine.initial_noise(generators) if x_T is None else x_T
-    shape = x.shape[1:]
-    traj = flow_sde.sample_sde(lambda xx, t: engine.backbone.predict(xx, t, cond, uncond=uncond,
-                                                                     guidance_scale=s.guidance_scale),
-                               x, steps.sched, lambda i: randn(shape, generators, device=x.device),
-                               keep_latents=keep_latents, reduction=s.reduction, progress=progress)
-    lps = traj.log_probs if log_probs else torch.zeros_like(traj.log_probs)
-    return Trajectory(latents=traj.latents, log_probs=lps, timesteps=engine.backbone.timesteps(s.num_steps),
-                      cond=cond)

@@ -226,3 +226,17 @@ def test_the_flow_headline_recipe_runs_on_the_shipped_flow_base(tmp_path):
     spo_rows = spo["max_rounds"] * spo["rollout_batch"] * (5 + 15 * k) * 2  # kappa 750: 16 of 20 steps pooled
     grpo_rows = grpo["max_rounds"] * grpo["rollout_batch"] * grpo["group_size"] * grpo["num_steps"] * 2
     assert n == 20 and spo["kappa"] == 750 and abs(grpo_rows / spo_rows - 1) < 0.02
+
+
+def test_generation_on_a_flow_backbone_is_the_euler_ode(flow_bb):
+    """RolloutEngine.sample (what `spobench generate` and reproduce call) at eta = 0: x_{i+1} = x_i + v dt."""
+    eng = RolloutEngine(flow_bb, SamplerConfig(num_steps=3, guidance_scale=5.0, eta=0.0))
+    traj = eng.sample(PROMPTS[:2], make_generators([0, 1]), log_probs=False)
+    cond, uncond = eng.encode(PROMPTS[:2])
+    sig = flow_bb.sigmas(3)
+    assert traj.latents.shape[1] == 4 and torch.equal(traj.log_probs, torch.zeros(2, 3))
+    for i in range(3):
+        x = traj.latents[:, i]
+        with torch.no_grad():
+            v = flow_bb.predict(x, sig[i].expand(2), cond, uncond=uncond, guidance_scale=5.0)
+        assert torch.allclose(traj.latents[:, i + 1], x + v * (sig[i + 1] - sig[i]), atol=1e-5)
