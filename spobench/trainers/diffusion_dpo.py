@@ -10,11 +10,14 @@ reference code (SalesforceAIResearch/DiffusionDPO, ``train.py``):
   :class:`spobench.data.pairs.PairTable` (images streamed by row group; its checks and error
   messages). Rows with ``has_label`` false are skipped; ties (0.5 / 0.5) are dropped as in the
   reference (``keep_ties = true`` keeps them, see below). The winner is put first, as the reference stacks (y_w, y_l).
-* **Noising** (the objective's expectation). Winner and loser share ONE t ~ U{0, ..., T-1} and ONE
-  noise eps; x^w_t and x^l_t come from the scheduler's ``add_noise``. Images are resized (short side)
-  and centre-cropped to the resolution by ``PairTable``, optionally flipped (``hflip``: each image
+* **Noising** (the objective's expectation). Winner and loser share ONE t and ONE noise eps, both from
+  the backbone family (``Backbone.training_timestep`` / ``training_target``): DDPM t ~ U{0, ..., T-1},
+  x^w_t and x^l_t from the scheduler's ``add_noise``; flow (``family = "flow"``, SD3 / tiny-flow) t drawn
+  as SD3 is trained (logit-normal, the scheduler's shift; sd3.py) and x_t = (1 - t) x_0 + t eps.
+  Images are resized (short side) and centre-cropped to the resolution by ``PairTable``, optionally flipped (``hflip``: each image
   independently with p = 0.5, the reference's ``RandomHorizontalFlip``), then encoded with the
-  backbone's VAE (a posterior sample, as the reference); the caption is replaced by "" with
+  backbone's own ``encode_images`` (a VAE posterior sample, as the reference; the identity map to
+  [-1, 1] on the pixel-space tiny backbones, both families); the caption is replaced by "" with
   probability ``caption_dropout`` (the reference's ``proportion_empty_prompts``, default 0.2), the
   same for both images.
 * **The loss** (as the reference computes it; beta absorbs the paper's T * omega(lambda_t))::
@@ -31,7 +34,11 @@ reference code (SalesforceAIResearch/DiffusionDPO, ``train.py``):
   loss is ln 2 and the accuracy 0.5 exactly.
 * **Prediction type.** The target is what the backbone predicts: eps (SD), v = sqrt(a_t) eps -
   sqrt(1 - a_t) x_0 (the tiny backbone; ``scheduler.get_velocity``), or x_0 (``sample``). The
-  reference asserts eps-prediction.
+  reference asserts eps-prediction. On a flow backbone it is the velocity eps - x_0, so e_m^s =
+  mean || (eps - x^s_0) - v_m(x^s_t, t, c) ||^2 and the same z and beta (the flow form of the paper's
+  Eq. 14, eps-prediction replaced by the velocity target; cf. Flow-DPO, Liu et al. 2025,
+  arXiv:2501.13918). beta is not rescaled: the velocity target's variance is 1 + Var(x_0) (x_0 in
+  [-1, 1]) against eps's 1, so the MSE differences, and beta's meaning, stay of the same order.
 * **One UNet call per model.** The winner and loser rows of a micro-batch go through the policy in
   ONE call (with grad) and through the reference in ONE call, as the reference concatenates them.
   No classifier-free guidance in training (the reference neither).
@@ -141,7 +148,7 @@ class DPOItem:
     caption: str  # "" when dropped
     x0: torch.Tensor  # (2, C, H, W) winner, loser latents; CPU
     noise: torch.Tensor  # (C, H, W)
-    t: int
+    t: int | float  # a DDPM timestep index, or t in (0, 1) on a flow backbone
     p: float  # probability that x0[0] wins: 1, or 0.5 for a kept tie
     time_ids: torch.Tensor | None = None  # (2, 6) SDXL micro-conditioning of winner, loser
 
@@ -228,7 +235,7 @@ class DiffusionDPOTrainer(Trainer):
             g = torch.Generator().manual_seed(derive_seed(c.seed, epoch, rnd, i, salts.DPO_PAIR))
             flips = (torch.rand(2, generator=g) < 0.5).tolist() if c.hflip else [False, False]
             drop = bool(torch.rand(1, generator=g) < c.caption_dropout)
-            t = int(torch.randint(0, bb.num_train_timesteps, (1,), generator=g))
+            t = bb.training_timestep(g)
             noise = torch.randn(shape, generator=g)
             l0, l1 = (float(v) for v in self.pairs.labels[row])
             order = (0, 1) if l0 >= l1 else (1, 0)  # winner first; a kept tie keeps the file's order
@@ -264,19 +271,8 @@ class DiffusionDPOTrainer(Trainer):
 
     # -- the loss ------------------------------------------------------------------------------------
     def targets(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_t, the model's regression target) for the backbone's prediction type."""
-        sched = self.bb.scheduler
-        x_t = sched.add_noise(x0, noise, t)
-        kind = self.bb.prediction_type
-        if kind == "epsilon":
-            target = noise
-        elif kind == "v_prediction":
-            target = sched.get_velocity(x0, noise, t)
-        elif kind == "sample":
-            target = x0
-        else:
-            raise ValueError(f"unsupported prediction_type {kind!r}")
-        return x_t, target
+        """(x_t, the model's regression target): the backbone family's own (``Backbone.training_target``)."""
+        return self.bb.training_target(x0, noise, t)
 
     def conditioning(self, items: list[DPOItem]):
         """Text conditioning of the 2N rows (winners, then losers)."""

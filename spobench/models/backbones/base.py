@@ -223,6 +223,27 @@ class Backbone:
         sched.set_timesteps(num_steps)
         return sched.timesteps.clone()
 
+    # -- the training objective's noising (offline trainers: Diffusion-DPO) -----------------
+    def training_timestep(self, generator: torch.Generator) -> int | float:
+        """One timestep of the training objective's expectation: t ~ U{0, ..., T-1} (DDPM training)."""
+        return int(torch.randint(0, self.num_train_timesteps, (1,), generator=generator))
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor,
+                        t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, the regression target of ``predict``) for ``prediction_type``: eps, v = sqrt(a_t) eps -
+        sqrt(1 - a_t) x_0 (``get_velocity``) or x_0; x_t from the scheduler's ``add_noise``."""
+        x_t = self.scheduler.add_noise(x0, noise, t)
+        kind = self.prediction_type
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = self.scheduler.get_velocity(x0, noise, t)
+        elif kind == "sample":
+            target = x0
+        else:
+            raise ValueError(f"unsupported prediction_type {kind!r}")
+        return x_t, target
+
     # -- latents <-> images ------------------------------------------------------------------
     def decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """Latents -> images in [0, 1], (B, 3, H, W) float32. ``clamp=False`` keeps values the VAE put

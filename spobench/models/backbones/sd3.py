@@ -192,6 +192,23 @@ class FlowBackbone(SD15Backbone):
         """The transformer's timesteps of the sampler's steps, t * 1000 (N values, no terminal 0)."""
         return self.sigmas(num_steps)[:-1] * self.num_train_timesteps
 
+    # -- the training objective's noising (offline trainers: Diffusion-DPO) -------------------------
+    def training_timestep(self, generator: torch.Generator) -> float:
+        """t in (0, 1) as SD3 is trained: logit-normal t = sigmoid(n), n ~ N(0, 1) (SD3 paper Sec. 3.1;
+        diffusers' train_dreambooth_lora_sd3 default ``logit_normal``, also tiny-flow-base's pretraining), then
+        the scheduler's static shift t' = s t / (1 + (s - 1) t), as that script reads t off the training
+        scheduler's shifted sigmas (unshifted under ``use_dynamic_shifting``); continuous, not its 1000-grid."""
+        u = torch.sigmoid(torch.randn(1, generator=generator))
+        s = 1.0 if self.scheduler.config.get("use_dynamic_shifting") else self.shift
+        return float(s * u / (1 + (s - 1) * u))
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor,
+                        t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, the velocity target) on the rectified-flow path (SD3 paper Eq. 2-3, "RF"): x_t = (1 - t) x_0
+        + t eps, v = eps - x_0; ``t`` (N,) in [0, 1]."""
+        tt = torch.as_tensor(t, device=x0.device).to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+        return (1 - tt) * x0 + tt * noise, noise - x0
+
     # -- the transformer ------------------------------------------------------------------------
     def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """One transformer call at the transformer's timestep (t * 1000); counted in ``counters``."""
