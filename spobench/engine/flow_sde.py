@@ -136,6 +136,15 @@ def step_distribution(velocity: torch.Tensor, x_t: torch.Tensor, step, sched: Fl
     return StepDistribution(mean=mean, std=sigma * (-dt).sqrt(), x0_hat=x - t * v)
 
 
+def predict_x0(velocity: torch.Tensor, x_t: torch.Tensor, step, sched: FlowSchedule) -> torch.Tensor:
+    """x0_hat = x_t - t v at grid index ``step`` (what SPO's step scorer judges), without the step's mean;
+    the same value as ``step_distribution(...).x0_hat``."""
+    dtype = torch.promote_types(x_t.dtype, torch.float32)
+    x = x_t.to(dtype)
+    t = _per_row(sched.sigmas[torch.as_tensor(step).long().cpu()].to(x.device, dtype), x)
+    return x - t * velocity.to(dtype)
+
+
 def sde_step(velocity: torch.Tensor, x_t: torch.Tensor, step, sched: FlowSchedule,
              noise: torch.Tensor | None = None, prev_sample: torch.Tensor | None = None,
              reduction: Reduction = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:

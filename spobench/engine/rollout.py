@@ -66,10 +66,18 @@ class RolloutEngine:
     def __init__(self, backbone: Backbone, sampler: SamplerConfig | None = None):
         self.backbone = backbone
         self.sampler = sampler or SamplerConfig()
-        self.sched = NoiseSchedule.from_backbone(backbone, self.sampler.num_steps)
+        self._sched: NoiseSchedule | None = None
         # prompt -> its one-row Conditioning: the text encoders are frozen, so a round's rollout and its
         # training micro-batches (which revisit the same prompts) encode each prompt once
         self._prompt_cache: OrderedDict[tuple, Conditioning] = OrderedDict()
+
+    @property
+    def sched(self) -> NoiseSchedule:
+        """The DDIM schedule, built when first asked for: a flow backbone has none (its SDE grid is
+        ``engine.samplers.FlowSteps``'), yet shares the engine's prompt cache and noise."""
+        if self._sched is None:
+            self._sched = NoiseSchedule.from_backbone(self.backbone, self.sampler.num_steps)
+        return self._sched
 
     # -- pieces ----------------------------------------------------------------------------------
     def timesteps(self) -> torch.Tensor:
@@ -107,7 +115,7 @@ class RolloutEngine:
         self.sched.check_log_probs(self.backbone.source or self.backbone.name)
 
     def predict(self, x: torch.Tensor, t, cond: Conditioning, uncond: Conditioning) -> torch.Tensor:
-        return self.backbone.predict(x, t, cond, self.sampler.guidance_scale, uncond)
+        return self.backbone.predict(x, t, cond, guidance_scale=self.sampler.guidance_scale, uncond=uncond)
 
     def log_prob(self, x_t: torch.Tensor, t, x_prev: torch.Tensor, cond: Conditioning,
                  uncond: Conditioning | None = None, reduction: Reduction | None = None) -> torch.Tensor:
@@ -129,7 +137,11 @@ class RolloutEngine:
                x_T: torch.Tensor | None = None, progress: Callable[[int], None] | None = None,
                log_probs: bool = True) -> Trajectory:
         """DDIM (eta from the sampler config) from x_T to x_0 with per-step log-probs (zeros when eta
-        = 0 or ``log_probs`` is False: generation needs none, and may use any scheduler)."""
+        = 0 or ``log_probs`` is False: generation needs none, and may use any scheduler).
+
+        A flow backbone (``family = "flow"``) samples its own way instead (:meth:`sample_flow`)."""
+        if getattr(self.backbone, "family", "diffusion") == "flow":
+            return self.sample_flow(prompts, generators, keep_latents, x_T, progress, log_probs)
         log_probs = log_probs and self.sampler.eta > 0
         if log_probs:
             self.check_log_probs()
@@ -153,3 +165,22 @@ class RolloutEngine:
                 progress(i + 1)
         latents = torch.stack(kept if keep_latents else [x], dim=1)
         return Trajectory(latents=latents, log_probs=torch.stack(lps, dim=1), timesteps=ts, cond=cond)
+
+    @torch.no_grad()
+    def sample_flow(self, prompts: Sequence[str], generators: Generators, keep_latents: bool = True,
+                    x_T: torch.Tensor | None = None, progress: Callable[[int], None] | None = None,
+                    log_probs: bool = True) -> Trajectory:
+        """:meth:`sample` on a flow backbone: ``flow_sde.sample_sde`` on the backbone's grid, the Euler ODE
+        (noise level 0: diffusers' FlowMatchEulerDiscreteScheduler step) at eta = 0, as generation uses, else
+        the SDE at Flow-GRPO's a = 0.7. The result's ``timesteps`` are the transformer's (t * 1000)."""
+        from spobench.engine.flow_sde import FlowSchedule, sample_sde
+
+        s, bb = self.sampler, self.backbone
+        sched = FlowSchedule.from_backbone(bb, s.num_steps, 0.7 if s.eta > 0 else 0.0, s.resolution)
+        cond, uncond = self.encode(prompts)
+        x = self.initial_noise(generators) if x_T is None else x_T
+        traj = sample_sde(lambda xx, t: bb.predict(xx, t, cond, uncond=uncond, guidance_scale=s.guidance_scale),
+                          x, sched, lambda i: randn(x.shape[1:], generators, device=x.device),
+                          keep_latents=keep_latents, reduction=s.reduction, progress=progress)
+        lps = traj.log_probs if log_probs else torch.zeros_like(traj.log_probs)
+        return Trajectory(latents=traj.latents, log_probs=lps, timesteps=bb.timesteps(s.num_steps), cond=cond)

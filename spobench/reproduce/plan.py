@@ -143,12 +143,13 @@ def _check_backbone(recipe: Recipe, out: Path) -> tuple[str | None, str, int | N
     small = bb_cls.default_source is None
     if model == "default":
         if small:  # pinned now: a model shipped while the run goes on must not mix into it
-            from spobench.models.backbones.tiny import PRETRAINED_DIR
+            from importlib import import_module
 
-            if PRETRAINED_DIR.is_dir():
-                bb_cls.check_folder(PRETRAINED_DIR)
-                return str(PRETRAINED_DIR), f"shipped tiny-base (unet sha256 {_unet_sha(PRETRAINED_DIR)})", None
-            return None, "tiny-random-seed0 (no shipped tiny-base: TinyBackbone.build(seed=0))", 0
+            shipped = import_module(bb_cls.__module__).PRETRAINED_DIR  # tiny-base, tiny-flow-base
+            if shipped.is_dir():
+                bb_cls.check_folder(shipped)
+                return str(shipped), f"shipped {shipped.name} (unet sha256 {_unet_sha(shipped)})", None
+            return None, f"{name}-random-seed0 (no shipped {shipped.name}: {bb_cls.__name__}.build(seed=0))", 0
         source = bb_cls.default_source
     elif model.startswith("hub:"):
         source = model.removeprefix("hub:")
@@ -166,7 +167,7 @@ def _unet_sha(folder: Path) -> str:
     """A short hash of a tiny model's UNet weights (4 MB), so that a resumed run notices new weights."""
     import hashlib
 
-    files = sorted((Path(folder) / "unet").glob("*.safetensors"))
+    files = sorted(f for sub in ("unet", "transformer") for f in (Path(folder) / sub).glob("*.safetensors"))
     h = hashlib.sha256()
     for f in files:
         h.update(f.read_bytes())

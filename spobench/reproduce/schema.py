@@ -17,10 +17,10 @@ from spobench.core.config import MISSING, Config, SettingError, Source, setting
 from spobench.reproduce.paths import (is_pathlike, model_problem, name_problem, path_problem,
                                       source_problem)
 
-BACKBONE_NAMES = ("tiny", "sd15", "sdxl")
+BACKBONE_NAMES = ("tiny", "sd15", "sdxl", "tiny-flow")
 BUILTIN_METHODS = ("base", "external")
 # the tiny world's backbones: random:<seed> weights, toy inputs; a run there must say how it is scaled
-TOY_BACKBONES = ("tiny",)
+TOY_BACKBONES = ("tiny", "tiny-flow")
 
 
 class Table(Config):

@@ -20,6 +20,11 @@ Code <-> paper:
 
   where p is the DDIM step's Gaussian (eta = 1; ``spobench.engine.ddim``) and p_ref is the same
   UNet with its LoRA switched off (``backbone.lora_disabled()``), under no_grad.
+* **Flow backbones** (``family = "flow"``: sd3, tiny-flow; the paper's Sec. 4.6 limitation): the step is
+  Flow-GRPO's SDE step (``engine/flow_sde.py``, noise level a = ``noise_level``), x0_hat = x_t - t v, and
+  everything above (pools, scorer, threshold, loss) is unchanged: the step and its log-prob come from the
+  family's step sampler (``engine/samplers.py``), whose ``scorer_timestep`` maps flow t to the SPM's
+  integer timesteps (and to ``kappa`` / ``t_min``).
   :func:`spo_loss` is the formula; :meth:`SPOTrainer.loss` feeds it.
 * **One forward per pair, not four.** Winner and loser share x_t, so their Gaussians are the same:
   ``engine.log_prob(x_t, t, stack([x_w, x_l], 1), ...)`` scores both from ONE policy forward and
@@ -62,6 +67,7 @@ from spobench.core.errors import InputError
 from spobench.core.config import SettingError, setting
 from spobench.trainers import salts
 from spobench.trainers.base import Trainer, TrainerConfig, derive_seed
+from spobench.engine.samplers import log_prob as step_log_prob
 from spobench.trainers.spo_pools import PoolConfig, PoolStep, pool_rollout
 
 
@@ -76,6 +82,8 @@ class SPOConfig(TrainerConfig):
     t_min: int = setting(0, "pools only where t_prev >= t_min (timestep-range ablations)", min=0, lt=1000)
     num_steps: int = setting(20, "DDIM steps of a rollout", min=2)
     eta: float = setting(1.0, "DDIM eta: stochasticity of each step (SPO needs > 0)", gt=0, max=1)
+    noise_level: float = setting(0.7, "flow backbones: a of the SDE step, sigma_t = a sqrt(t / (1 - t)) "
+                                      "(Flow-GRPO: 0.7; engine/flow_sde.py)", gt=0)
     guidance_scale: float = setting(5.0, "classifier-free guidance in rollout AND training", min=0)
     beta: float = setting(10.0, "DPO regularisation strength (paper: 10)", gt=0)
     threshold: float | None = setting(None, "keep a pair only if p_w - p_l > threshold (backbone default: "
@@ -164,7 +172,7 @@ class PairItem:
 
     key: tuple  # (prompt index, pool number, transition): a process-independent order
     prompt: int  # index into the trainer's prompt list
-    t: int
+    t: int  # the step sampler's position: the DDIM timestep, or the flow grid index (engine/samplers.py)
     x_t: torch.Tensor  # (C, H, W), CPU
     x_w: torch.Tensor
     x_l: torch.Tensor
@@ -202,11 +210,13 @@ class SPOTrainer(Trainer):
 
     def setup(self) -> None:
         from spobench.engine.rollout import RolloutEngine, SamplerConfig
+        from spobench.engine.samplers import step_sampler
         from spobench.engine.scoring import load_step_scorer
 
         c = self.cfg
         self.engine = RolloutEngine(self.bb, SamplerConfig(num_steps=c.num_steps, guidance_scale=c.guidance_scale,
                                                            eta=c.eta, reduction=c.reduction, resolution=c.resolution))
+        self.steps = step_sampler(self.engine, c.noise_level)  # the family's step: DDIM or the flow SDE
         if self.step_scorer is None:
             self.step_scorer = load_step_scorer(c.scorer, self.acc.device, self.bb.counters, self.bb.dtype)
 
@@ -230,7 +240,7 @@ class SPOTrainer(Trainer):
         scorer = make_pool_scorer(self.bb, self.step_scorer, prompts, self.cfg.scorer_batch)
         merged = self.bb.lora_merged() if self.cfg.merge_lora else contextlib.nullcontext()
         with merged, torch.no_grad():  # the current policy, no grad
-            rollout = pool_rollout(self.engine, prompts, self.generators(epoch, rnd, prompt_indices),
+            rollout = pool_rollout(self.steps, prompts, self.generators(epoch, rnd, prompt_indices),
                                    self.pool_config(), scorer)
         items: list[PairItem] = []
         pools = kept = 0
@@ -312,10 +322,11 @@ class SPOTrainer(Trainer):
         x_prev = torch.stack(x_prev).to(dev)
         t = torch.tensor(t, device=dev)
         cond, uncond = self.engine.encode([self.prompts[i] for i in prompt_rows])
+        red = self.cfg.reduction
         with torch.no_grad(), self.bb.lora_disabled():
-            ref = self.engine.log_prob(x_in, t, x_prev, cond, uncond)  # (R, 2) reference
+            ref = step_log_prob(self.steps, x_in, t, x_prev, cond, uncond, red)  # (R, 2) reference
         with self.policy():
-            lp = self.engine.log_prob(x_in, t, x_prev, cond, uncond)  # (R, 2) current policy, with grad
+            lp = step_log_prob(self.steps, x_in, t, x_prev, cond, uncond, red)  # (R, 2) current policy, with grad
         w_idx = torch.tensor([p[0] for p in pick], device=dev)
         l_idx = torch.tensor([p[1] for p in pick], device=dev)
         return (lp[w_idx[:, 0], w_idx[:, 1]], lp[l_idx[:, 0], l_idx[:, 1]],
@@ -326,5 +337,5 @@ class SPOTrainer(Trainer):
         per_pair, stats = spo_loss(lp_w, lp_l, ref_w, ref_l, self.cfg.beta, self.cfg.clamp_eps)
         sums = {k: float(v.sum()) for k, v in stats.items() if k not in ("logratio_w", "logratio_l")}
         sums["score_gap"] = sum(it.score_gap for it in items)
-        sums["timestep"] = float(sum(it.t for it in items))
+        sums["timestep"] = float(sum(self.steps.scorer_timestep(it.t) for it in items))
         return per_pair.sum() / total, sums

@@ -1,6 +1,8 @@
 """SPO's candidate pools (paper Sec. 4.1-4.3, Fig. 3c; MSPO segments Sec. 4.5): the sampling half of
 SPO and MSPO (``spo.py``, ``mspo.py``), built on the shared rollout engine (``spobench.engine.rollout``:
-DDIM steps, CFG, per-row generators).
+CFG, prompt cache, per-row generators) and the backbone family's step sampler (``spobench.engine.samplers``:
+DDIM with eta on the U-Nets; Flow-GRPO's SDE on flow backbones, the step written t -> t-1 below being
+t_i -> t_{i+1} of the flow grid, x0_hat = x_t - t v). One loop serves both families.
 
 Sampling runs plain DDIM while x_{t-1} is too noisy to judge (t_prev > kappa). From then on, at
 each step:
@@ -40,8 +42,8 @@ from typing import Literal, Sequence
 
 import torch
 
-from spobench.engine.ddim import predict_x0, step_distribution
-from spobench.engine.rollout import Generators, RolloutEngine, Scorer, randn
+from spobench.engine.rollout import Generators, Scorer, randn
+from spobench.engine.samplers import as_step_sampler
 
 
 def randint(high: int, generators: Generators) -> torch.Tensor:
@@ -73,17 +75,25 @@ class PoolConfig:
         if self.tail not in ("own", "merge"):
             raise ValueError(f"tail must be own|merge (got {self.tail!r})")
 
-    def is_pooled(self, t: int, step_ratio: int) -> bool:
-        """Whether the transition from ``t`` (to t - ``step_ratio``) is a pool: t_prev in [t_min, kappa]."""
-        t_prev = t - step_ratio
-        return max(t_prev, 0) <= self.kappa and max(t_prev, 0) >= self.t_min
+    def pools_at(self, t_prev: int) -> bool:
+        """Whether a transition whose result sits at scorer timestep ``t_prev`` (>= 0) is a pool:
+        t_prev in [t_min, kappa]."""
+        return self.t_min <= t_prev <= self.kappa
 
-    def segment_length(self, i: int, n: int, t: int, step_ratio: int) -> int:
-        """Transitions in the segment that starts at step ``i`` (timestep ``t``) of ``n``."""
+    def is_pooled(self, t: int, step_ratio: int) -> bool:
+        """Whether the DDIM transition from ``t`` (to t - ``step_ratio``) is a pool."""
+        return self.pools_at(max(t - step_ratio, 0))
+
+    def segment_steps(self, i: int, n: int, pooled) -> int:
+        """Transitions in the segment that starts at step ``i`` of ``n``; ``pooled(j)``: whether step j is a pool."""
         length = min(self.inner_steps, n - i)
-        if self.tail == "merge" and i + length == n - 1 and self.is_pooled(t - length * step_ratio, step_ratio):
+        if self.tail == "merge" and i + length == n - 1 and pooled(i + length):
             length += 1  # a lone last transition joins this segment (official SDXL pipeline)
         return length
+
+    def segment_length(self, i: int, n: int, t: int, step_ratio: int) -> int:
+        """:meth:`segment_steps` on a DDIM grid: step ``i`` at timestep ``t``, steps ``step_ratio`` apart."""
+        return self.segment_steps(i, n, lambda j: self.is_pooled(t - (j - i) * step_ratio, step_ratio))
 
 
 @dataclass
@@ -116,59 +126,64 @@ class PoolRollout:
 
 
 @torch.no_grad()
-def pool_rollout(engine: RolloutEngine, prompts: Sequence[str], generators: Generators, pool: PoolConfig,
+def pool_rollout(engine, prompts: Sequence[str], generators: Generators, pool: PoolConfig,
                  scorer: Scorer, x_T: torch.Tensor | None = None) -> PoolRollout:
-    """Sample with candidate pools; returns every pool (the training pairs) and the final x_0."""
-    engine.check_log_probs()
-    sched, eta, reduction = engine.sched, engine.sampler.eta, engine.sampler.reduction
+    """Sample with candidate pools; returns every pool (the training pairs) and the final x_0.
+
+    ``engine``: a ``RolloutEngine`` (its family's step sampler) or an ``engine.samplers.StepSampler``: the
+    family's step (DDIM, or the flow SDE) comes from it, so this one loop serves both families. Positions
+    (``PoolStep.timesteps``) are the sampler's: DDIM timesteps, or flow grid indices."""
+    steps = as_step_sampler(engine)
+    steps.check_log_probs()
+    eng, reduction = steps.engine, steps.engine.sampler.reduction
     B, k = len(prompts), pool.k
-    cond, uncond = engine.encode(prompts)
+    cond, uncond = eng.encode(prompts)
     cond_k, uncond_k = cond.repeat_interleave(k), uncond.repeat_interleave(k)
     prompt_idx = torch.arange(B).repeat_interleave(k)
-    x = engine.initial_noise(generators) if x_T is None else x_T
-    ts = [int(t) for t in engine.timesteps()]
-    ratio = sched.step_ratio
+    x = eng.initial_noise(generators) if x_T is None else x_T
+    ts = steps.positions()
+    pooled = [pool.pools_at(steps.scorer_timestep(steps.next(t))) for t in ts]  # by the next sample's timestep
     rollout = PoolRollout(x0=x)
     out = None  # the model output at (x, t) when already known
     i = 0
     while i < len(ts):
         t = ts[i]
         if out is None:
-            out = engine.predict(x, t, cond, uncond)
-        if not pool.is_pooled(t, ratio):
-            dist = step_distribution(out, x, t, sched, eta)
+            out = steps.predict(x, t, cond, uncond)
+        if not pooled[i]:
+            dist = steps.distribution(out, x, t)
             x = dist.sample(randn(x.shape[1:], generators, device=x.device))
             out, i = None, i + 1
             continue
         # 1. k candidates around ONE mean
-        dist = step_distribution(out, x, t, sched, eta)
+        dist = steps.distribution(out, x, t)
         z = randn((k, *x.shape[1:]), generators, device=x.device)  # (B, k, C, H, W)
         cand = dist.mean.unsqueeze(1) + dist.std.unsqueeze(1) * z
         seg, lps = [cand], [dist.log_prob(cand, reduction)]
         flat = cand.flatten(0, 1)
         seg_ts = [t]
-        t_cur = t - ratio
-        steps_left = pool.segment_length(i, len(ts), t, ratio)
+        t_cur = steps.next(t)
+        steps_left = pool.segment_steps(i, len(ts), lambda j: pooled[j])
         # 2. MSPO: j-1 more steps per candidate, then each candidate's own prediction for x0_hat
         cand_out = None
         for s in range(steps_left):
             seg_ts.append(t_cur)
-            if t_cur < 0:
+            if steps.is_final(t_cur):
                 break
-            cand_out = engine.predict(flat, t_cur, cond_k, uncond_k)
+            cand_out = steps.predict(flat, t_cur, cond_k, uncond_k)
             if s == steps_left - 1:
                 break
-            d = step_distribution(cand_out, flat, t_cur, sched, eta)
+            d = steps.distribution(cand_out, flat, t_cur)
             zz = randn((k, *x.shape[1:]), generators, device=x.device).flatten(0, 1)
             flat = d.sample(zz)
             seg.append(flat.unflatten(0, (B, k)))
             lps.append(d.log_prob(flat, reduction).unflatten(0, (B, k)))
-            t_cur -= ratio
+            t_cur = steps.next(t_cur)
             cand_out = None
         t_end = seg_ts[-1]
-        x0_hat = flat if t_end < 0 else predict_x0(cand_out, flat, t_end, sched)
+        x0_hat = flat if steps.is_final(t_end) else steps.x0_hat(cand_out, flat, t_end)
         # 3. score and pick the pair
-        scores = scorer(x0_hat, max(t_end, 0), prompt_idx).reshape(B, k).float().cpu()
+        scores = scorer(x0_hat, steps.scorer_timestep(t_end), prompt_idx).reshape(B, k).float().cpu()
         if pool.pair == "best-worst":
             win, lose = scores.argmax(1), scores.argmin(1)
         else:

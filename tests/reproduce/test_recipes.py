@@ -30,7 +30,9 @@ def test_every_paper_table_has_a_recipe_and_is_ready():
 @pytest.mark.parametrize("name", sorted(recipe_files()))
 def test_shipped_recipe_loads_and_validates_for_every_backbone(name):
     path = recipe_files()[name]
-    for backbone in load_recipe(path, "tiny").backbones:
+    from spobench.core.config import read_toml
+
+    for backbone in load_recipe(path, (read_toml(path, "recipe").get("backbones") or ["tiny"])[0]).backbones:
         r = load_recipe(path, backbone)
         assert r.name == name and r.backbone == backbone and r.cell_list
         if backbone == "tiny":
