@@ -27,13 +27,14 @@ def generate(
                                       "madebyollin/sdxl-vae-fp16-fix)."),
     seed: int = typer.Option(0, "--seed", callback=_SEED, help="Base seed; image n uses seed + n."),
     images_per_prompt: int = typer.Option(1, "--images-per-prompt", "-n", callback=_COUNT),
-    steps: int = typer.Option(20, "--steps", callback=_COUNT, help="DDIM steps."),
+    steps: int = typer.Option(20, "--steps", callback=_COUNT, help="Sampler steps (DDIM; on a flow backbone the Euler/SDE grid)."),
     resolution: Optional[int] = typer.Option(None, "--resolution", callback=_number(min=8),
                                              help="Image side in pixels (default: the backbone's own, e.g. 512 "
                                              "for sd15, 1024 for sdxl)."),
     cfg: float = typer.Option(5.0, "--cfg", callback=_number(min=0), help="Classifier-free guidance scale."),
     eta: float = typer.Option(0.0, "--eta", callback=_number(min=0, max=1),
-                              help="DDIM eta (0 = deterministic, as diffusers' default)."),
+                              help="DDIM eta (0 = deterministic, as diffusers' default); on a flow backbone 0 is "
+                              "the Euler ODE (diffusers' sampler), > 0 Flow-GRPO's SDE at a = 0.7."),
     batch_size: int = typer.Option(8, "--batch-size", callback=_COUNT),
     limit: Optional[int] = typer.Option(None, "--limit", callback=_COUNT, help="Use only the first N prompts."),
     device: str = typer.Option("cpu", "--device", callback=_device(), help="cpu | cuda | cuda:N | mps"),
@@ -41,7 +42,7 @@ def generate(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
 ):
-    """Generate images with fixed seeds (DDIM) and write PNGs plus a JSONL manifest."""
+    """Generate images with fixed seeds (DDIM; the Euler ODE on flow backbones) and write PNGs plus a JSONL manifest."""
     from spobench.core.progress import Progress
     from spobench.engine.rollout import SamplerConfig
     from spobench.eval.generate import generate as run

@@ -30,6 +30,16 @@ def randn(shape: tuple[int, ...], generators: Generators, device=None, dtype=tor
     return torch.stack(rows).to(device)
 
 
+FLOW_SDE_NOISE = 0.7  # Flow-GRPO's noise level a: what generation with eta > 0 samples on a flow backbone
+
+
+def sampler_name(family: str, eta: float) -> str:
+    """The name manifests and reports give the sampler :meth:`RolloutEngine.sample` uses."""
+    if family == "flow":
+        return "euler-ode" if eta == 0 else f"flow-sde (a = {FLOW_SDE_NOISE})"
+    return "ddim"
+
+
 @dataclass
 class SamplerConfig:
     num_steps: int = 20
@@ -176,7 +186,7 @@ class RolloutEngine:
         from spobench.engine.flow_sde import FlowSchedule, sample_sde
 
         s, bb = self.sampler, self.backbone
-        sched = FlowSchedule.from_backbone(bb, s.num_steps, 0.7 if s.eta > 0 else 0.0, s.resolution)
+        sched = FlowSchedule.from_backbone(bb, s.num_steps, FLOW_SDE_NOISE if s.eta > 0 else 0.0, s.resolution)
         cond, uncond = self.encode(prompts)
         x = self.initial_noise(generators) if x_T is None else x_T
         traj = sample_sde(lambda xx, t: bb.predict(xx, t, cond, uncond=uncond, guidance_scale=s.guidance_scale),

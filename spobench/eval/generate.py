@@ -106,12 +106,13 @@ def generate(backbone, prompts: Sequence[str], out: str | Path, *, seed: int = 0
     """Write PNGs and ``manifest.jsonl`` to ``out``; returns the manifest rows (all images)."""
     import torch
 
-    from spobench.engine.rollout import RolloutEngine, SamplerConfig, make_generators
+    from spobench.engine.rollout import RolloutEngine, SamplerConfig, make_generators, sampler_name
 
     out = Path(out)
     sampler = sampler or SamplerConfig(eta=0.0)
     jobs = plan(prompts, seed, images_per_prompt)
-    common = {"sampler": asdict(sampler) | {"name": "ddim"}, "backbone": backbone.identity(), "lora": lora}
+    common = {"sampler": asdict(sampler) | {"name": sampler_name(backbone.family, sampler.eta)},
+              "backbone": backbone.identity(), "lora": lora}
     with outdir.claim(out, command="generate", resume=resume, overwrite=overwrite,
                       keep=lambda: (out / MANIFEST).exists()):  # whole images are kept for --resume
         if resume:

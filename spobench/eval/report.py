@@ -61,7 +61,7 @@ def _sections(data: dict) -> list[tuple[str, str, Any]]:
         about.append(f"Budget: {r['budget'].rstrip('.')}.")
     about.append(f"Generation: {g['prompts'].get('n')} prompts of `{g['prompts'].get('name')}` "
                  f"(version {g['prompts'].get('version')}), {g['images_per_prompt']} image(s) per prompt, seeds from "
-                 f"{g['seed']}, DDIM {g['steps']} steps, eta {g['eta']}, CFG {g['cfg']}.")
+                 f"{g['seed']}, {g.get('sampler', 'ddim').upper()} {g['steps']} steps, eta {g['eta']}, CFG {g['cfg']}.")
     s.append(("About", "text", about))
     s.append(("Results", "table", results_table(data)))
     notes = ["Ours: mean over images with a 95% bootstrap CI (resampling prompts)."]

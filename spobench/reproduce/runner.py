@@ -394,12 +394,16 @@ def report_data(plan: Plan, inputs: dict, train_info: dict, gen_info: dict, eval
             "evaluate": {"wall_s": eval_info[c.id].get("wall_s"), "reused": eval_info[c.id].get("reused")},
             "metrics": metrics, "compare": cmp,
         })
+    from spobench.core.catalog import BACKBONES
+    from spobench.engine.rollout import sampler_name
+
     g = asdict(r.generate)
     return {
         "recipe": {"name": r.name, "title": r.title, "paper_table": r.paper_table, "file": r.file,
                    "description": r.description, "budget": r.budget, "released": r.is_released},
         "backbone": {"name": r.backbone, "model": plan.model_identity},
-        "generate": g | {"prompts": plan.prompt_info},
+        "generate": g | {"prompts": plan.prompt_info,
+                         "sampler": sampler_name(BACKBONES.get(r.backbone).family, r.generate.eta)},
         "metrics": list(plan.metrics),
         "compare_to": r.evaluate.compare_to if r.evaluate.compare_to in {c.id for c in plan.cells} else None,
         "cells": cells,
