@@ -144,6 +144,10 @@ def build(n_prompts: int, b: int, k: int, *, num_steps: int = 20, kappa: int = 7
             "unet_params": sum(p.numel() for p in ref_unet.parameters()),
             "spm_params": sum(p.numel() for p in spm.parameters()),
             "lora_params": sum(p.numel() for p in tr.params)}
+    if compile:  # which forwards compile=true compiled (trainers/base.py: compile_grad_forwards)
+        from spobench.trainers.base import compile_grad_forwards
+
+        info["compiled_forwards"] = "all" if compile_grad_forwards(bb.name, tr.acc.device) else "no-grad only"
     return Setup(tr=tr, spm=spm, ref_unet=ref_unet, tmp=tmp, info=info)
 
 

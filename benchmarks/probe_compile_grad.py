@@ -1,44 +1,85 @@
-"""Does torch.compile of the tiny SD-1.5-shaped UNet alone (no merge_lora) change its LoRA gradients? One forward +
-backward of 10 rows, eager vs compiled, same weights and inputs. Not CI (a cold CPU compile takes minutes):
+"""Does torch.compile of the tiny SD-1.5-shaped UNet (no merge_lora) change its LoRA gradients? One forward +
+backward of 10 rows, eager vs compiled, same weights and inputs, both against a float64 eager reference. Not CI
+(a cold CPU compile takes minutes):
 
-    TORCHINDUCTOR_CACHE_DIR=/tmp/probe-inductor OMP_NUM_THREADS=2 .venv/bin/python benchmarks/probe_compile_grad.py
+    TORCHINDUCTOR_CACHE_DIR=/tmp/probe-inductor OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probe_compile_grad.py \
+        [--backend inductor|aot_eager|eager] [--disable GroupNorm,Attention,...] [--inductor KEY=VALUE ...] [--merge]
 
-2026-12-02, torch 2.13.0 CPU, 2 cores at load ~1: out max diff 1.4e-06, loss diff 1.5e-08, LoRA grad relative
-L2 0.117 (max 2.2e-3); eager float32 against float64 on the same inputs: 4.5e-07. So the compiled backward is
-the wrong one, and spobench refuses compile=true on the CPU for backbones other than tiny
-(spobench/trainers/base.py: check_compile_gradients)."""
-import sys, time, torch
+``--disable`` runs the forward of every submodule of those classes eagerly inside the compiled UNet
+(torch.compiler.disable), to bisect which piece's compiled backward is off. ``--inductor`` sets
+torch._inductor.config entries (e.g. ``fallback_random=True``). ``--minimal`` runs the smallest case found
+that reproduces the difference without spobench, diffusers or peft (see benchmarks/README.md, "compiled
+gradients"). Findings, numbers and the dates are in benchmarks/README.md."""
+import argparse
+import tempfile
+import time
 from pathlib import Path
-from spobench.models.backbones import load_backbone
-from spobench.models.backbones.testing import make_sd15_folder
+
+import torch
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--backend", default="inductor")
+ap.add_argument("--disable", default="", help="comma-separated module class names run eagerly")
+ap.add_argument("--inductor", nargs="*", default=[], help="torch._inductor.config KEY=VALUE")
+ap.add_argument("--merge", action="store_true", help="a no-grad merged call first, as the rollout does")
+ap.add_argument("--minimal", action="store_true")
+args = ap.parse_args()
+
+for kv in args.inductor:
+    k, v = kv.split("=", 1)
+    obj = torch._inductor.config
+    *path, last = k.split(".")
+    for p in path:
+        obj = getattr(obj, p)
+    setattr(obj, last, eval(v))
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+if args.minimal:
+    from minimal_compile_grad import main as minimal_main  # noqa: E402  (benchmarks/ on sys.path)
+
+    minimal_main(args.backend)
+    raise SystemExit
+
+from spobench.models.backbones import load_backbone  # noqa: E402
+from spobench.models.backbones.testing import make_sd15_folder  # noqa: E402
 
 torch.manual_seed(0)
-import tempfile
 folder = make_sd15_folder(Path(tempfile.mkdtemp()) / "sd15", seed=0)
 res = {}
-for mode in ("eager", "compiled"):
+for mode in ("float64", "eager", "compiled"):
     bb = load_backbone("sd15", str(folder))
     bb.add_lora(rank=4)
     with torch.no_grad():  # B != 0 so the LoRA matters
         g = torch.Generator().manual_seed(1)
         for p in bb.trainable_parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    if mode == "compiled":
-        bb.unet.compile()
     cond = bb.encode_prompts(["a red cat", "two blue squares"] * 5)
     x = torch.randn(10, *bb.latent_shape(16), generator=torch.Generator().manual_seed(2))
     t = torch.full((10,), 500)
-    merged = "--merge" in sys.argv
-    if merged and hasattr(bb, "lora_merged"):
+    if mode == "float64":
+        bb.unet.double()  # unet_forward casts the conditioning to the UNet's dtype
+        x = x.double()
+    if mode == "compiled":
+        names = {n for n in args.disable.split(",") if n}
+        for m in bb.unet.modules():
+            if type(m).__name__ in names:
+                m.forward = torch.compiler.disable(m.forward)
+        bb.unet.compile(backend=args.backend)
+    if args.merge and mode != "float64":
         with torch.no_grad(), bb.lora_merged():
-            bb.unet_forward(x, t, cond)  # a no-grad merged call first, as the rollout does
+            bb.unet_forward(x, t, cond)
     t0 = time.time()
     out = bb.unet_forward(x, t, cond)
-    loss = (out.float() ** 2).mean()
+    loss = (out.double() ** 2).mean()
     loss.backward()
-    grads = torch.cat([p.grad.flatten() for p in bb.trainable_parameters()])
-    res[mode] = (loss.item(), grads, out.detach())
+    grads = torch.cat([p.grad.double().flatten() for p in bb.trainable_parameters()])
+    res[mode] = (loss.item(), grads, out.detach().double())
     print(mode, "loss", loss.item(), "sec", round(time.time() - t0, 1), flush=True)
-(le, ge, oe), (lc, gc, oc) = res["eager"], res["compiled"]
-print("out max diff", (oe - oc).abs().max().item())
-print("loss diff", abs(le - lc), "grad rel", ((ge - gc).norm() / ge.norm()).item(), "grad max", (ge - gc).abs().max().item())
+(l64, g64, o64), (le, ge, oe), (lc, gc, oc) = res["float64"], res["eager"], res["compiled"]
+print(f"backend={args.backend} disable={args.disable or '-'} inductor={args.inductor or '-'} merge={args.merge}")
+print(f"out: eager-f64 max {(oe - o64).abs().max().item():.2e}  compiled-f64 max {(oc - o64).abs().max().item():.2e}")
+print(f"grad rel L2: eager-f64 {rel(ge, g64):.2e}  compiled-f64 {rel(gc, g64):.2e}  compiled-eager {rel(gc, ge):.2e}")
