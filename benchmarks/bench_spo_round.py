@@ -544,7 +544,17 @@ def run(args) -> dict:
                   "compile": args.compile, "merge_lora": args.merge_lora, "warmup_s": warmup_s,
                   **S.info},
         "loss_check_same_pairs": check, "rounds": rounds, "total": total,
+        **({"dynamo": _dynamo_stats()} if args.compile else {}),
     }
+
+
+def _dynamo_stats() -> dict:
+    """How many graphs torch.compile captured and how often it recompiled: a compiled path that fell back
+    to eager (cache limit, graph breaks) shows here, not in the timings alone."""
+    from torch._dynamo.utils import counters
+
+    return {group: dict(counters[group]) for group in ("stats", "frames", "recompiles", "graph_break")
+            if group in counters}
 
 
 def profile_round(S: Setup, out: Path) -> None:

@@ -7,9 +7,7 @@ backward of 10 rows, eager vs compiled, same weights and inputs, both against a 
 
 ``--disable`` runs the forward of every submodule of those classes eagerly inside the compiled UNet
 (torch.compiler.disable), to bisect which piece's compiled backward is off. ``--inductor`` sets
-torch._inductor.config entries (e.g. ``fallback_random=True``). ``--minimal`` runs the smallest case found
-that reproduces the difference without spobench, diffusers or peft (see benchmarks/README.md, "compiled
-gradients"). Findings, numbers and the dates are in benchmarks/README.md."""
+torch._inductor.config entries (e.g. ``fallback_random=True``). Findings, numbers and the dates are in benchmarks/README.md."""
 import argparse
 import tempfile
 import time
@@ -21,8 +19,8 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--backend", default="inductor")
 ap.add_argument("--disable", default="", help="comma-separated module class names run eagerly")
 ap.add_argument("--inductor", nargs="*", default=[], help="torch._inductor.config KEY=VALUE")
+ap.add_argument("--all", action="store_true", help="list every LoRA tensor's error, not the worst 12")
 ap.add_argument("--merge", action="store_true", help="a no-grad merged call first, as the rollout does")
-ap.add_argument("--minimal", action="store_true")
 args = ap.parse_args()
 
 for kv in args.inductor:
@@ -38,18 +36,12 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-if args.minimal:
-    from minimal_compile_grad import main as minimal_main  # noqa: E402  (benchmarks/ on sys.path)
-
-    minimal_main(args.backend)
-    raise SystemExit
-
 from spobench.models.backbones import load_backbone  # noqa: E402
 from spobench.models.backbones.testing import make_sd15_folder  # noqa: E402
 
 torch.manual_seed(0)
 folder = make_sd15_folder(Path(tempfile.mkdtemp()) / "sd15", seed=0)
-res = {}
+res, per = {}, {}
 for mode in ("float64", "eager", "compiled"):
     bb = load_backbone("sd15", str(folder))
     bb.add_lora(rank=4)
@@ -76,10 +68,18 @@ for mode in ("float64", "eager", "compiled"):
     out = bb.unet_forward(x, t, cond)
     loss = (out.double() ** 2).mean()
     loss.backward()
-    grads = torch.cat([p.grad.double().flatten() for p in bb.trainable_parameters()])
+    named = [(n, p) for n, p in bb.unet.named_parameters() if p.requires_grad]
+    grads = torch.cat([p.grad.double().flatten() for _, p in named])
+    per[mode] = {n: p.grad.double().clone() for n, p in named}
     res[mode] = (loss.item(), grads, out.detach().double())
     print(mode, "loss", loss.item(), "sec", round(time.time() - t0, 1), flush=True)
 (l64, g64, o64), (le, ge, oe), (lc, gc, oc) = res["float64"], res["eager"], res["compiled"]
 print(f"backend={args.backend} disable={args.disable or '-'} inductor={args.inductor or '-'} merge={args.merge}")
 print(f"out: eager-f64 max {(oe - o64).abs().max().item():.2e}  compiled-f64 max {(oc - o64).abs().max().item():.2e}")
 print(f"grad rel L2: eager-f64 {rel(ge, g64):.2e}  compiled-f64 {rel(gc, g64):.2e}  compiled-eager {rel(gc, ge):.2e}")
+bad = [(rel(per["compiled"][n], per["float64"][n]), n) for n in per["float64"]]
+print("per LoRA tensor, compiled vs float64, worst first (relative L2):")
+for r, n in sorted(bad, reverse=True)[:None if args.all else 12]:
+    ratio = (per["compiled"][n].norm() / per["float64"][n].norm()).item()
+    print(f"  {r:.2e}  {n}  |compiled|/|f64| {ratio:.3f}  (eager {rel(per['eager'][n], per['float64'][n]):.1e})")
+print(f"  ... {sum(r > 1e-4 for r, _ in bad)} of {len(bad)} tensors above 1e-4")
