@@ -7,7 +7,9 @@ backward of 10 rows, eager vs compiled, same weights and inputs, both against a 
 
 ``--disable`` runs the forward of every submodule of those classes eagerly inside the compiled UNet
 (torch.compiler.disable), to bisect which piece's compiled backward is off. ``--inductor`` sets
-torch._inductor.config entries (e.g. ``fallback_random=True``). Findings, numbers and the dates are in benchmarks/README.md."""
+torch._inductor.config entries (e.g. ``fallback_random=True``). ``--minimal``: the smallest case found,
+without spobench or peft: diffusers' UpBlock2D of the same UNet config alone, gradient w.r.t. its input
+(inductor's is exactly zero; for an upstream report). Findings, numbers and the dates are in benchmarks/README.md."""
 import argparse
 import tempfile
 import time
@@ -20,6 +22,7 @@ ap.add_argument("--backend", default="inductor")
 ap.add_argument("--disable", default="", help="comma-separated module class names run eagerly")
 ap.add_argument("--inductor", nargs="*", default=[], help="torch._inductor.config KEY=VALUE")
 ap.add_argument("--all", action="store_true", help="list every LoRA tensor's error, not the worst 12")
+ap.add_argument("--minimal", action="store_true", help="UpBlock2D alone: the input gradient, eager vs compiled")
 ap.add_argument("--merge", action="store_true", help="a no-grad merged call first, as the rollout does")
 args = ap.parse_args()
 
@@ -35,6 +38,41 @@ for kv in args.inductor:
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
+
+
+
+def minimal() -> None:
+    """diffusers only: the UNet of make_sd15_folder's config, its ``up_blocks[0]`` (UpBlock2D: two
+    ResnetBlock2D on cat(hidden, skip), then Upsample2D) on random inputs; d loss / d hidden_states."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1, cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8,
+    ).eval().requires_grad_(False)
+    block = unet.up_blocks[0]
+    h = torch.randn(10, 32, 4, 4, requires_grad=True)
+    skips = (torch.randn(10, 16, 4, 4), torch.randn(10, 32, 4, 4))  # popped from the end: 32, then 16 channels
+    temb = torch.randn(10, 64)
+
+    def f(x):
+        return block(hidden_states=x, res_hidden_states_tuple=skips, temb=temb)
+
+    grads = {}
+    for name, fn in (("eager", f), (args.backend, torch.compile(f, backend=args.backend))):
+        h.grad = None
+        fn(h).square().mean().backward()
+        grads[name] = h.grad.clone()
+    e, c = grads["eager"], grads[args.backend]
+    print(f"UpBlock2D input grad: |eager| {e.norm().item():.3e}  |{args.backend}| {c.norm().item():.3e}  "
+          f"relative L2 {rel(c, e):.2e}")
+
+
+if args.minimal:
+    minimal()
+    raise SystemExit
 
 from spobench.models.backbones import load_backbone  # noqa: E402
 from spobench.models.backbones.testing import make_sd15_folder  # noqa: E402
