@@ -144,6 +144,10 @@ def build(n_prompts: int, b: int, k: int, *, num_steps: int = 20, kappa: int = 7
             "unet_params": sum(p.numel() for p in ref_unet.parameters()),
             "spm_params": sum(p.numel() for p in spm.parameters()),
             "lora_params": sum(p.numel() for p in tr.params)}
+    if compile:  # which forwards compile=true compiled (trainers/base.py: compile_grad_forwards)
+        from spobench.trainers.base import compile_grad_forwards
+
+        info["compiled_forwards"] = "all" if compile_grad_forwards(bb.name, tr.acc.device) else "no-grad only"
     return Setup(tr=tr, spm=spm, ref_unet=ref_unet, tmp=tmp, info=info)
 
 
@@ -540,7 +544,17 @@ def run(args) -> dict:
                   "compile": args.compile, "merge_lora": args.merge_lora, "warmup_s": warmup_s,
                   **S.info},
         "loss_check_same_pairs": check, "rounds": rounds, "total": total,
+        **({"dynamo": _dynamo_stats()} if args.compile else {}),
     }
+
+
+def _dynamo_stats() -> dict:
+    """How many graphs torch.compile captured and how often it recompiled: a compiled path that fell back
+    to eager (cache limit, graph breaks) shows here, not in the timings alone."""
+    from torch._dynamo.utils import counters
+
+    return {group: dict(counters[group]) for group in ("stats", "frames", "recompiles", "graph_break")
+            if group in counters}
 
 
 def profile_round(S: Setup, out: Path) -> None:
