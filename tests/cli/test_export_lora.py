@@ -6,7 +6,7 @@ corrupt LoRA file: tests/models/backbones/test_lora_export.py (read_lora's refus
 import pytest
 import torch
 
-from clitools import run
+from clitools import run, run_together
 from contract import assert_clean_failure, snapshot
 
 TRAIN = ["k=2", "num_steps=4", "kappa=800", "threshold=0.0", "rollout_batch=1", "train_batch_size=2",
@@ -90,8 +90,8 @@ def test_a_trained_run_round_trips_in_both_formats(runs, tmp_path):
             *[a for s in TRAIN for a in ("--set", s)])
     assert r.returncode == 0, r.stderr[-3000:]
     files = {fmt: tmp_path / f"spo-{fmt}.safetensors" for fmt in ("diffusers", "kohya")}
-    for fmt, file in files.items():
-        r = run("export-lora", out, "--format", fmt, "--out", file)
+    for file, r in zip(files.values(), run_together(*[("export-lora", out, "--format", fmt, "--out", file)
+                                                      for fmt, file in files.items()])):
         assert r.returncode == 0, r.stderr[-3000:]
         assert str(file) in r.stdout
     with safe_open(str(files["kohya"]), "pt") as f:

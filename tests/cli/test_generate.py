@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from spobench.models.backbones.testing import make_tiny_folder
-from clitools import run
+from clitools import run, run_together
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,8 @@ def test_generate_writes_pngs_and_manifest(tiny_model, prompts, tmp_path):
 
 def test_same_seed_same_image_whatever_the_batch(tiny_model, prompts, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    for out, bs in ((a, "1"), (b, "4")):
-        r = run("generate", "--model", str(tiny_model), "--prompts", str(prompts), "--out", str(out),
-                "--steps", "2", "--batch-size", bs, "--eta", "1.0")
+    for r in run_together(*[("generate", "--model", str(tiny_model), "--prompts", str(prompts), "--out", str(out),
+                             "--steps", "2", "--batch-size", bs, "--eta", "1.0") for out, bs in ((a, "1"), (b, "4"))]):
         assert r.returncode == 0, r.stderr
     for name in ("00000.png", "00001.png"):
         x = np.asarray(Image.open(a / name), dtype=int)

@@ -50,12 +50,10 @@ def _a_file(t: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def spo_run(tmp_path_factory):
-    """A tiny SPO run stopped after one round (a checkpoint, a final LoRA, a summary)."""
-    out = tmp_path_factory.mktemp("spo-run") / "run"
-    r = run("train", "spo", "--out", out, *_sets(TRAIN + ["max_rounds=1"]))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+def spo_run(finished_spo_run):
+    """A tiny SPO run stopped after one round (a checkpoint, a final LoRA, a summary). Shared with the other
+    robustness catalogue that asks for the same settings (tests/conftest.py)."""
+    return finished_spo_run(TRAIN + ["max_rounds=1"])
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clitools import run
+from clitools import run, run_together
 from spobench.trainers.d3po import D3POTrainer, d3po_loss
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a small white square"]
@@ -146,17 +146,17 @@ def world(tmp_path_factory):
     return root, model
 
 
-def _train(world, out, *extra):
+def _train_args(world, out, *extra):
     root, model = world
     sets = [f"prompts={root / 'prompts.txt'}", "reward=metric:toy_aesthetic", "num_steps=4", "rollout_batch=1",
             "train_batch_size=4", "grad_accum=1", "epochs=1", "checkpoint_every=1", "timestep_fraction=0.5"]
-    return run("train", "d3po", "--backbone", "tiny", "--model", model, "--out", out,
-               *[a for s in sets for a in ("--set", s)], *extra)
+    return ("train", "d3po", "--backbone", "tiny", "--model", model, "--out", out,
+            *[a for s in sets for a in ("--set", s)], *extra)
 
 
 def test_train_then_resume_is_bit_identical(world):
     full, part = world[0] / "full", world[0] / "part"
-    r = _train(world, full)
+    r, r_part = run_together(_train_args(world, full), _train_args(world, part, "--set", "max_rounds=2"))
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((full / "summary.json").read_text())
     c = summary["counters"]
@@ -167,8 +167,7 @@ def test_train_then_resume_is_bit_identical(world):
     assert len(rounds) == 4 and all("reward_mean" in r and "tie_fraction" in r for r in rounds)
     assert all(k in rows[0] for k in ("loss", "accuracy", "margin", "clamp_frac", "grad_norm"))
 
-    r = _train(world, part, "--set", "max_rounds=2")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r_part.returncode == 0, r_part.stderr[-3000:]
     assert not json.loads((part / "summary.json").read_text())["complete"]
     r = run("train", "d3po", "--backbone", "tiny", "--model", world[1], "--out", part, "--resume",
             "--set", "max_rounds=none")

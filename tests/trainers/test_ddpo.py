@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clitools import EXE, run
+from clitools import EXE, run, run_together
 from spobench.trainers.ddpo import DDPOTrainer, PerPromptStatTracker, ddpo_loss
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a small white square"]
@@ -125,7 +125,10 @@ def test_train_then_resume_is_bit_identical(world):
     """Epoch 2 normalises with per-prompt buffers filled in epoch 1: the resumed run must restore them."""
     root, model = world
     full, part = root / "full", root / "part"
-    r = run("train", "ddpo", "--backbone", "tiny", "--model", model, "--out", full, *_sets(world))
+    r, r_part = run_together(  # the uninterrupted run and the first 3 rounds of the interrupted one
+        ("train", "ddpo", "--backbone", "tiny", "--model", model, "--out", full, *_sets(world)),
+        ("train", "ddpo", "--backbone", "tiny", "--model", model, "--out", part, *_sets(world),
+         "--set", "max_rounds=3"))
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((full / "summary.json").read_text())
     assert summary["complete"] and summary["counters"]["reward_image_passes"] == 2 * 4 * 2
@@ -137,9 +140,7 @@ def test_train_then_resume_is_bit_identical(world):
     ckpt = json.loads((full / "checkpoints" / "checkpoint-000002" / "progress.json").read_text())
     assert sorted(ckpt["trainer_state"]["stat_tracker"]) == sorted(PROMPTS)
 
-    r = run("train", "ddpo", "--backbone", "tiny", "--model", model, "--out", part, *_sets(world),
-            "--set", "max_rounds=3")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r_part.returncode == 0, r_part.stderr[-3000:]
     r = run("train", "ddpo", "--backbone", "tiny", "--model", model, "--out", part, "--resume",
             "--set", "max_rounds=none")
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr[-3000:]

@@ -40,16 +40,29 @@ def _settings(prompts):
     return [a for s in sets for a in ("--set", s)]
 
 
-def _train(world, out, *extra, trainer="spo"):
+def _train_args(world, out, *extra, trainer="spo"):
     root, model, prompts = world
-    return spobench("train", trainer, "--backbone", "tiny", "--model", str(model), "--out", str(out),
-                    *_settings(prompts), *extra)
+    return ("train", trainer, "--backbone", "tiny", "--model", str(model), "--out", str(out),
+            *_settings(prompts), *extra)
+
+
+def _train(world, out, *extra, trainer="spo"):
+    return spobench(*_train_args(world, out, *extra, trainer=trainer))
 
 
 @pytest.fixture(scope="module")
-def full_run(world):
-    out = world[0] / "full"
-    r = _train(world, out)
+def two_runs(world):
+    """The uninterrupted run and the first 2 rounds of an interrupted one (resumed in its test), side by side."""
+    from clitools import run_together
+
+    full, interrupted = world[0] / "full", world[0] / "interrupted"
+    r_full, r_part = run_together(_train_args(world, full), _train_args(world, interrupted, "--set", "max_rounds=2"))
+    return (full, r_full), (interrupted, r_part)
+
+
+@pytest.fixture(scope="module")
+def full_run(two_runs):
+    out, r = two_runs[0]
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -85,9 +98,8 @@ def test_train_writes_checkpoints_logs_and_a_diffusers_lora(world, full_run):
     assert n_loaded == sum(v.numel() for v in ours.values())
 
 
-def test_resume_after_interruption_is_bit_identical(world, full_run):
-    out = world[0] / "interrupted"
-    r = _train(world, out, "--set", "max_rounds=2")
+def test_resume_after_interruption_is_bit_identical(world, full_run, two_runs):
+    out, r = two_runs[1]
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "checkpoints" / "checkpoint-000002").is_dir()
     # a budgeted stop still exports its LoRA, marked incomplete
