@@ -479,6 +479,8 @@ def cli_steps(part: str, work: Path, args) -> list[tuple[str, list[str]]]:
         ]
     if part == "released":
         return released_steps(work, args)
+    if part == "spm-import":
+        return released_steps(work, args)[:1]
     if part == "sd3":
         return sd3_steps(work, args, common)
     if part == "sdxl":
@@ -616,7 +618,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "spobench-real-world")
     p.add_argument("--parts", default="sd15", help="comma-separated: sd15 (train spo, generate, eval), released (spm import, reproduce "
-                   "table2 --released), sdxl (mspo), sd3 (spo or flow-grpo, generate)")
+                   "table2 --released), spm-import (the import only), sdxl (mspo), sd3 (spo or flow-grpo, "
+                   "generate)")
     p.add_argument("--steps", type=int, default=2, help="DDIM steps of the rollout and of generate")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="frozen weights of train/generate")
     p.add_argument("--sdxl-resolution", type=int, default=None, help="default: the backbone's 1024")
@@ -662,6 +665,7 @@ def main(argv=None) -> dict:
         by_part[part] = settings
     metrics = ["pickscore+spm", "hpsv2", "imagereward", "aesthetic"]
     needs = {"sd15": ["sd15", *metrics], "released": ["sd15", *metrics, "spm-official", "released"],
+             "spm-import": ["pickscore+spm", "spm-official"],
              "sdxl": ["sdxl", "pickscore+spm"], "sd3": ["sd3", "pickscore+spm"]}
     built: set[str] = set()
     for part in parts:
