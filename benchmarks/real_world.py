@@ -225,8 +225,9 @@ def build_backbone(backbone: str, folder: Path, tiny: bool) -> dict:
 
 
 # -- SD3.5-Medium (issue 18) ------------------------------------------------------------------------------
-# stabilityai/stable-diffusion-3.5-medium transformer/config.json: SD3Transformer2DModel (MMDiT-X), 2.5B
-# parameters, dual attention in the first 13 blocks, qk RMS-norm; joint_attention_dim 4096 = T5-XXL's width
+# stabilityai/stable-diffusion-3.5-medium transformer/config.json: SD3Transformer2DModel (MMDiT-X), 2.24B
+# parameters + the saved 384 x 384 x 1536 sin-cos position table (0.23B; 2.47B x 2 bytes = the published
+# 4.9 GB file), dual attention in the first 13 blocks, qk RMS-norm; joint_attention_dim 4096 = T5-XXL's width
 # (without T5 the two CLIPs' 768 + 1280 are zero-padded to it), pooled 768 + 1280 = 2048
 SD35M_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
                          attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
@@ -246,7 +247,7 @@ SD35M_TINY = dict(sample_size=8, num_layers=2, attention_head_dim=8, num_attenti
 def build_sd3(folder: Path, tiny: bool) -> dict:
     """A StableDiffusion3Pipeline folder at SD3.5-Medium's size without T5 (``text_encoder_3`` null in
     model_index.json, as ``StableDiffusion3Pipeline.from_pretrained(..., text_encoder_3=None)`` saves it):
-    T5-XXL is 4.8B parameters (19 GB fp32, 9.5 GB bf16) beside the 2.5B transformer, more than the 24 GB
+    T5-XXL is 4.8B parameters (19 GB fp32, 9.5 GB bf16) beside the 2.2B transformer, more than the 24 GB
     this runs in; SD3 is trained with T5 dropped at random and runs without it. Weights are written in
     bf16, 2 bytes a weight as the published files (transformer 4.9 GB); built in bf16 too, so that the
     builder holds 5 GB, not 10."""
