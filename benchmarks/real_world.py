@@ -5,6 +5,8 @@ Not CI. Writes, under --work (nothing is downloaded):
 * ``sd15/``, ``sdxl/``: diffusers folders at the published SD-1.5 / SDXL-base architectures (the UNet and
   VAE configs of ``bench_real_size.py``; CLIP ViT-L/14 and OpenCLIP bigG/14 text encoders as those repos
   ship them), random weights, fp32 safetensors, the shipped scheduler configs;
+* ``sd3/``: a StableDiffusion3Pipeline folder at stabilityai/stable-diffusion-3.5-medium's published configs
+  (SD3Transformer2DModel 2.5B, 16-channel VAE, CLIP-L + CLIP-G; no T5, see ``build_sd3``), bf16 safetensors;
 * ``metrics/pickscore``: a transformers CLIPModel at PickScore's size (ViT-H/14, 1024-d text tower) and its
   laion ViT-H processor folder; ``spm/``: spobench's SPM folder built from that CLIP (the step scorer);
 * ``metrics/hpsv2``: ``HPS_v2.1_compressed.pt`` (an open_clip ViT-H-14 ``state_dict``); ``metrics/imagereward``:
@@ -26,10 +28,19 @@ prints as "Maximum resident set size") with the command line, the load average a
     spobench spm import metrics/spm-official.bin --clip <PickScore> ...   (issue 13: an official-layout SPM)
     spobench reproduce table2 --released --limit 2   (offline hub cache of sd15/ + random released DPO UNet, SPO LoRA)
     spobench train mspo --backbone sdxl --model sdxl ...   (1024 px unless --sdxl-resolution)
+    spobench train spo  --backbone sd3 --model sd3 ...     (issue 18: SD3.5-Medium's size; where this spobench
+        refuses SPO on a flow backbone (exit 2), train flow-grpo one round, G = 2, the SPM as reward)
+    spobench generate   --backbone sd3 --lora <that LoRA> ...
+
+Parts (--parts): ``sd15`` (train spo, generate, eval), ``released`` (spm import, reproduce table2 --released),
+``sdxl`` (train mspo), ``sd3`` (train spo or flow-grpo, generate)::
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/real_world.py --parts sd15          # the SD-1.5 path
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/real_world.py --parts sd15,sdxl
-    .venv/bin/python benchmarks/real_world.py --tiny --parts sd15,sdxl --out /tmp/rw.json  # test the script
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/real_world.py --parts released --released-steps 2
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/real_world.py --parts sdxl --sdxl-resolution 512 --dtype bf16 \
+        --train-set train_batch_size=1 --train-set grad_accum=2 --train-set scorer_batch=1
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/real_world.py --parts sd3 --dtype bf16
+    .venv/bin/python benchmarks/real_world.py --tiny --parts sd15,released,sd3 --out /tmp/rw.json  # test the script
 
 Results: benchmarks/results/real_world.json (one entry per command; re-running a part replaces its entries).
 The memory budget is 24 GB on 2 cores: ``budget_ok`` says whether each command stayed under it.
@@ -155,7 +166,8 @@ def _model_index(backbone: str, folder: Path) -> None:
     from spobench.models.backbones import testing
 
     with tempfile.TemporaryDirectory() as tmp:
-        make = testing.make_sd15_folder if backbone == "sd15" else testing.make_sdxl_folder
+        make = {"sd15": testing.make_sd15_folder, "sdxl": testing.make_sdxl_folder,
+                "sd3": testing.make_sd3_folder}[backbone]
         make(Path(tmp) / "m")
         shutil.copy(Path(tmp) / "m" / "model_index.json", folder / "model_index.json")
 
@@ -210,6 +222,75 @@ def build_backbone(backbone: str, folder: Path, tiny: bool) -> dict:
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
     _model_index(backbone, folder)
     return {"params": params, "config": {"unet": c["unet"], "vae": vae_cfg, "latent": c["latent"], "image": c["image"]}}
+
+
+# -- SD3.5-Medium (issue 18) ------------------------------------------------------------------------------
+# stabilityai/stable-diffusion-3.5-medium transformer/config.json: SD3Transformer2DModel (MMDiT-X), 2.24B
+# parameters + the saved 384 x 384 x 1536 sin-cos position table (0.23B; 2.47B x 2 bytes = the published
+# 4.9 GB file), dual attention in the first 13 blocks, qk RMS-norm; joint_attention_dim 4096 = T5-XXL's width
+# (without T5 the two CLIPs' 768 + 1280 are zero-padded to it), pooled 768 + 1280 = 2048
+SD35M_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                         attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                         caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                         dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+# its vae/config.json: the SD VAE's blocks with 16 latent channels, no quant convs, scaling/shift of SD3
+SD35M_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
+                 block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, act_fn="silu", sample_size=1024,
+                 scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+                 force_upcast=True)
+# --tiny: 2 blocks of 2 heads x 8 (the tiny sd3 folder's), the CLIP widths kept (they fix 4096 / 2048)
+SD35M_TINY = dict(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                  caption_projection_dim=16, pos_embed_max_size=64, dual_attention_layers=(0,))  # generate: 512 px
+
+
+def build_sd3(folder: Path, tiny: bool) -> dict:
+    """A StableDiffusion3Pipeline folder at SD3.5-Medium's size without T5 (``text_encoder_3`` null in
+    model_index.json, as ``StableDiffusion3Pipeline.from_pretrained(..., text_encoder_3=None)`` saves it):
+    T5-XXL is 4.8B parameters (19 GB fp32, 9.5 GB bf16) beside the 2.2B transformer, more than the 24 GB
+    this runs in; SD3 is trained with T5 dropped at random and runs without it. Weights are written in
+    bf16, 2 bytes a weight as the published files (transformer 4.9 GB); built in bf16 too, so that the
+    builder holds 5 GB, not 10."""
+    import torch
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    from spobench.models.backbones import testing
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    params = {}
+    cfg = {**SD35M_TRANSFORMER, **(SD35M_TINY if tiny else {})}
+    vae_cfg = {**SD35M_VAE, **(dict(block_out_channels=(32, 32, 64, 64)) if tiny else {})}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        for name, make in (("transformer", lambda: SD3Transformer2DModel(**cfg)),
+                           ("vae", lambda: AutoencoderKL(**vae_cfg))):
+            module = make()
+            params[name] = sum(p.numel() for p in module.parameters())
+            _save(module, folder / name)
+            del module
+            gc.collect()
+        small = dict(num_hidden_layers=2)
+        for name, spec, pad in (("text_encoder", CLIP_L_TEXT, "<|endoftext|>"), ("text_encoder_2", CLIP_BIGG_TEXT, "!")):
+            spec = tiny_sizes(spec, **small) if tiny else spec
+            enc = CLIPTextModelWithProjection(_text_config(spec, CLIP_VOCAB))
+            params[name] = sum(p.numel() for p in enc.parameters())
+            _save(enc, folder / name)
+            del enc
+            gc.collect()
+            tok_dir = folder / name.replace("text_encoder", "tokenizer")
+            write_clip_tokenizer(tok_dir, pad)
+            CLIPTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(tok_dir))
+    finally:
+        torch.set_default_dtype(default)
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(testing.SD3_SCHEDULER_CONFIG, indent=2) + "\n")
+    _model_index("sd3", folder)
+    return {"params": params, "t5": False, "dtype": "bf16",
+            "config": {"transformer": {**cfg, "dual_attention_layers": list(cfg["dual_attention_layers"])},
+                       "vae": vae_cfg}}
 
 
 # -- the metric checkpoints and the SPM ------------------------------------------------------------------
@@ -305,6 +386,7 @@ def build_aesthetic(work: Path, tiny: bool) -> dict:
 BUILDERS = {
     "sd15": lambda work, tiny: build_backbone("sd15", work / "sd15", tiny),
     "sdxl": lambda work, tiny: build_backbone("sdxl", work / "sdxl", tiny),
+    "sd3": lambda work, tiny: build_sd3(work / "sd3", tiny),
     "pickscore+spm": build_pickscore_and_spm,
     "hpsv2": build_hpsv2,
     "imagereward": build_imagereward,
@@ -349,6 +431,13 @@ def measure(name: str, argv: list[str], nice: int, env: dict | None = None) -> d
             "output_tail": tail if proc.returncode else tail[-3:]}
 
 
+def run_step(name: str, cmd: list[str], nice: int, env: dict | None) -> dict:
+    print(f"== {name}: {shlex.join(cmd)}", flush=True)
+    r = measure(name, cmd, nice, env=env)
+    print(f"   rc {r['rc']}, {r['wall_s']} s, peak RSS {r['peak_rss_gib']} GiB", flush=True)
+    return r
+
+
 def spobench_cli() -> str:
     exe = Path(sys.executable).parent / "spobench"
     return str(exe) if exe.exists() else shutil.which("spobench") or "spobench"
@@ -372,8 +461,9 @@ def cli_steps(part: str, work: Path, args) -> list[tuple[str, list[str]]]:
               # random weights: the SPM's preference gaps are arbitrary; 0 keeps every non-tied pair so
               # that the training half of the round is measured too
               "--set", "threshold=0", "--set", f"dtype={args.dtype}"]
+    common += [x for kv in args.train_set for x in ("--set", kv)]  # later --set wins: the memory options
     if args.tiny:
-        common += ["--set", f"resolution={64 if part == 'sd15' else 128}"]  # the test sizes' images
+        common += ["--set", f"resolution={128 if part == 'sdxl' else 64}"]  # the test sizes' images
     if part == "sd15":
         run = work / "runs" / "spo-sd15"
         gen = work / "gen-sd15"
@@ -387,14 +477,38 @@ def cli_steps(part: str, work: Path, args) -> list[tuple[str, list[str]]]:
                                 "--images", str(gen), "--out", str(work / "eval-sd15.json"),
                                 *[f"--weights={m}={work / 'metrics' / m}"
                                   for m in ("pickscore", "hpsv2", "imagereward", "aesthetic")]]),
-            *released_steps(work, args),
         ]
+    if part == "released":
+        return released_steps(work, args)
+    if part == "spm-import":
+        return released_steps(work, args)[:1]
+    if part == "sd3":
+        return sd3_steps(work, args, common)
     if part == "sdxl":
         run = work / "runs" / "mspo-sdxl"
         res = ["--set", f"resolution={args.sdxl_resolution}"] if args.sdxl_resolution else []
         return [("train mspo sdxl", [cli, "train", "mspo", "--backbone", "sdxl", "--model", str(work / "sdxl"),
                                      "--out", str(run), "--overwrite", *common, *res])]
     raise SystemExit(f"unknown part {part!r}")
+
+
+def sd3_steps(work: Path, args, common: list[str]) -> list[tuple]:
+    """Issue 18 at SD3.5-Medium's size: one round of SPO on the flow backbone when this spobench has it,
+    else (its clean one-line refusal, exit 2) one round of Flow-GRPO (G = 2 SDE images of the prompt, the
+    SPM as the reward); then ``generate`` with the LoRA of whichever ran. (name, argv, env, fallback)."""
+    cli = spobench_cli()
+    model, run = str(work / "sd3"), work / "runs" / "train-sd3"
+    res = ["--set", f"resolution={args.sd3_resolution}"] if args.sd3_resolution and not args.tiny else []
+    base = [cli, "train", "{trainer}", "--backbone", "sd3", "--model", model, "--out", str(run), "--overwrite"]
+    spo = [a.format(trainer="spo") for a in base] + common + res
+    pairs = [common[i:i + 2] for i in range(0, len(common), 2)]  # ("--set", "key=value")
+    grpo_common = [x for kv in pairs if not kv[1].startswith(("k=", "threshold=", "scorer=")) for x in kv]
+    grpo = ([a.format(trainer="flow-grpo") for a in base] + grpo_common + res
+            + ["--set", f"reward={work / 'spm'}", "--set", "group_size=2", "--set", "grad_accum=1"])
+    gen = [cli, "generate", "--backbone", "sd3", "--model", model, "--lora", str(run / "lora"),
+           "--prompts", str(work / "prompts.txt"), "--steps", str(args.steps), "--dtype", args.dtype,
+           "--batch-size", "1", "--out", str(work / "gen-sd3"), "--overwrite"]
+    return [("train spo sd3", spo, None, ("train flow-grpo sd3", grpo)), ("generate sd3", gen, None)]
 
 
 def build_spm_official(work: Path, tiny: bool) -> dict:
@@ -478,6 +592,12 @@ def released_steps(work: Path, args) -> list[tuple]:
     cli = spobench_cli()
     clip = work / "metrics" / "pickscore"
     recipe = work / "released" / "table2.toml" if args.tiny else "table2"
+    if args.released_steps:  # the shipped recipe with fewer sampling steps, everything else as shipped
+        recipe = work / "released" / f"steps-{args.released_steps}" / "table2.toml"  # (a recipe's name is its file's)
+        recipe.parent.mkdir(parents=True, exist_ok=True)
+        extra = f"steps = {args.released_steps}\n" + ("resolution = 64\n" if args.tiny else "")
+        text = (ROOT / "spobench" / "recipes" / "table2.toml").read_text()
+        recipe.write_text(text + "\n[released.generate]\n" + extra)
     return [
         ("spm import official", [cli, "spm", "import", str(work / "metrics" / "spm-official.bin"),
                                  "--clip", str(clip / pickscore.MODEL_DIR), "--processor",
@@ -498,10 +618,17 @@ def save(result: dict, part: str, steps: list, out: Path) -> None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "spobench-real-world")
-    p.add_argument("--parts", default="sd15", help="comma-separated: sd15 (train spo, generate, eval), sdxl (mspo)")
+    p.add_argument("--parts", default="sd15", help="comma-separated: sd15 (train spo, generate, eval), released (spm import, reproduce "
+                   "table2 --released), spm-import (the import only), sdxl (mspo), sd3 (spo or flow-grpo, "
+                   "generate)")
     p.add_argument("--steps", type=int, default=2, help="DDIM steps of the rollout and of generate")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="frozen weights of train/generate")
     p.add_argument("--sdxl-resolution", type=int, default=None, help="default: the backbone's 1024")
+    p.add_argument("--sd3-resolution", type=int, default=None, help="default: the backbone's (sd3: 512, Flow-GRPO's)")
+    p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="more --set of the train commands (memory: train_batch_size=1, grad_accum=2, scorer_batch=1)")
+    p.add_argument("--released-steps", type=int, default=None,
+                   help="sampling steps of reproduce table2 --released (default: the recipe's 20)")
     p.add_argument("--nice", type=int, default=10)
     p.add_argument("--tiny", action="store_true", help="TEST ONLY: test widths and sizes, same layouts and commands")
     p.add_argument("--keep", action="store_true", help="keep --work afterwards (default: delete the ~25 GB)")
@@ -526,11 +653,21 @@ def main(argv=None) -> dict:
                     "mem_gib": _meminfo(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                     "shared": "yes: other jobs ran at the same time; see each command's loadavg"},
         "budget_gib": BUDGET_GIB, "tiny": args.tiny,
-        "settings": {"steps": args.steps, "dtype": args.dtype, "k": 2, "prompts": 1, "rounds": 1,
-                     "threshold": 0, "sdxl_resolution": args.sdxl_resolution or 1024},
     })
     result.setdefault("parts", {})
-    needs = {"sd15": ["sd15", "pickscore+spm", "hpsv2", "imagereward", "aesthetic", "spm-official", "released"], "sdxl": ["sdxl", "pickscore+spm"]}
+    # each part records the settings it ran with (parts are run at different times, with different memory options)
+    legacy = result.pop("settings", None)
+    by_part = result.setdefault("part_settings", {p: legacy for p in result["parts"]} if legacy else {})
+    settings = {"date": result["date"], "steps": args.steps, "dtype": args.dtype, "k": 2, "prompts": 1, "rounds": 1,
+                "threshold": 0, "sdxl_resolution": args.sdxl_resolution or 1024,
+                "sd3_resolution": args.sd3_resolution or 512, "train_set": args.train_set,
+                "released_steps": args.released_steps or 20}
+    for part in parts:
+        by_part[part] = settings
+    metrics = ["pickscore+spm", "hpsv2", "imagereward", "aesthetic"]
+    needs = {"sd15": ["sd15", *metrics], "released": ["sd15", *metrics, "spm-official", "released"],
+             "spm-import": ["pickscore+spm", "spm-official"],
+             "sdxl": ["sdxl", "pickscore+spm"], "sd3": ["sd3", "pickscore+spm"]}
     built: set[str] = set()
     for part in parts:
         steps = []
@@ -550,13 +687,15 @@ def main(argv=None) -> dict:
             save(result, part, steps, args.out)
             if r["rc"]:
                 break
-        for name, cmd, *env in cli_steps(part, args.work, args):
-            if any(s.get("rc") for s in steps):
+        for name, cmd, *rest in cli_steps(part, args.work, args):
+            env, fallback = (rest + [None, None])[:2]
+            if any(s.get("rc") and not s.get("fell_back_to") for s in steps):
                 break
-            print(f"== {name}: {shlex.join(cmd)}", flush=True)
-            steps.append(measure(name, cmd, args.nice, env=env[0] if env else None))
-            print(f"   rc {steps[-1]['rc']}, {steps[-1]['wall_s']} s, peak RSS {steps[-1]['peak_rss_gib']} GiB",
-                  flush=True)
+            steps.append(run_step(name, cmd, args.nice, env))
+            if steps[-1]["rc"] == 2 and fallback:  # a clean refusal (e.g. no SPO for this backbone): the other
+                steps[-1]["fell_back_to"] = fallback[0]
+                save(result, part, steps, args.out)
+                steps.append(run_step(*fallback, args.nice, env))
             save(result, part, steps, args.out)
         save(result, part, steps, args.out)
     if not args.keep:
