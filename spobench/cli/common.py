@@ -3,7 +3,6 @@ any file or model is touched), and the backbone loader of the commands that gene
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 from spobench.core.catalog import BACKBONES
