@@ -89,7 +89,8 @@ def released_backbone(path: str | Path) -> str:
         raise InputError(f"{path}: the recipe has no [released] table (no published checkpoints to evaluate)")
     b = rel.get("backbone")
     if b not in BACKBONE_NAMES or b in TOY_BACKBONES:
-        raise InputError(f"{path}: released.backbone: must be 'sd15' or 'sdxl' (got {b!r})")
+        real = ", ".join(repr(n) for n in BACKBONE_NAMES if n not in TOY_BACKBONES)
+        raise InputError(f"{path}: released.backbone: must be one of {real} (got {b!r})")
     return b
 
 

@@ -12,12 +12,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from spobench.core.catalog import BACKBONES
 from spobench.core import config as core_config  # AblationSpec has a field named `setting`
 from spobench.core.config import MISSING, Config, SettingError, Source, setting
 from spobench.reproduce.paths import (is_pathlike, model_problem, name_problem, path_problem,
                                       source_problem)
 
-BACKBONE_NAMES = ("tiny", "sd15", "sdxl", "tiny-flow")
+BACKBONE_NAMES = tuple(BACKBONES.names())  # the registered backbones (core/catalog.py), one list
 BUILTIN_METHODS = ("base", "external")
 # the tiny world's backbones: random:<seed> weights, toy inputs; a run there must say how it is scaled
 TOY_BACKBONES = ("tiny", "tiny-flow")
