@@ -57,6 +57,8 @@ import torch
 
 from spobench.engine.ddim import Reduction, StepDistribution
 
+NOISE_LEVEL = 0.7  # a: Flow-GRPO's default (config/base.py sample.noise_level), every flow sampler's default
+
 # velocity(x_t, t) -> v: t a per-row tensor of times in [0, 1] (a backbone's CFG-combined velocity, or a
 # known field in a test)
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -69,7 +71,7 @@ class FlowSchedule:
     """What a flow SDE step needs: the time grid and Flow-GRPO's noise level a."""
 
     sigmas: torch.Tensor  # (N + 1,) t_0 > t_1 > ... > t_N = 0: the backbone's (shifted) sampler grid
-    noise_level: float = 0.7  # a (Flow-GRPO's default, config/base.py sample.noise_level)
+    noise_level: float = NOISE_LEVEL
 
     def __post_init__(self):
         s = torch.as_tensor(self.sigmas).detach().cpu()
@@ -82,7 +84,7 @@ class FlowSchedule:
         object.__setattr__(self, "sigmas", s)
 
     @classmethod
-    def from_backbone(cls, backbone, num_steps: int, noise_level: float = 0.7,
+    def from_backbone(cls, backbone, num_steps: int, noise_level: float = NOISE_LEVEL,
                       resolution: int | None = None) -> "FlowSchedule":
         return cls(sigmas=backbone.sigmas(num_steps, resolution), noise_level=noise_level)
 

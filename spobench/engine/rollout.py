@@ -16,6 +16,7 @@ import torch
 
 from spobench.models.backbones.base import Backbone, Conditioning
 from spobench.engine.ddim import NoiseSchedule, Reduction, step_distribution
+from spobench.engine.flow_sde import NOISE_LEVEL as FLOW_SDE_NOISE  # what generation with eta > 0 samples on a flow backbone
 
 Generators = Sequence[torch.Generator]
 
@@ -28,9 +29,6 @@ def randn(shape: tuple[int, ...], generators: Generators, device=None, dtype=tor
     """One standard-normal draw of ``shape`` per row, each row from its own generator."""
     rows = [torch.randn(shape, generator=g, device=g.device, dtype=dtype) for g in generators]
     return torch.stack(rows).to(device)
-
-
-FLOW_SDE_NOISE = 0.7  # Flow-GRPO's noise level a: what generation with eta > 0 samples on a flow backbone
 
 
 def sampler_name(family: str, eta: float) -> str:

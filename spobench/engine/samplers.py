@@ -103,7 +103,7 @@ class FlowSteps:
 
     family = "flow"
 
-    def __init__(self, engine: RolloutEngine, noise_level: float = 0.7):
+    def __init__(self, engine: RolloutEngine, noise_level: float = flow_sde.NOISE_LEVEL):
         self.engine = engine
         s = engine.sampler
         self.sched = flow_sde.FlowSchedule.from_backbone(engine.backbone, s.num_steps, noise_level, s.resolution)
@@ -145,7 +145,7 @@ class FlowSteps:
 FAMILIES = {"diffusion": DDIMSteps, "flow": FlowSteps}
 
 
-def step_sampler(engine: RolloutEngine, noise_level: float = 0.7) -> StepSampler:
+def step_sampler(engine: RolloutEngine, noise_level: float = flow_sde.NOISE_LEVEL) -> StepSampler:
     """The step sampler of the engine's backbone family (``noise_level``: the flow SDE's a; DDIM uses the
     engine's eta)."""
     family = getattr(engine.backbone, "family", "diffusion")
